@@ -1,0 +1,160 @@
+"""Opening the DuckDB registry: short write transactions, bounded waits, read-only queries.
+
+DuckDB allows one writing process per file. medsae therefore never keeps a write connection
+open: every write opens the file, runs one transaction and closes it. A second process that
+finds the file locked retries with backoff for ``MEDSAE_REGISTRY_TIMEOUT`` seconds (default 30)
+and then raises :class:`RegistryLockedError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from medsae.errors import MedsaeError
+from medsae.registry.schema import MIGRATIONS, SCHEMA_VERSION, VIEWS
+
+DEFAULT_REGISTRY = "registry.duckdb"
+
+
+class RegistryLockedError(MedsaeError):
+    """Another process holds the registry's write lock for longer than we wait."""
+
+
+class RegistryMissingError(MedsaeError):
+    """A read was asked of a registry file that does not exist."""
+
+
+def registry_path(explicit: str | Path | None = None) -> Path:
+    """The registry file: ``explicit``, else ``$MEDSAE_REGISTRY``, else ``./registry.duckdb``."""
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("MEDSAE_REGISTRY") or DEFAULT_REGISTRY)
+
+
+def _lock_timeout() -> float:
+    return float(os.environ.get("MEDSAE_REGISTRY_TIMEOUT", "30"))
+
+
+def _is_lock_error(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return "lock" in text or "conflicting" in text or "already open" in text
+
+
+def _connect(path: Path, read_only: bool, timeout: float | None = None) -> duckdb.DuckDBPyConnection:
+    deadline = time.monotonic() + (_lock_timeout() if timeout is None else timeout)
+    delay = 0.05
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=read_only)
+        except duckdb.IOException as exc:  # the file is locked by another process
+            if not _is_lock_error(exc) or time.monotonic() >= deadline:
+                if _is_lock_error(exc):
+                    raise RegistryLockedError(
+                        f"{path}: registry is locked by another medsae process; waited "
+                        f"{_lock_timeout():.0f}s (set MEDSAE_REGISTRY_TIMEOUT to wait longer)"
+                    ) from None
+                raise MedsaeError(f"{path}: cannot open registry: {exc}") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+def _migrate(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER, applied_at TIMESTAMPTZ)")
+    row = con.execute("SELECT max(version) FROM schema_version").fetchone()
+    current = row[0] or 0
+    if current > SCHEMA_VERSION:
+        raise MedsaeError(
+            f"registry schema version {current} is newer than this medsae ({SCHEMA_VERSION}); upgrade medsae"
+        )
+    for version in range(current + 1, SCHEMA_VERSION + 1):
+        for statement in MIGRATIONS[version - 1]:
+            con.execute(statement)
+        con.execute("INSERT INTO schema_version VALUES (?, current_timestamp)", [version])
+    for view in VIEWS:
+        con.execute(view)
+
+
+class Registry:
+    """A handle on one registry file; cheap to create, holds no open connection."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = registry_path(path)
+        self._migrated = False
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """One short write transaction (committed on success, rolled back on error)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        con = _connect(self.path, read_only=False)
+        try:
+            con.execute("BEGIN TRANSACTION")
+            if not self._migrated:
+                _migrate(con)
+            yield con
+            con.execute("COMMIT")
+            self._migrated = True
+        except BaseException:
+            with contextlib.suppress(Exception):
+                con.execute("ROLLBACK")
+            raise
+        finally:
+            con.close()
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-only connection; the registry must exist."""
+        if not self.path.exists():
+            raise RegistryMissingError(f"{self.path}: no registry here yet (run `medsae exp run SPEC` first)")
+        con = _connect(self.path, read_only=True)
+        try:
+            yield con
+        finally:
+            con.close()
+
+    def ensure(self) -> None:
+        """Create the file and apply migrations."""
+        with self.write():
+            pass
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
+        """Run a read-only query and return rows as dicts (empty list if no registry yet)."""
+        if not self.path.exists():
+            return []
+        with self.read() as con:
+            cur = con.execute(sql, params or [])
+            cols = [d[0] for d in cur.description]
+            return [dict(zip(cols, row)) for row in cur.fetchall()]
+
+    def insert(self, table: str, rows: Sequence[Mapping[str, Any]] | pa.Table, ignore_conflicts: bool = True) -> int:
+        """Insert rows by column name in one transaction; returns the number of rows offered."""
+        with self.write() as con:
+            return insert_rows(con, table, rows, ignore_conflicts)
+
+
+def insert_rows(
+    con: duckdb.DuckDBPyConnection,
+    table: str,
+    rows: Sequence[Mapping[str, Any]] | pa.Table,
+    ignore_conflicts: bool = True,
+) -> int:
+    """Insert ``rows`` into ``table`` matching columns by name, inside the caller's transaction."""
+    arrow = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(list(rows))
+    if arrow.num_rows == 0:
+        return 0
+    con.register("_medsae_rows", arrow)
+    try:
+        verb = "INSERT OR IGNORE INTO" if ignore_conflicts else "INSERT INTO"
+        con.execute(f"{verb} {table} BY NAME SELECT * FROM _medsae_rows")
+    finally:
+        con.unregister("_medsae_rows")
+    return arrow.num_rows
