@@ -1,0 +1,72 @@
+"""The `medsae` command: mounts each command group and turns user errors into one line."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from medsae.cli import exp
+from medsae.cli.sql import sql_command
+from medsae.errors import MedsaeError
+
+app = typer.Typer(
+    name="medsae",
+    help="Sparse autoencoders on medical image embeddings: slice, embed, train, evaluate, explain.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _root(
+    registry: Optional[Path] = typer.Option(  # noqa: UP007
+        None, "--registry", help="Registry file for every command (also $MEDSAE_REGISTRY).", show_default=False
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    if registry is not None:
+        os.environ["MEDSAE_REGISTRY"] = str(registry)
+    if quiet:
+        os.environ["MEDSAE_QUIET"] = "1"
+
+
+app.add_typer(exp.app, name="exp")
+app.command("sql")(sql_command)
+
+
+def _mount_optional() -> None:
+    """Command groups that live in other modules (each cheap to import: heavy imports are lazy)."""
+    from medsae.cli import data, explain, export, report, search
+
+    app.add_typer(data.app, name="data", help="Datasets: phantom generation and TotalSegmentator ingest.")
+    app.add_typer(explain.app, name="explain", help="Explain latents with an LLM, compare explainers.")
+    app.command("search")(search.search_command)
+    app.command("report")(report.report_command)
+    app.command("export")(export.export_command)
+    exp.app.command("compare")(report.compare_command)
+
+
+_mount_optional()
+
+
+def main() -> None:
+    """Entry point: run the app; a MedsaeError becomes `error: <one line>` and its exit code."""
+    try:
+        app()
+    except MedsaeError as exc:
+        lines = str(exc).strip().splitlines() or ["error"]
+        extra = f" (+{len(lines) - 1} more)" if len(lines) > 1 else ""
+        print(f"error: {lines[0]}{extra}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

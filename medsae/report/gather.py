@@ -1,0 +1,215 @@
+"""Read what the report shows about one experiment out of the registry (read-only queries only).
+
+Every function takes an open read-only DuckDB connection and returns plain Python data or pandas
+frames; nothing here renders. Missing stages give empty results, so a report can be built at any
+point of an experiment's life (after ``train`` only, before ``interpret``...).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import duckdb
+import pandas as pd
+
+from medsae.errors import MedsaeError
+from medsae.report.names import EXPLANATION_KIND, FVU, L0, R2, preferred_split
+
+
+@dataclass
+class ExperimentRecord:
+    """An ``experiments`` row with its stages (kind -> ``stages`` row)."""
+
+    row: dict[str, Any]
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def experiment_id(self) -> str:
+        return self.row["experiment_id"]
+
+    @property
+    def name(self) -> str:
+        return self.row["name"]
+
+    def key(self, kind: str) -> str | None:
+        stage = self.stages.get(kind)
+        return stage["stage_key"] if stage else None
+
+    def artifact_dir(self, kind: str) -> str | None:
+        stage = self.stages.get(kind)
+        return stage.get("artifact_dir") if stage else None
+
+
+def _rows(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
+    cur = con.execute(sql, params or [])
+    cols = [d[0] for d in cur.description]
+    return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+
+def _frame(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> pd.DataFrame:
+    return con.execute(sql, params or []).df()
+
+
+def load_experiment(con: duckdb.DuckDBPyConnection, name: str) -> ExperimentRecord:
+    """The experiment called ``name`` and its stages; a one-line error lists known names if absent."""
+    rows = _rows(con, "SELECT * FROM experiments WHERE name = ? ORDER BY created_at DESC", [name])
+    if not rows:
+        known = [r["name"] for r in _rows(con, "SELECT name FROM experiments ORDER BY name LIMIT 11")]
+        hint = ", ".join(known[:10]) + (", ..." if len(known) > 10 else "") if known else "none"
+        raise MedsaeError(f"experiment '{name}' is not in the registry (known: {hint})")
+    stages = _rows(
+        con,
+        """SELECT es.kind, es.stage_key, s.code_version, s.params_json, s.upstream_keys, s.started_at,
+                  s.finished_at, s.seconds, s.device, s.artifact_dir, s.summary_json
+           FROM experiment_stages es LEFT JOIN stages s USING (stage_key)
+           WHERE es.experiment_id = ?""",
+        [rows[0]["experiment_id"]],
+    )
+    return ExperimentRecord(row=rows[0], stages={s["kind"]: s for s in stages})
+
+
+def experiment_metrics(con: duckdb.DuckDBPyConnection, exp: ExperimentRecord) -> pd.DataFrame:
+    """Every ``metrics`` row of the experiment's stages, with the stage kind."""
+    return _frame(
+        con,
+        """SELECT es.kind AS stage, m.split, m.name, m.target, m.n_features, m.value, m.n
+           FROM experiment_stages es JOIN metrics m ON m.stage_key = es.stage_key
+           WHERE es.experiment_id = ?
+           ORDER BY es.kind, m.name, m.target NULLS FIRST, m.n_features NULLS FIRST, m.split""",
+        [exp.experiment_id],
+    )
+
+
+def sweep_points(con: duckdb.DuckDBPyConnection, exp: ExperimentRecord) -> pd.DataFrame:
+    """FVU, R² and L0 (scalar rows, one split) of every experiment in the same sweep as ``exp``.
+
+    Columns: experiment, split, fvu, r2, l0, current (bool), arch. An experiment outside any
+    sweep gives its own row only.
+    """
+    sweep = exp.row.get("sweep_name")
+    where, params = ("e.sweep_name = ?", [sweep]) if sweep else ("e.experiment_id = ?", [exp.experiment_id])
+    frame = _frame(
+        con,
+        f"""SELECT e.name AS experiment, e.spec_json, m.split, m.name AS metric, avg(m.value) AS value
+            FROM experiments e
+            JOIN experiment_stages es USING (experiment_id)
+            JOIN metrics m ON m.stage_key = es.stage_key
+            WHERE {where} AND m.name IN (?, ?, ?) AND m.target IS NULL AND m.n_features IS NULL
+            GROUP BY ALL""",
+        params + [FVU, R2, L0],
+    )
+    columns = ["experiment", "split", FVU, R2, L0, "current", "arch"]
+    if frame.empty:
+        return pd.DataFrame(columns=columns)
+    out = []
+    for name, group in frame.groupby("experiment", sort=True):
+        split = preferred_split(group["split"])
+        chosen = group[group["split"] == split] if split is not None else group[group["split"].isna()]
+        # L0 may be logged on a different split (or none) than FVU/R²: fall back to any split
+        values = {m: chosen.loc[chosen["metric"] == m, "value"] for m in (FVU, R2, L0)}
+        for m in (FVU, R2, L0):
+            if values[m].empty:
+                values[m] = group.loc[group["metric"] == m, "value"]
+        spec = _loads(group["spec_json"].iloc[0])
+        out.append(
+            {
+                "experiment": name,
+                "split": split,
+                **{m: (float(v.iloc[0]) if not v.empty else None) for m, v in values.items()},
+                "current": name == exp.name,
+                "arch": str((spec.get("sae") or {}).get("arch", "")),
+            }
+        )
+    return pd.DataFrame(out, columns=columns)
+
+
+def recovery_rows(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Metric rows that belong to a curve over the number of latents (``n_features`` set)."""
+    return metrics[metrics["n_features"].notna()].copy()
+
+
+def latents_frame(con: duckdb.DuckDBPyConnection, exp: ExperimentRecord) -> pd.DataFrame:
+    """The ``latents`` rows of the experiment's summarize stage (empty frame if none)."""
+    key = exp.key("summarize")
+    if key is None:
+        return pd.DataFrame()
+    return _frame(con, "SELECT * EXCLUDE (stage_key) FROM latents WHERE stage_key = ? ORDER BY latent", [key])
+
+
+def explanations_frame(con: duckdb.DuckDBPyConnection, exp: ExperimentRecord) -> pd.DataFrame:
+    """Every explanation (and baseline) of the experiment's SAE latents, all versions."""
+    sae_key, summarize_key = exp.key("train"), exp.key("summarize")
+    if sae_key is None and summarize_key is None:
+        return pd.DataFrame()
+    return _frame(
+        con,
+        """SELECT explanation_id, stage_key, latent, explainer_model, template_hash, params_json,
+                  example_set_id, text, status, kind, created_at
+           FROM explanations WHERE sae_key = ? OR stage_key = ?
+           ORDER BY latent, (kind = ?) DESC, created_at, explanation_id""",
+        [sae_key, summarize_key, EXPLANATION_KIND],
+    )
+
+
+def scores_frame(con: duckdb.DuckDBPyConnection, exp: ExperimentRecord) -> pd.DataFrame:
+    """Scores of the explanations returned by :func:`explanations_frame`, with their group label."""
+    sae_key, summarize_key = exp.key("train"), exp.key("summarize")
+    if sae_key is None and summarize_key is None:
+        return pd.DataFrame()
+    return _frame(
+        con,
+        """SELECT s.explanation_id, e.latent, e.explainer_model, e.kind, s.method, s.scorer_model,
+                  s.scorer_mode, s.value, s.n, s.n_missing, s.chance, s.ci_low, s.ci_high, s.p_value
+           FROM explanation_scores s JOIN explanations e USING (explanation_id)
+           WHERE e.sae_key = ? OR e.stage_key = ?
+           ORDER BY e.latent, s.method, s.scorer_model""",
+        [sae_key, summarize_key],
+    )
+
+
+def explain_sets(con: duckdb.DuckDBPyConnection, exp: ExperimentRecord, latents: list[int]) -> dict[int, dict]:
+    """The 'explain' example set of each latent (slice_ids, activations, roles), if summarize ran."""
+    key = exp.key("summarize")
+    if key is None or not latents:
+        return {}
+    rows = _rows(
+        con,
+        """SELECT latent, set_id, slice_ids, activations, roles FROM example_sets
+           WHERE stage_key = ? AND purpose = 'explain' AND list_contains(?, latent)
+           ORDER BY latent, set_id""",
+        [key, [int(x) for x in latents]],
+    )
+    out: dict[int, dict] = {}
+    for r in rows:
+        out.setdefault(int(r["latent"]), r)
+    return out
+
+
+def slice_metadata(con: duckdb.DuckDBPyConnection, exp: ExperimentRecord, slice_ids: list[int]) -> pd.DataFrame:
+    """``slices`` rows (indexed by slice_id) plus their three largest structures, for the cards."""
+    key = exp.key("slices")
+    if key is None or not slice_ids:
+        return pd.DataFrame()
+    ids = sorted({int(s) for s in slice_ids})
+    meta = _frame(
+        con,
+        """SELECT s.*, (SELECT string_agg(structure, ', ' ORDER BY pixels DESC)
+                        FROM (SELECT structure, pixels FROM slice_structures ss
+                              WHERE ss.slices_key = s.slices_key AND ss.slice_id = s.slice_id
+                              ORDER BY pixels DESC LIMIT 3)) AS top_structures
+           FROM slices s WHERE s.slices_key = ? AND list_contains(?, s.slice_id)""",
+        [key, ids],
+    )
+    return meta.set_index("slice_id", drop=False) if not meta.empty else meta
+
+
+def _loads(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}

@@ -1,0 +1,73 @@
+"""The registry: migrations, inserts, read-only queries, and a second writer's bounded wait."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from medsae.registry import Registry, RegistryLockedError
+from medsae.registry.schema import SCHEMA_VERSION
+
+
+def test_migrations_create_every_table_once(tmp_path):
+    reg = Registry(tmp_path / "r.duckdb")
+    reg.ensure()
+    reg.ensure()  # idempotent
+    versions = reg.query("SELECT version FROM schema_version ORDER BY version")
+    assert [r["version"] for r in versions] == list(range(1, SCHEMA_VERSION + 1))
+    tables = {r["table_name"] for r in reg.query("SELECT table_name FROM information_schema.tables")}
+    for name in ("experiments", "stages", "metrics", "slices", "slice_structures", "latents", "explanations",
+                 "explanation_scores", "llm_calls", "example_sets", "prompts", "artifacts"):
+        assert name in tables
+
+
+def test_insert_by_name_ignores_duplicate_keys(tmp_path):
+    reg = Registry(tmp_path / "r.duckdb")
+    row = {"template_hash": "abc", "name": "t", "text": "hello"}
+    reg.insert("prompts", [row])
+    reg.insert("prompts", [row, {"template_hash": "def", "name": "u", "text": "x"}])
+    rows = reg.query("SELECT template_hash FROM prompts ORDER BY 1")
+    assert [r["template_hash"] for r in rows] == ["abc", "def"]
+
+
+def test_failed_transaction_writes_nothing(tmp_path):
+    reg = Registry(tmp_path / "r.duckdb")
+    reg.ensure()
+    with pytest.raises(RuntimeError), reg.write() as con:
+        con.execute("INSERT INTO prompts VALUES ('h', 'n', 't')")
+        raise RuntimeError("boom")
+    assert reg.query("SELECT count(*) AS n FROM prompts")[0]["n"] == 0
+
+
+def test_second_writer_waits_then_fails_clearly(tmp_path, monkeypatch):
+    path = tmp_path / "r.duckdb"
+    Registry(path).ensure()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import duckdb, sys, time
+            con = duckdb.connect({str(path)!r})
+            print("locked", flush=True)
+            time.sleep(20)
+        """)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        monkeypatch.setenv("MEDSAE_REGISTRY_TIMEOUT", "1.5")
+        t0 = time.perf_counter()
+        with pytest.raises(RegistryLockedError) as err:
+            Registry(path).insert("prompts", [{"template_hash": "x", "name": "n", "text": "t"}])
+        waited = time.perf_counter() - t0
+        assert 1.0 <= waited < 10
+        message = str(err.value)
+        assert "\n" not in message and str(path) in message and "locked" in message
+    finally:
+        holder.kill()
+        holder.wait()
+    # once the holder is gone, the write goes through
+    Registry(path).insert("prompts", [{"template_hash": "x", "name": "n", "text": "t"}])
+    assert Registry(path).query("SELECT count(*) AS n FROM prompts")[0]["n"] == 1

@@ -1,0 +1,82 @@
+"""Specs: strict validation with file:field messages, sweeps, canonical hashing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from medsae.errors import SpecError
+from medsae.spec import ExperimentSpec, load_specs, parse_specs
+
+
+def _write(tmp_path, data, name="spec.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_unknown_key_names_file_and_field(tmp_path):
+    path = _write(tmp_path, {"name": "x", "data": {"root": "d", "strid": 2}})
+    with pytest.raises(SpecError) as err:
+        load_specs(path)
+    assert str(err.value) == f"{path}:data.strid: unknown key"
+
+
+def test_wrong_type_names_field(tmp_path):
+    path = _write(tmp_path, {"name": "x", "data": {"root": "d"}, "sae": {"k": "ten"}})
+    with pytest.raises(SpecError) as err:
+        load_specs(path)
+    assert str(err.value).startswith(f"{path}:sae.k: ")
+
+
+def test_invalid_yaml_reports_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\ndata: {root: d\n")
+    with pytest.raises(SpecError) as err:
+        load_specs(path)
+    assert str(err.value).startswith(f"{path}:")
+
+
+def test_defaults_are_filled_and_hash_is_canonical():
+    a = parse_specs({"name": "x", "data": {"root": "d"}})[0]
+    b = parse_specs({"data": {"root": "d"}, "name": "x", "sae": {"k": 10}})[0]  # k=10 is the default
+    assert a.spec_hash() == b.spec_hash()
+    resolved = json.loads(a.canonical_json())
+    assert resolved["sae"]["k"] == 10 and resolved["data"]["stride"] == 1
+    c = parse_specs({"name": "x", "data": {"root": "d"}, "sae": {"k": 11}})[0]
+    assert c.spec_hash() != a.spec_hash()
+
+
+def test_sweep_expands_to_grid_with_names():
+    raw = {"name": "s", "data": {"root": "d"}, "sweep": {"grid": {"sae.k": [4, 8], "sae.expansion": [2, 4]}}}
+    specs = parse_specs(raw)
+    assert len(specs) == 4
+    assert {(s.sae.k, s.sae.expansion) for s in specs} == {(4, 2), (4, 4), (8, 2), (8, 4)}
+    assert len({s.name for s in specs}) == 4 and all(s.name.startswith("s@") for s in specs)
+    assert all(s.sweep is None for s in specs)
+
+
+def test_sweep_skip_invalid_drops_impossible_points():
+    raw = {
+        "name": "g",
+        "data": {"root": "d"},
+        "sae": {"arch": "matryoshka", "levels": [4, 16], "level_k": [2, 2]},
+        "sweep": {"grid": {"sae.level_k": [[2, 2], [8, 8]]}, "skip_invalid": True},
+    }
+    assert len(parse_specs(raw)) == 1
+    raw["sweep"]["skip_invalid"] = False
+    with pytest.raises(SpecError, match="level budget"):
+        parse_specs(raw)
+
+
+def test_sweep_unknown_section_is_an_error():
+    with pytest.raises(SpecError, match="sweep.grid.saee.k"):
+        parse_specs({"name": "s", "data": {"root": "d"}, "sweep": {"grid": {"saee.k": [1]}}})
+
+
+def test_shipped_specs_validate():
+    for path in ("experiments/demo.yaml", "experiments/dinov3_k10.yaml"):
+        specs = load_specs(path)
+        assert specs and all(isinstance(s, ExperimentSpec) for s in specs)
