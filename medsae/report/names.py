@@ -1,7 +1,7 @@
 """Metric names the report and the comparison read from the registry, in one place.
 
-The evaluation stage defines the names (``medsae/eval``); when it renames a metric, change it here
-and both the HTML report and ``medsae exp compare`` follow.
+The evaluation stage defines the names (every one is listed in ``medsae/eval/rows.py``); when it
+renames a metric, change it here and both the HTML report and ``medsae exp compare`` follow.
 """
 
 from __future__ import annotations
@@ -9,14 +9,19 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-#: Reconstruction metrics plotted against L0 across a sweep.
+#: Reconstruction metrics plotted against L0 across a sweep (scalar rows: no target, no N).
 FVU = "fvu"
-R2 = "r2"
-L0 = "l0"
+R2 = "r2_scalar_mean_study"
+L0 = "l0_mean"
+
+#: Performance-recovery curves: (per-task metric, mean over tasks), both with ``n_features`` = N.
+RECOVERY_CURVES: tuple[tuple[str, str], ...] = (
+    ("recovery", "recovery_mean"),
+    ("recovery_chance_adjusted", "recovery_chance_adjusted_mean"),
+)
 
 #: Splits in order of preference when one number per experiment is wanted.
 PREFERRED_SPLITS: tuple[str, ...] = ("val", "test", "all", "train")
-
 
 
 def preferred_split(splits: Iterable[str | None]) -> str | None:
@@ -31,43 +36,60 @@ def preferred_split(splits: Iterable[str | None]) -> str | None:
 #: The headline explanation score (Pearson r of simulated vs true activations).
 HEADLINE_SCORE = "pearson"
 
+#: Order of score methods in plots and tables (others follow alphabetically); the plot shows the
+#: first three present.
+SCORE_METHOD_ORDER: tuple[str, ...] = (
+    HEADLINE_SCORE,
+    "detection_bacc",
+    "auroc",
+    "spearman",
+    "detection_auroc",
+)
+
 #: Explanation rows of this kind are LLM explanations; any other kind is a baseline.
 EXPLANATION_KIND = "explanation"
+
+#: Value of a :class:`KeyMetric` filter that matches any value (SQL: no condition).
+ANY = "*"
 
 
 @dataclass(frozen=True)
 class KeyMetric:
-    """One column of ``medsae exp compare``.
+    """One column of ``medsae exp compare``: ``agg(value)`` over the rows matching every filter.
 
-    ``name`` is a metric name (``metrics.name``) or, when ``source`` is ``"explanations"``, a score
-    method (``explanation_scores.method``). ``split`` selects one split (``None``: the first of
-    :data:`PREFERRED_SPLITS` that the experiment has is not attempted in SQL; the value must come
-    from rows with exactly this split). ``target`` / ``n_features`` filter those columns (``"*"``
-    means any value, ``None`` means SQL NULL). ``agg`` combines several matching rows.
+    ``name`` is a ``metrics.name`` or, when ``source`` is ``"explanations"``, an
+    ``explanation_scores.method`` (mean over the experiment's LLM explanations, baselines
+    excluded). ``split``, ``target`` and ``n_features`` filter those columns: a value means
+    equality, a tuple means any of them, ``None`` means SQL NULL and :data:`ANY` no filter.
     """
 
     column: str
     name: str
+    label: str = ""
     split: str | None = "val"
-    target: str | None = None
+    target: str | tuple[str, ...] | None = None
     n_features: int | None | str = None
     agg: str = "avg"
     source: str = "metrics"
-    label: str = ""
 
 
-#: The side-by-side table of ``medsae exp compare``; adjust freely (one entry, one column).
+#: The side-by-side table of ``medsae exp compare`` (validation split, as the study reports);
+#: adjust freely: one entry, one column.
 KEY_METRICS: tuple[KeyMetric, ...] = (
-    KeyMetric("fvu", FVU, label="FVU"),
-    KeyMetric("r2", R2, label="R² (study)"),
-    KeyMetric("l0", L0, label="L0"),
-    KeyMetric("dead_fraction", "dead_fraction", label="dead"),
-    KeyMetric("probe_auc_dense", "probe_auc_dense", target="*", label="probe AUC dense"),
-    KeyMetric("probe_auc_sparse", "probe_auc_sparse", target="*", label="probe AUC sparse"),
-    KeyMetric("recovery_10", "recovery", target="*", n_features=10, label="recovery@10"),
-    KeyMetric("mono_config", "monosemanticity_top50_mean", label="monosemanticity"),
-    KeyMetric("retrieval_precision", "retrieval_precision", target="*", label="retrieval precision"),
+    KeyMetric("fvu", FVU, "FVU"),
+    KeyMetric("r2_study", R2, "R² (study)"),
+    KeyMetric("l0", L0, "L0"),
+    KeyMetric("dead_fraction", "dead_fraction", "dead"),
+    KeyMetric("probe_auc_dense", "probe_auc_dense_mean", "probe AUC dense"),
+    KeyMetric("probe_auc_sparse", "probe_auc_sparse_mean", "probe AUC sparse"),
+    KeyMetric("recovery_10", "recovery_mean", "recovery@10", n_features=10),
+    KeyMetric("mono_config", "mono_config_top10", "monosemanticity"),
     KeyMetric(
-        "explanation_score", HEADLINE_SCORE, split=None, source="explanations", label="explanation r"
+        "retrieval_precision",
+        "retrieval_precision_sparse",
+        "retrieval precision@K=5",
+        target=("modality", "plane", "body_region"),
+        n_features=5,
     ),
+    KeyMetric("explanation_score", HEADLINE_SCORE, "explanation r", split=None, source="explanations"),
 )

@@ -13,9 +13,16 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from medsae.report.names import FVU, L0, R2, preferred_split
+from medsae.report.names import FVU, L0, R2, RECOVERY_CURVES, preferred_split
 
 _DPI = 100
+
+
+def _horizontal_kwargs() -> dict[str, object]:
+    import matplotlib
+
+    major, minor = (int(x) for x in matplotlib.__version__.split(".")[:2])
+    return {"orientation": "horizontal"} if (major, minor) >= (3, 10) else {"vert": False}
 
 
 def _figure(width: float, height: float):
@@ -46,7 +53,10 @@ def sweep_plot(points: pd.DataFrame) -> str | None:
     axes = fig.subplots(1, 2)
     archs = sorted(points["arch"].fillna("").unique())
     colors = {a: f"C{i % 10}" for i, a in enumerate(archs)}
-    for ax, metric, label in ((axes[0], FVU, "FVU (lower is better)"), (axes[1], R2, "R² (study definition)")):
+    for ax, metric, label in (
+        (axes[0], FVU, "FVU (lower is better)"),
+        (axes[1], R2, "R² (study definition)"),
+    ):
         have = points.dropna(subset=[L0, metric])
         for arch in archs:
             sel = have[have["arch"].fillna("") == arch].sort_values(L0)
@@ -55,8 +65,16 @@ def sweep_plot(points: pd.DataFrame) -> str | None:
             ax.plot(sel[L0], sel[metric], "o-", color=colors[arch], label=arch or "sae", alpha=0.85)
         cur = have[have["current"]]
         if not cur.empty:
-            ax.scatter(cur[L0], cur[metric], s=180, facecolors="none", edgecolors="crimson", linewidths=2,
-                       label="this experiment", zorder=5)
+            ax.scatter(
+                cur[L0],
+                cur[metric],
+                s=180,
+                facecolors="none",
+                edgecolors="crimson",
+                linewidths=2,
+                label="this experiment",
+                zorder=5,
+            )
         if have.empty:
             ax.text(0.5, 0.5, f"no {metric} rows", ha="center", va="center", transform=ax.transAxes)
         ax.set_xlabel("L0 (mean active latents per slice)")
@@ -69,37 +87,41 @@ def sweep_plot(points: pd.DataFrame) -> str | None:
     return _to_url(fig)
 
 
-def recovery_plot(rows: pd.DataFrame, max_targets: int = 8) -> str | None:
-    """Performance-recovery curves: metric vs number of latents, one panel per metric name.
+def recovery_plot(metrics: pd.DataFrame) -> str | None:
+    """Performance recovery vs the number of latents N, one panel per curve in ``RECOVERY_CURVES``.
 
-    With more than ``max_targets`` targets the panel shows every target as a thin grey line and
-    their mean in colour; otherwise one coloured line per target.
+    Each task's curve is a thin grey line; the mean over tasks (the evaluate stage's ``*_mean``
+    rows, else the mean of the drawn tasks) is the bold line; 1.0 is the dense probe's level.
     """
-    if rows.empty:
+    curves = metrics[metrics["n_features"].notna()] if not metrics.empty else metrics
+    panels = [
+        (task, mean)
+        for task, mean in RECOVERY_CURVES
+        if not curves.empty and curves["name"].isin([task, mean]).any()
+    ]
+    if not panels:
         return None
-    names = sorted(rows["name"].unique())[:4]
-    fig = _figure(4.6 * len(names), 3.6)
-    axes = np.atleast_1d(fig.subplots(1, len(names)))
-    for ax, name in zip(axes, names):
-        sel = rows[rows["name"] == name]
+    fig = _figure(4.8 * len(panels), 3.6)
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    for ax, (task_name, mean_name) in zip(axes, panels, strict=True):
+        sel = curves[curves["name"].isin([task_name, mean_name])]
         split = preferred_split(sel["split"])
         sel = sel[sel["split"] == split] if split is not None else sel
-        targets = sorted(sel["target"].fillna("(all)").unique())
-        curves = sel.assign(target=sel["target"].fillna("(all)")).pivot_table(
-            index="n_features", columns="target", values="value", aggfunc="mean"
-        )
-        if len(targets) > max_targets:
-            for t in curves.columns:
-                ax.plot(curves.index, curves[t], color="0.75", lw=0.8)
-            ax.plot(curves.index, curves.mean(axis=1), "o-", color="C0", lw=2,
-                    label=f"mean of {len(targets)} targets")
-        else:
-            for i, t in enumerate(curves.columns):
-                ax.plot(curves.index, curves[t], "o-", color=f"C{i}", label=str(t))
+        per_task = sel[(sel["name"] == task_name) & sel["target"].notna()]
+        wide = per_task.pivot_table(index="n_features", columns="target", values="value", aggfunc="mean")
+        for t in wide.columns:
+            ax.plot(wide.index, wide[t], color="0.78", lw=0.8)
+        mean = sel[(sel["name"] == mean_name) & sel["target"].isna()].groupby("n_features")["value"].mean()
+        label = f"{mean_name}"
+        if mean.empty and not wide.empty:
+            mean, label = wide.mean(axis=1), f"mean of {wide.shape[1]} tasks"
+        if not mean.empty:
+            ax.plot(mean.index, mean.values, "o-", color="C0", lw=2, label=label)
+        ax.axhline(1.0, color="crimson", lw=1, ls="--", label="dense probe")
         ax.set_xscale("log")
         ax.set_xlabel("number of latents N")
-        ax.set_ylabel(name)
-        ax.set_title(f"{name} ({split or 'all splits'})", fontsize=10)
+        ax.set_ylabel(task_name)
+        ax.set_title(f"{task_name}: {wide.shape[1]} tasks ({split or 'no split'})", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
     return _to_url(fig)
@@ -131,11 +153,14 @@ def frequency_histogram(frequency: Sequence[float], status: Sequence[str] | None
     return _to_url(fig)
 
 
-def score_distributions(groups: Mapping[str, Mapping[str, Sequence[float]]]) -> str | None:
+def score_distributions(
+    groups: Mapping[str, Mapping[str, Sequence[float]]], chance: Mapping[str, float] | None = None
+) -> str | None:
     """Box plots of explanation scores, one panel per method, one box per explainer or baseline.
 
     ``groups`` maps method -> {group label -> values}; labels that start with ``baseline:`` are
-    drawn in grey so an LLM's distribution is read against them.
+    drawn in grey so an LLM's distribution is read against them. ``chance`` (method -> level)
+    draws the chance level as a dashed line.
     """
     methods = [m for m, g in groups.items() if any(len(v) for v in g.values())][:3]
     if not methods:
@@ -143,19 +168,24 @@ def score_distributions(groups: Mapping[str, Mapping[str, Sequence[float]]]) -> 
     fig = _figure(4.8 * len(methods), 3.8)
     axes = np.atleast_1d(fig.subplots(1, len(methods)))
     rng = np.random.default_rng(0)
-    for ax, method in zip(axes, methods):
+    for ax, method in zip(axes, methods, strict=True):
         labels = [lab for lab, v in groups[method].items() if len(v)]
         data = [np.asarray(groups[method][lab], dtype=float) for lab in labels]
-        box = ax.boxplot(data, vert=False, patch_artist=True, widths=0.55, showfliers=False)
-        for patch, lab in zip(box["boxes"], labels):
+        box = ax.boxplot(data, patch_artist=True, widths=0.55, showfliers=False, **_horizontal_kwargs())
+        for patch, lab in zip(box["boxes"], labels, strict=True):
             patch.set_facecolor("0.85" if lab.startswith("baseline:") else "#9ecae1")
         for i, values in enumerate(data, 1):
             ax.scatter(values, i + rng.uniform(-0.15, 0.15, values.size), s=8, color="k", alpha=0.5, zorder=3)
-        ax.set_yticks(range(1, len(labels) + 1), [f"{lab} (n={len(d)})" for lab, d in zip(labels, data)],
-                      fontsize=8)
+        ax.set_yticks(
+            range(1, len(labels) + 1),
+            [f"{lab} (n={len(d)})" for lab, d in zip(labels, data, strict=True)],
+            fontsize=8,
+        )
         ax.set_xlabel(method)
-        ax.axvline(0, color="0.5", lw=0.8, ls="--")
+        level = (chance or {}).get(method)
+        if level is not None and np.isfinite(level):
+            ax.axvline(level, color="crimson", lw=1, ls="--", label="chance")
+            ax.legend(fontsize=7, loc="lower right")
         ax.grid(alpha=0.3, axis="x")
     fig.suptitle("Explanation scores per explainer vs baselines", fontsize=11)
     return _to_url(fig)
-

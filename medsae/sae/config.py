@@ -1,52 +1,172 @@
-"""The ``sae:`` section: the sparse autoencoder and its training recipe."""
+"""The ``sae:`` section: the sparse autoencoder and its training recipe.
+
+Every field is documented where it is declared. ``preset: study`` fills in the study's exact
+recipe (study-method.md section 4) for every field the spec does not set explicitly; see
+:data:`STUDY_PRESET` for the list of fields it sets and why.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from medsae.specbase import Section, execution_only
 
+#: Fields that ``preset: study`` fills in (explicitly given fields win). Each value is the study's
+#: (study-method.md section 4):
+#: * Matryoshka BatchTopK, per-level independent selection, no ReLU on the kept values (4.3);
+#: * tied weights whose decoder reads the encoder weight *detached* (4.2);
+#: * no unit-norm constraint after init (4.2); every medsae SAE starts from uniform random rows
+#:   scaled to unit norm, which is what the study's Xavier-uniform init + row scaling gives;
+#: * b_dec = 0 (4.2); per-sample L2 inputs (4.1);
+#: * inference threshold θ = running mean over the whole run of the smallest positive kept value
+#:   at the largest level, applied as a shifted ReLU max(0, z - θ), per-sample top-k before 100
+#:   batches (4.3-4.4);
+#: * no AuxK, no L1 (4.5);
+#: * Adam lr 1e-4, linear warm-up from 0.1·lr over min(1000, steps/10) steps, then cosine to 1e-6,
+#:   batch 2048, 100 epochs, global grad-norm clip 0.5, one shuffle reused every epoch (4.6).
+#: The study's bf16-mixed precision is what ``precision: auto`` gives on a GPU. ``levels`` and
+#: ``level_k`` are the grid's (4.7) and must be given.
+STUDY_PRESET: dict[str, Any] = {
+    "arch": "matryoshka",
+    "matryoshka_inner": "batchtopk",
+    "topk_relu": False,
+    "tied": True,
+    "tied_detached": True,
+    "unit_norm_decoder": False,
+    "b_dec_init": "zeros",
+    "normalize": "l2",
+    "threshold_mode": "running_mean",
+    "threshold_inference": "shifted_relu",
+    "threshold_warmup": 100,
+    "auxk": False,
+    "l1_coeff": 0.0,
+    "lr": 1e-4,
+    "lr_end": 1e-6,
+    "warmup_steps": 1000,
+    "warmup_max_fraction": 0.1,
+    "warmup_start": 0.1,
+    "batch_size": 2048,
+    "epochs": 100,
+    "grad_clip": 0.5,
+    "shuffle": "once",
+}
+
 
 class SAESpec(Section):
     """Architecture and training; ``preset: study`` fills in the study's exact recipe."""
 
-    preset: Literal["none", "study"] = Field("none", description="'study' = the study's Matryoshka BatchTopK.")
-    arch: Literal["topk", "batchtopk", "matryoshka", "relu_l1"] = Field("topk", description="Activation family.")
+    preset: Literal["none", "study"] = Field(
+        "none",
+        description="'study' = the study's Matryoshka BatchTopK recipe for every field not set explicitly.",
+    )
+    arch: Literal["topk", "batchtopk", "matryoshka", "relu_l1"] = Field(
+        "topk",
+        description="Activation family: per-sample TopK, BatchTopK (k·batch largest of the batch, a "
+        "threshold at inference), Matryoshka (nested prefixes with per-level budgets), or ReLU + L1.",
+    )
     d_sae: int | None = Field(None, ge=1, description="Number of latents (default: expansion x input dim).")
     expansion: float = Field(8.0, gt=0, description="d_sae = expansion x d_in when d_sae is not given.")
-    k: int = Field(10, ge=1, description="Active latents per sample (TopK) or per sample on average (BatchTopK).")
+    k: int = Field(
+        10, ge=1, description="Active latents per sample (TopK) or per sample on average (BatchTopK)."
+    )
     levels: list[int] | None = Field(None, description="Matryoshka nested dictionary sizes (ascending).")
     level_k: list[int] | None = Field(None, description="Matryoshka budget per level.")
     matryoshka_inner: Literal["batchtopk", "topk"] = Field("batchtopk", description="Per-level activation.")
-    tied: bool = Field(False, description="Decoder = encoder transpose.")
-    unit_norm_decoder: bool = Field(True, description="Keep decoder rows at unit norm (project gradients).")
-    b_dec_init: Literal["zeros", "mean", "geometric_median"] = Field("mean", description="Pre-encoder bias init.")
-    normalize: Literal["l2", "center_scale", "none"] = Field("l2", description="Input normalisation.")
-    l1_coeff: float = Field(0.0, ge=0, description="L1 penalty (relu_l1 architecture).")
+    topk_relu: bool = Field(
+        True,
+        description="ReLU on the kept values; false = keep them as they are, negatives included (study).",
+    )
+    tied: bool = Field(False, description="Decoder = encoder transpose (one weight matrix).")
+    tied_detached: bool = Field(
+        False,
+        description="With tied weights, the decoder reads the encoder weight detached, so the dictionary "
+        "learns only through the encoder path (what the study's code does).",
+    )
+    unit_norm_decoder: bool = Field(
+        True, description="Keep decoder rows at unit norm (the gradient component along each row is removed)."
+    )
+    b_dec_init: Literal["zeros", "mean", "geometric_median"] = Field(
+        "mean",
+        description="Pre-encoder bias init: zeros, or the mean / geometric median of the normalised inputs.",
+    )
+    normalize: Literal["l2", "center_scale", "none"] = Field(
+        "l2",
+        description="Input normalisation, stored in the checkpoint: 'l2' = each sample to unit norm (study), "
+        "'center_scale' = subtract the train mean and divide by one scalar so the mean squared norm is 1.",
+    )
+    threshold_mode: Literal["ema", "running_mean"] = Field(
+        "ema",
+        description="BatchTopK inference threshold θ from the smallest positive kept value of each training "
+        "batch at the largest level: an exponential moving average, or the mean over the whole run (study).",
+    )
+    threshold_decay: float = Field(0.99, ge=0, lt=1, description="Decay of the 'ema' threshold.")
+    threshold_warmup: int = Field(
+        100,
+        ge=0,
+        description="Batches before θ counts as estimated; before that inference uses per-sample top-k.",
+    )
+    threshold_inference: Literal["jumprelu", "shifted_relu"] = Field(
+        "jumprelu", description="BatchTopK inference: z·[z > θ] (JumpReLU) or max(0, z - θ) (study)."
+    )
+    l1_coeff: float = Field(0.0, ge=0, description="L1 penalty (relu_l1), weighted by decoder row norms.")
     auxk: bool = Field(True, description="AuxK loss on dead latents (TopK family).")
     k_aux: int | None = Field(None, ge=1, description="Dead latents used by AuxK (default d_in // 2).")
     aux_coeff: float = Field(1 / 32, ge=0, description="AuxK loss coefficient.")
-    dead_after: int = Field(20_000, ge=1, description="A latent is dead after this many samples without firing.")
+    dead_after: int = Field(
+        20_000, ge=1, description="A latent is dead after this many samples without firing."
+    )
     lr: float = Field(2e-4, gt=0, description="Peak learning rate (Adam).")
     lr_end: float = Field(0.0, ge=0, description="Final learning rate of the cosine schedule.")
     warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps.")
+    warmup_max_fraction: float | None = Field(
+        None, gt=0, le=1, description="Cap the warm-up at this fraction of all steps (study: 0.1)."
+    )
+    warmup_start: float = Field(0.0, ge=0, le=1, description="Learning rate at step 0 as a fraction of lr.")
     batch_size: int = Field(4096, ge=1, description="Samples per optimisation step.")
     epochs: float = Field(10, gt=0, description="Passes over the training split.")
+    shuffle: Literal["epoch", "once"] = Field(
+        "epoch", description="New random order every epoch, or one order reused by every epoch (study)."
+    )
     grad_clip: float | None = Field(None, gt=0, description="Global gradient-norm clip.")
-    seed: int = Field(0, description="Seed of initialisation and shuffling.")
+    seed: int = Field(
+        0, description="Seed of initialisation and shuffling (combined with the experiment seed)."
+    )
     checkpoint_every: int = execution_only(200, "Save a resumable checkpoint every N steps.", ge=1)
+    checkpoint_minutes: float = execution_only(
+        2.0, "...but at most once per this many minutes (checkpoints of big sweeps are large).", ge=0
+    )
     device: str = execution_only("auto", "auto = cuda, then mps, then cpu.")
+    precision: Literal["auto", "fp32", "bf16"] = execution_only(
+        "auto", "Encoder matmul precision: auto = bf16 on a GPU (the study's bf16-mixed), fp32 on a CPU."
+    )
+    decoder_impl: Literal["auto", "sparse", "dense"] = execution_only(
+        "auto",
+        "Decoder of the TopK family: gather the active rows (sparse), a dense matmul, or choose by cost.",
+    )
+    log_every: int = execution_only(50, "Steps between progress lines and train-log entries.", ge=1)
+    resident_max_gb: float = execution_only(
+        16.0, "Train embeddings larger than this are streamed in chunks from the shards.", gt=0
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") == "study":
+            data = {**STUDY_PRESET, **data}
+        return data
 
     @model_validator(mode="after")
     def _check_levels(self) -> SAESpec:
         if self.arch == "matryoshka":
             if not self.levels or not self.level_k or len(self.levels) != len(self.level_k):
                 raise ValueError("matryoshka needs 'levels' and 'level_k' of the same length")
-            if sorted(self.levels) != self.levels:
-                raise ValueError("'levels' must be ascending")
-            for size, k in zip(self.levels, self.level_k):
+            if sorted(self.levels) != self.levels or len(set(self.levels)) != len(self.levels):
+                raise ValueError("'levels' must be strictly ascending")
+            for size, k in zip(self.levels, self.level_k, strict=True):
                 if k > size:
                     raise ValueError(f"level budget k={k} exceeds level size {size}")
+        if self.tied_detached and not self.tied:
+            raise ValueError("'tied_detached' needs 'tied: true'")
         return self

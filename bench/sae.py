@@ -1,0 +1,194 @@
+"""SAE training throughput: a study-style loop vs medsae's trainer, one pass for 8 configs vs 8 runs.
+
+    .venv/bin/python bench/sae.py                    # d=1024, 8192 latents, k=10, batch 4096, CPU
+    .venv/bin/python bench/sae.py --device cuda      # on a GPU (bf16 encoder matmul, as the study)
+    .venv/bin/python bench/sae.py --quick            # smaller shapes, a few seconds
+
+Rows of the table:
+
+* **matmul**: a plain ``x @ W_encᵀ`` of the step's shape ([B, d] x [d, D]), GFLOP/s. The work a
+  TopK step cannot avoid is the encoder forward and the encoder weight gradient (two such matmuls
+  when done densely) plus a sparse decoder (``6·B·k·d`` FLOPs), so the *ceiling* is
+  ``matmul GFLOP/s / (4·d·D + 6·k·d)`` samples/s.
+* **study-style loop**: the study's per-step work without Lightning: TopK on a dense
+  ``z = (x - b_dec) W_encᵀ + b_enc``, codes scattered into a dense [B, D] matrix, dense decoder
+  (tied, read detached, as the study), autograd through everything (which also computes the full
+  input gradient to update b_dec), Adam, grad-norm clip.
+* **medsae**: :func:`medsae.sae.train.train_many` with one TopK config (sparse decoder through
+  ``embedding_bag``, encoder gradients scattered only at the selected entries, b_dec's encoder
+  gradient as one vector-matrix product); with and without AuxK.
+* **8 configs**: eight TopK configs (k = 4..32) trained in one pass vs one after the other.
+
+"achieved GFLOP/s" counts the unavoidable work above at its dense cost (4·d·D + 6·k·d per
+sample) divided by the measured step time; "% of ceiling" = achieved / matmul. medsae computes
+the encoder weight gradient sparsely (only the k selected entries per sample contribute), so it
+can exceed 100 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+
+os.environ.setdefault("MEDSAE_QUIET", "1")
+
+from medsae.sae.config import SAESpec  # noqa: E402
+from medsae.sae.data import ArrayStore, TrainData  # noqa: E402
+from medsae.sae.train import TrainJob, compute_dtype, resolve_device, train_many  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_gflops(b: int, d: int, n: int, device: torch.device, dtype: torch.dtype, reps: int) -> float:
+    x = torch.randn(b, d, device=device).to(dtype)
+    w = torch.randn(n, d, device=device).to(dtype)
+    x @ w.t()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        x @ w.t()
+    _sync(device)
+    return 2 * b * d * n * reps / (time.perf_counter() - t0) / 1e9
+
+
+def study_loop_rate(x: torch.Tensor, n_lat: int, k: int, batch: int, steps: int, dtype: torch.dtype) -> float:
+    """samples/s of the study-style step (dense everything, autograd, one config)."""
+    device = x.device
+    d = x.shape[1]
+    gen = torch.Generator().manual_seed(0)
+    w = torch.rand(n_lat, d, generator=gen) * 2 - 1
+    w = (w / w.norm(dim=1, keepdim=True)).to(device).requires_grad_()
+    b_enc = torch.zeros(n_lat, device=device, requires_grad=True)
+    b_dec = torch.zeros(d, device=device, requires_grad=True)
+    params = [w, b_enc, b_dec]
+    opt = torch.optim.Adam(params, lr=1e-4)
+
+    def step(xb: torch.Tensor) -> None:
+        xb = xb / xb.norm(dim=1, keepdim=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            z = (xb - b_dec) @ w.t() + b_enc
+        vals, idx = torch.topk(z.float(), k, dim=1)
+        codes = torch.zeros(xb.shape[0], n_lat, device=device).scatter(1, idx, vals)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            x_hat = codes @ w.detach() + b_dec
+        loss = ((x_hat.float() - xb) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.5)
+        opt.step()
+
+    n = x.shape[0]
+    step(x[:batch])  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    for s in range(steps):
+        start = (s * batch) % max(n - batch + 1, 1)
+        step(x[start : start + batch])
+    _sync(device)
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def medsae_pass(
+    x: np.ndarray, device: torch.device, specs: list[SAESpec], warmup: int = 1
+) -> tuple[float, int, float]:
+    """(seconds of the timed steps, number of timed steps, wall seconds of the whole pass incl. setup)."""
+    wall0 = time.perf_counter()
+    data = TrainData(ArrayStore(x), np.arange(len(x)), device, 1e12)
+    stamps: list[float] = []
+
+    def on_step(step: int) -> None:
+        _sync(device)
+        stamps.append(time.perf_counter())
+
+    train_many([TrainJob(s.model_dump(mode="json")) for s in specs], data, device, on_step=on_step)
+    _sync(device)
+    return stamps[-1] - stamps[warmup - 1], len(stamps) - warmup, time.perf_counter() - wall0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--d", type=int, default=1024)
+    parser.add_argument("--latents", type=int, default=8192)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per measurement")
+    parser.add_argument("--quick", action="store_true", help="d=256, 2048 latents, batch 1024")
+    args = parser.parse_args()
+    if args.quick:
+        args.d, args.latents, args.batch = 256, 2048, 1024
+    device = resolve_device(args.device)
+    dtype = compute_dtype("auto", device)
+    d, n_lat, k, batch, steps = args.d, args.latents, args.k, args.batch, args.steps
+    if device.type == "cuda":
+        steps *= 20
+    rng = np.random.default_rng(0)
+    n_rows = batch * (steps + 1)
+    x_np = (rng.normal(size=(n_rows, d)) + 0.5).astype(np.float32)
+
+    gflops = matmul_gflops(batch, d, n_lat, device, dtype, reps=max(3, steps))
+    work = 4 * d * n_lat + 6 * k * d  # FLOPs per sample a TopK step cannot avoid (dense-equivalent)
+    ceiling = gflops * 1e9 / work
+
+    def spec(k_: int = k, auxk: bool = False, seed: int = 0) -> SAESpec:
+        return SAESpec(
+            arch="topk",
+            d_sae=n_lat,
+            k=k_,
+            batch_size=batch,
+            epochs=1,
+            auxk=auxk,
+            seed=0,
+            b_dec_init="zeros",
+            lr=1e-4,
+            grad_clip=0.5,
+            dead_after=batch,
+            log_every=10**6,
+        )
+
+    rows: list[tuple[str, float]] = []
+    study = study_loop_rate(torch.from_numpy(x_np).to(device), n_lat, k, batch, steps, dtype)
+    rows.append(("study-style loop (dense decoder, autograd)", study))
+    secs, n, _ = medsae_pass(x_np, device, [spec()])
+    rows.append(("medsae trainer, TopK", n * batch / secs))
+    secs, n, _ = medsae_pass(x_np, device, [spec(auxk=True)], warmup=2)
+    rows.append(("medsae trainer, TopK + AuxK (k_aux = d/2)", n * batch / secs))
+
+    print(
+        f"\nSAE training on {device} ({str(dtype).replace('torch.', '')} encoder matmul), "
+        f"d={d}, latents={n_lat}, k={k}, batch={batch}, threads={torch.get_num_threads()}"
+    )
+    print(
+        f"plain matmul [{batch}x{d}] @ [{d}x{n_lat}]: {gflops:,.1f} GFLOP/s "
+        f"-> ceiling {ceiling:,.0f} samples/s for the unavoidable work ({work / 1e6:.1f} MFLOP/sample)\n"
+    )
+    print(f"{'trainer':46s} {'samples/s':>10s} {'GFLOP/s':>9s} {'% ceiling':>10s}")
+    for name, rate in rows:
+        print(f"{name:46s} {rate:10,.0f} {rate * work / 1e9:9,.1f} {100 * rate / ceiling:9.0f}%")
+
+    ks = [4, 6, 8, 10, 12, 16, 24, 32]
+    multi_steps = max(2, steps // 2)
+    x_small = x_np[: batch * (multi_steps + 1)]
+    t_one, n_one, wall_one = medsae_pass(x_small, device, [spec(k_) for k_ in ks])
+    t_seq = wall_seq = 0.0
+    for k_ in ks:
+        secs, _, wall = medsae_pass(x_small, device, [spec(k_)])
+        t_seq, wall_seq = t_seq + secs, wall_seq + wall
+    print(
+        f"\n8 TopK configs (k = {ks}), {n_one} timed steps each (wall: with data setup and final statistics)"
+    )
+    print(f"{'':26s} {'timed steps':>12s} {'wall':>9s}")
+    print(f"{'one pass, 8 configs':26s} {t_one:11.2f}s {wall_one:8.2f}s")
+    print(f"{'8 sequential runs':26s} {t_seq:11.2f}s {wall_seq:8.2f}s")
+    print(f"{'one pass / sequential':26s} {100 * t_one / t_seq:11.0f}% {100 * wall_one / wall_seq:8.0f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""Slice images on demand, from the volumes, exactly as the embed stage sees them.
+
+No pixels are stored at ingest. A slice is rendered by: load the volume, :func:`prepare` it (same
+grid as ingest), map intensities with the scan's recorded :class:`IntensityMap`, take the slice
+along its axis, crop, resize to ``size`` and apply the study's display orientation.
+
+* :func:`render_slice` — one slice (the volume stays cached, so neighbours are cheap);
+* :func:`iter_scan_images` — all requested slices, grouped by scan, one volume read per scan;
+  the embed stage's input pipeline (optionally with worker processes);
+* :func:`thumbnail` — a PNG, cached on disk in ``<slices_dir>/../.cache/<key>/thumbs/<size>/``
+  (next to the planner's ``.tmp``/``.work`` folders, outside the artifact itself).
+
+Volumes are found under the dataset root recorded in ``render.json``; set ``MEDSAE_DATA_ROOT`` to
+render from a copy of the dataset elsewhere.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from medsae.data.intensity import IntensityMap
+from medsae.data.slicing import pad_square, resize_images, take_slices, to_display
+from medsae.data.volume import ScanError, SliceOptions, load_volume, prepare
+from medsae.errors import MedsaeError, MissingInputError
+
+
+@dataclass(frozen=True)
+class RenderIndex:
+    """What rendering needs from a slices artifact, loaded once per process."""
+
+    root: Path
+    options: SliceOptions
+    scans: pd.DataFrame  # one row per indexed scan (scans.parquet)
+    scan_of_slice: np.ndarray  # int32 row in ``scans`` per slice_id
+    axis: np.ndarray  # int8 per slice_id
+    idx: np.ndarray  # int32 per slice_id
+
+
+@lru_cache(maxsize=8)
+def _load_index(slices_dir: str, stamp: float) -> RenderIndex:
+    base = Path(slices_dir)
+    for name in ("render.json", "scans.parquet", "slices.parquet"):
+        if not (base / name).is_file():
+            raise MissingInputError(f"{base / name}: not found (is {base} a completed slices artifact?)")
+    spec = json.loads((base / "render.json").read_text())
+    scans = pd.read_parquet(base / "scans.parquet")
+    slices = pd.read_parquet(base / "slices.parquet", columns=["modality", "image_id", "axis", "idx"])
+    row_of = {(m, i): r for r, (m, i) in enumerate(zip(scans["modality"], scans["image_id"], strict=True))}
+    scan_of_slice = np.fromiter(
+        (row_of[k] for k in zip(slices["modality"], slices["image_id"], strict=True)),
+        dtype=np.int32,
+        count=len(slices),
+    )
+    root = Path(os.environ.get("MEDSAE_DATA_ROOT") or spec["root"])
+    return RenderIndex(
+        root=root,
+        options=SliceOptions.from_params(spec["options"]),
+        scans=scans,
+        scan_of_slice=scan_of_slice,
+        axis=slices["axis"].to_numpy(np.int8),
+        idx=slices["idx"].to_numpy(np.int32),
+    )
+
+
+def render_index(slices_dir: str | Path) -> RenderIndex:
+    """The (cached) render index of a slices artifact."""
+    path = Path(slices_dir).resolve()
+    marker = path / "slices.parquet"
+    stamp = marker.stat().st_mtime if marker.exists() else 0.0
+    return _load_index(str(path), stamp)
+
+
+_VOLUME_CACHE: dict[tuple[str, int, int], np.ndarray] = {}
+
+
+def scan_volume_u8(index: RenderIndex, scan_row: int) -> np.ndarray:
+    """A scan's prepared volume mapped to uint8 (the last one is cached per process)."""
+    key = (str(index.root), int(scan_row), id(index))
+    if key in _VOLUME_CACHE:
+        return _VOLUME_CACHE[key]
+    row = index.scans.iloc[int(scan_row)]
+    path = index.root / row["volume"]
+    try:
+        array, affine = load_volume(path)
+        prep = prepare(array, affine, row["modality"], index.options)
+    except ScanError as exc:
+        raise MedsaeError(f"{path}: cannot render slices: {exc}") from None
+    shape = json.loads(row["shape"])
+    if list(prep.array.shape) != shape:
+        raise MedsaeError(f"{path}: volume grid {list(prep.array.shape)} differs from the ingested {shape}")
+    imap = IntensityMap(row["clip_lo"], row["clip_hi"], row["out_lo"], row["out_hi"])
+    u8 = imap.apply(prep.array)
+    _VOLUME_CACHE.clear()
+    _VOLUME_CACHE[key] = u8
+    return u8
+
+
+def render_from_volume(
+    u8: np.ndarray, axis: int, idx: np.ndarray, options: SliceOptions, size: int
+) -> np.ndarray:
+    """Images ``[n, size, size]`` uint8 of slices ``idx`` along ``axis`` of a uint8 volume."""
+    images = take_slices(u8, axis, idx, options.crop)
+    if options.crop == "none":
+        images = pad_square(images)
+    # orientation first: flipping the small crop is cheaper and commutes with the square resize
+    return resize_images(to_display(images, axis), size, options.resize)
+
+
+def _render_scan(index: RenderIndex, scan_row: int, ids: np.ndarray, size: int) -> np.ndarray:
+    u8 = scan_volume_u8(index, scan_row)
+    out = np.empty((len(ids), size, size), dtype=np.uint8)
+    axes = index.axis[ids]
+    for axis in np.unique(axes):
+        sel = np.flatnonzero(axes == axis)
+        out[sel] = render_from_volume(u8, int(axis), index.idx[ids[sel]], index.options, size)
+    return out
+
+
+def _check_ids(index: RenderIndex, ids: np.ndarray, slices_dir: str | Path) -> None:
+    n = len(index.axis)
+    if ids.size and (ids.min() < 0 or ids.max() >= n):
+        bad = int(ids[(ids < 0) | (ids >= n)][0])
+        raise MedsaeError(f"{slices_dir}: slice_id {bad} out of range (index has {n} slices)")
+
+
+def render_slice(slices_dir: str | Path, slice_id: int, size: int | None = None) -> np.ndarray:
+    """The uint8 image ``[size, size]`` of one slice (``size`` defaults to the spec's)."""
+    index = render_index(slices_dir)
+    ids = np.asarray([int(slice_id)], dtype=np.int64)
+    _check_ids(index, ids, slices_dir)
+    return _render_scan(index, int(index.scan_of_slice[ids[0]]), ids, size or index.options.size)[0]
+
+
+def _scan_groups(index: RenderIndex, ids: np.ndarray) -> list[np.ndarray]:
+    """Sorted ids split into runs of the same scan."""
+    scans = index.scan_of_slice[ids]
+    cuts = np.flatnonzero(np.diff(scans)) + 1
+    return np.split(ids, cuts)
+
+
+def _render_group(args: tuple[str, np.ndarray, int]) -> tuple[np.ndarray, np.ndarray]:
+    slices_dir, ids, size = args
+    index = render_index(slices_dir)
+    return ids, _render_scan(index, int(index.scan_of_slice[ids[0]]), ids, size)
+
+
+def iter_scan_images(
+    slices_dir: str | Path, slice_ids: np.ndarray | None = None, size: int | None = None, workers: int = 0
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(slice_ids, images uint8 [n, size, size])`` one scan at a time, in slice_id order.
+
+    ``slice_ids`` (default: all) are de-duplicated and sorted; each volume is read once. With
+    ``workers > 0`` scans are rendered in that many processes, ahead of the consumer.
+    """
+    index = render_index(slices_dir)
+    if slice_ids is None:
+        ids = np.arange(len(index.axis), dtype=np.int64)
+    else:
+        ids = np.unique(np.asarray(slice_ids, dtype=np.int64))
+    _check_ids(index, ids, slices_dir)
+    if ids.size == 0:
+        return
+    size = size or index.options.size
+    groups = _scan_groups(index, ids)
+    if workers <= 0 or len(groups) <= 1:
+        for group in groups:
+            yield group, _render_scan(index, int(index.scan_of_slice[group[0]]), group, size)
+        return
+    from concurrent.futures import ProcessPoolExecutor
+
+    path = str(Path(slices_dir).resolve())
+    with ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context()) as ex:
+        yield from ex.map(_render_group, [(path, g, size) for g in groups])
+
+
+def thumbnail_path(slices_dir: str | Path, slice_id: int, size: int = 128) -> Path:
+    """Where the cached PNG of a slice lives."""
+    base = Path(slices_dir).resolve()
+    return base.parent / ".cache" / base.name / "thumbs" / str(int(size)) / f"{int(slice_id)}.png"
+
+
+def thumbnail(slices_dir: str | Path, slice_id: int, size: int = 128) -> bytes:
+    """PNG bytes of a slice at ``size`` pixels, rendered once and cached on disk."""
+    path = thumbnail_path(slices_dir, slice_id, size)
+    if path.is_file():
+        return path.read_bytes()
+    from PIL import Image
+
+    image = render_slice(slices_dir, slice_id, size=size)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", optimize=False)
+    data = buf.getvalue()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only artifacts folder still renders, just without the cache
+    return data
+
+
+def _mp_context():  # noqa: ANN202
+    """Fork where available: workers start instantly and scripts need no ``__main__`` guard.
+
+    Workers only run numpy/nibabel code, so forking a parent that imported torch or duckdb is safe.
+    """
+    import multiprocessing as mp
+
+    return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")

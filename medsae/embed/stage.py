@@ -1,0 +1,319 @@
+"""The embed stage: every slice of a slices artifact -> one vector, written as resumable shards.
+
+Pipeline: the rows (slices in ``slice_id`` order, one scan's slices contiguous) are cut into work
+items at shard boundaries and scan boundaries, so a DataLoader worker renders one scan with one
+volume read (:func:`medsae.data.render.iter_scan_images`). Images travel in pinned memory, are
+copied to the device without blocking, and are batched there; batches never straddle a shard, so
+a shard's bytes depend only on its own rows. Each finished shard is written atomically into
+``ctx.work_dir`` and recorded in ``shards.jsonl``; a killed run resumes at the next unfinished
+shard and produces byte-identical files. At the end the shards are linked into ``ctx.out_dir``
+beside ``slice_ids.npy`` and ``manifest.json`` (see :mod:`medsae.embed.store`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from medsae.embed.backbones import Backbone, load_backbone
+from medsae.embed.config import EmbedSpec
+from medsae.embed.store import sha256_file, shard_name, write_manifest, write_shard
+from medsae.errors import MedsaeError
+from medsae.progress import task
+from medsae.stage import Metric, StageContext, StageResult
+
+CODE_VERSION = "1"
+
+#: ``render(slices_dir, slice_ids) -> iterator of (slice_ids, uint8 [n, H, W])``, one scan at a time
+RenderFn = Callable[[Path, np.ndarray], Iterable[tuple[np.ndarray, np.ndarray]]]
+
+_STATE = "state.json"
+_RECORD = "shards.jsonl"
+
+
+def run_embed(ctx: StageContext) -> StageResult:
+    """Stage entry point: embed every slice of ``ctx.inputs['slices']`` with the spec's backbone."""
+    from medsae.data.index import load_slices
+    from medsae.data.render import iter_scan_images
+
+    slices_dir = Path(ctx.inputs["slices"])
+    return embed_stage(ctx, load_slices(slices_dir), render=iter_scan_images)
+
+
+def embed_stage(
+    ctx: StageContext, table: pd.DataFrame, render: RenderFn, backbone: Backbone | None = None
+) -> StageResult:
+    """:func:`run_embed` with the slice table and renderer given (tests pass their own)."""
+    spec = EmbedSpec.model_validate(ctx.params)
+    slices_dir = Path(ctx.inputs["slices"])
+    table = table.sort_values("slice_id", kind="stable")
+    slice_ids = table["slice_id"].to_numpy(np.int64)
+    if slice_ids.size == 0:
+        raise MedsaeError(f"embed: no slices to embed in {slices_dir}")
+    scans = pd.factorize(table["modality"].astype(str) + "/" + table["image_id"].astype(str))[0]
+    items = work_items(scans, spec.shard_size)
+    work = Path(ctx.work_dir)
+    done = _resume(work, n=len(slice_ids), shard_size=spec.shard_size, slice_ids=slice_ids)
+    t_load = time.perf_counter()
+    backbone = backbone if backbone is not None else load_backbone(spec)
+    load_seconds = time.perf_counter() - t_load
+    todo = [(start, stop) for start, stop in items if start // spec.shard_size not in done]
+    n_todo = int(sum(stop - start for start, stop in todo))
+    runner = _ShardRunner(backbone, work, spec, slice_ids, done)
+    loader = _loader(slices_dir, slice_ids, todo, render, spec.num_workers, backbone.device)
+    with task(f"embed {backbone.name}", total=n_todo, unit="img", quiet=ctx.quiet) as advance:
+        for n_images in runner.run(loader):
+            advance(n_images)
+
+    shards = [done[s] for s in range(len(done))]
+    if len(shards) != -(-len(slice_ids) // spec.shard_size):
+        raise MedsaeError(f"embed: {len(shards)} shards finished of {-(-len(slice_ids) // spec.shard_size)}")
+    seconds = float(sum(s["seconds"] for s in shards))
+    rate = len(slice_ids) / seconds if seconds > 0 else float("nan")
+    d = int(shards[0]["d"])
+    info = backbone.describe() if hasattr(backbone, "describe") else {"model": backbone.name}
+    device = str(backbone.device)
+    out = Path(ctx.out_dir)
+    for entry in shards:
+        _link(work / entry["file"], out / entry["file"])
+    manifest = write_manifest(
+        out,
+        shards=[{k: e[k] for k in ("file", "rows", "sha256")} for e in shards],
+        slice_ids=slice_ids,
+        d=d,
+        dtype=spec.dtype,
+        shard_size=spec.shard_size,
+        images_per_s=rate,
+        seconds=seconds,
+        batch_size=spec.batch_size,
+        num_workers=spec.num_workers,
+        **{"source": spec.source, **info, "device": device},
+    )
+    resumed = len(shards) - runner.n_written
+    extra = {
+        "device": device,
+        "precision": spec.precision,
+        "batch_size": spec.batch_size,
+        "num_workers": spec.num_workers,
+        "input_size": spec.input_size,
+    }
+    return StageResult(
+        metrics=[
+            Metric("images_per_s", rate, n=len(slice_ids), extra=extra),
+            Metric("embed_seconds", seconds, n=len(slice_ids), extra={"device": device}),
+            Metric("embedding_dim", float(d), n=len(slice_ids)),
+        ],
+        summary={
+            "n": manifest["n"],
+            "d": d,
+            "dtype": spec.dtype,
+            "shards": len(shards),
+            "resumed_shards": resumed,
+            "model": info.get("model"),
+            "pooling": spec.pooling,
+            "device": device,
+            "images_per_s": round(rate, 2),
+            "load_seconds": round(load_seconds, 2),
+        },
+        device=device,
+    )
+
+
+def work_items(scans: np.ndarray, shard_size: int) -> list[tuple[int, int]]:
+    """Row ranges [start, stop) that never cross a scan boundary nor a shard boundary, in row order."""
+    n = len(scans)
+    scan_cuts = np.flatnonzero(np.diff(scans) != 0) + 1
+    cuts = np.union1d(np.union1d(scan_cuts, np.arange(0, n, shard_size)), [0, n])
+    return [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+
+
+# --------------------------------------------------------------------------------------------
+# resumable state
+
+
+def _resume(work: Path, *, n: int, shard_size: int, slice_ids: np.ndarray) -> dict[int, dict[str, Any]]:
+    """Finished shards recorded in ``work`` (verified by sha256), or a clean slate if the plan changed."""
+    work.mkdir(parents=True, exist_ok=True)
+    plan = {"n": n, "shard_size": shard_size, "slice_ids_sha256": _array_sha(slice_ids), "code": CODE_VERSION}
+    state_path, record = work / _STATE, work / _RECORD
+    if state_path.is_file() and json.loads(state_path.read_text() or "{}") != plan:
+        for p in work.iterdir():
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    if not state_path.is_file():
+        tmp = state_path.with_suffix(".part")
+        tmp.write_text(json.dumps(plan))
+        os.replace(tmp, state_path)
+    done: dict[int, dict[str, Any]] = {}
+    if record.is_file():
+        for line in record.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            path = work / entry["file"]
+            if path.is_file() and sha256_file(path) == entry["sha256"]:
+                done[int(entry["index"])] = entry
+    # only a contiguous prefix counts: shards are written in order
+    prefix: dict[int, dict[str, Any]] = {}
+    while len(prefix) in done:
+        prefix[len(prefix)] = done[len(prefix)]
+    return prefix
+
+
+def _array_sha(a: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def _link(src: Path, dst: Path) -> None:
+    """Hard-link a finished shard into the output folder (copy across file systems)."""
+    if dst.exists():
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+# --------------------------------------------------------------------------------------------
+# loading and batching
+
+
+class _ScanItems(Dataset):
+    """Item i = the rendered images of one work item (one scan's rows within one shard)."""
+
+    def __init__(
+        self, slices_dir: Path, slice_ids: np.ndarray, items: list[tuple[int, int]], render: RenderFn
+    ):
+        self.slices_dir = slices_dir
+        self.slice_ids = slice_ids
+        self.items = items
+        self.render = render
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
+        start, stop = self.items[i]
+        ids = self.slice_ids[start:stop]
+        return start, torch.from_numpy(render_rows(self.render, self.slices_dir, ids))
+
+
+def render_rows(render: RenderFn, slices_dir: Path, ids: np.ndarray) -> np.ndarray:
+    """The images of ``ids`` in that order, whatever order the renderer yields them in."""
+    got_ids, got_imgs = [], []
+    for part_ids, part_imgs in render(slices_dir, ids):
+        got_ids.append(np.asarray(part_ids, dtype=np.int64))
+        got_imgs.append(np.asarray(part_imgs))
+    if not got_ids:
+        raise MedsaeError(
+            f"embed: the renderer returned no images for slices {ids[:3].tolist()}... of {slices_dir}"
+        )
+    all_ids = np.concatenate(got_ids)
+    images = got_imgs[0] if len(got_imgs) == 1 else np.concatenate(got_imgs)
+    if np.array_equal(all_ids, ids):
+        return np.ascontiguousarray(images)
+    perm = np.argsort(all_ids, kind="stable")
+    loc = np.searchsorted(all_ids[perm], ids).clip(0, len(all_ids) - 1)
+    if not np.array_equal(all_ids[perm][loc], ids):
+        raise MedsaeError(f"embed: the renderer did not return every requested slice of {slices_dir}")
+    return np.ascontiguousarray(images[perm[loc]])
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # workers render; the main process owns the cores for the model
+
+
+def _loader(
+    slices_dir: Path,
+    slice_ids: np.ndarray,
+    items: list[tuple[int, int]],
+    render: RenderFn,
+    num_workers: int,
+    device: torch.device,
+) -> DataLoader:
+    return DataLoader(
+        _ScanItems(slices_dir, slice_ids, items, render),
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=_worker_init if num_workers else None,
+        prefetch_factor=4 if num_workers else None,
+    )
+
+
+class _ShardRunner:
+    """Batches rows on the device, embeds them and writes each shard the moment it is complete."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        work: Path,
+        spec: EmbedSpec,
+        slice_ids: np.ndarray,
+        done: dict[int, dict[str, Any]],
+    ) -> None:
+        self.backbone = backbone
+        self.work = work
+        self.spec = spec
+        self.n = len(slice_ids)
+        self.done = done
+        self.n_written = 0
+
+    def _shard_stop(self, shard: int) -> int:
+        return min((shard + 1) * self.spec.shard_size, self.n)
+
+    def run(self, loader: Iterable[tuple[int, torch.Tensor]]) -> Iterator[int]:
+        """Consume work items in order; yield the number of images after each forward pass."""
+        batch = self.spec.batch_size
+        pending: list[torch.Tensor] = []
+        n_pending = 0
+        outputs: list[torch.Tensor] = []
+        shard = -1
+        clock = time.perf_counter()
+        for start, images in loader:
+            start = int(start)
+            if start // self.spec.shard_size != shard:
+                shard = start // self.spec.shard_size
+            pending.append(images.to(self.backbone.device, non_blocking=True))
+            n_pending += images.shape[0]
+            shard_complete = start + images.shape[0] == self._shard_stop(shard)
+            while n_pending >= batch or (shard_complete and n_pending):
+                rows = torch.cat(pending) if len(pending) > 1 else pending[0]
+                take = min(batch, n_pending)
+                outputs.append(self.backbone.embed(rows[:take]))
+                pending = [rows[take:]] if take < n_pending else []
+                n_pending -= take
+                yield take
+            if shard_complete:
+                vectors = torch.cat(outputs).numpy()
+                outputs = []
+                now = time.perf_counter()
+                self._record(shard, vectors, seconds=now - clock)
+                clock = now
+
+    def _record(self, shard: int, vectors: np.ndarray, seconds: float) -> None:
+        expected = self._shard_stop(shard) - shard * self.spec.shard_size
+        if vectors.shape[0] != expected:
+            raise MedsaeError(f"embed: shard {shard} got {vectors.shape[0]} rows, expected {expected}")
+        entry = write_shard(self.work, shard, vectors, self.spec.dtype)
+        entry.update(index=shard, d=int(vectors.shape[1]), seconds=seconds, device=str(self.backbone.device))
+        with open(self.work / _RECORD, "a") as fh:
+            fh.write(json.dumps(entry) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.done[shard] = entry
+        self.n_written += 1
+        assert entry["file"] == shard_name(shard)

@@ -1,0 +1,299 @@
+"""Explaining a registered experiment again, comparing explainers, showing one latent.
+
+These are the library side of ``medsae explain run|compare|show``: they find an experiment's
+summarize / slices stage folders through the registry (``experiments`` -> ``experiment_stages``
+-> ``stages.artifact_dir``), run the agent with another explainer or scorer, and write the rows
+straight into the registry. Ids are content hashes, so rows that exist already are skipped
+(INSERT OR IGNORE): a rerun adds nothing, a new model adds its own rows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from medsae.errors import MedsaeError, MissingInputError
+from medsae.registry.db import Registry, insert_rows
+
+#: Registry table -> its id column (None: no id; rows are appended).
+ID_COLUMNS = {
+    "explanations": "explanation_id",
+    "explanation_scores": "score_id",
+    "prompts": "template_hash",
+    "llm_calls": None,
+}
+HEADLINE_METHODS = ("pearson", "spearman", "auroc", "detection_bacc", "ranking_top2")
+
+
+@dataclass
+class ExperimentInputs:
+    """Where one experiment's agent inputs are."""
+
+    name: str
+    experiment_id: str
+    summarize_dir: Path
+    slices_dir: Path
+    summarize_key: str
+    sae_key: str
+    params: dict[str, Any]  # the spec's interpret section (resolved)
+
+
+def experiment_inputs(registry: Registry, name: str) -> ExperimentInputs:
+    """Locate the summarize and slices stages of experiment ``name`` (one-line errors if absent)."""
+    from medsae.plan import find_experiment
+
+    exp = find_experiment(registry, name)
+    rows = registry.query(
+        """SELECT es.kind, es.stage_key, s.artifact_dir FROM experiment_stages es
+           LEFT JOIN stages s ON s.stage_key = es.stage_key WHERE es.experiment_id = ?""",
+        [exp["experiment_id"]],
+    )
+    stages = {r["kind"]: r for r in rows}
+    dirs: dict[str, Path] = {}
+    for kind in ("summarize", "slices"):
+        row = stages.get(kind)
+        if row is None or not row["artifact_dir"]:
+            raise MissingInputError(
+                f"experiment '{name}': stage '{kind}' has not run (run `medsae exp run` first)"
+            )
+        path = Path(row["artifact_dir"])
+        if not path.is_dir():
+            raise MissingInputError(f"experiment '{name}': {kind} folder {path} is missing")
+        dirs[kind] = path
+    spec = json.loads(exp["spec_json"])
+    latents = pd.read_parquet(dirs["summarize"] / "latents.parquet", columns=["sae_key"])
+    sae_key = (
+        str(latents["sae_key"].iloc[0]) if len(latents) else stages.get("train", {}).get("stage_key", "")
+    )
+    return ExperimentInputs(
+        name=name,
+        experiment_id=exp["experiment_id"],
+        summarize_dir=dirs["summarize"],
+        slices_dir=dirs["slices"],
+        summarize_key=stages["summarize"]["stage_key"],
+        sae_key=sae_key,
+        params=dict(spec.get("interpret") or {}),
+    )
+
+
+def interpret_params(exp: ExperimentInputs) -> dict[str, Any]:
+    """The experiment's interpret section with defaults filled (one-line error if it no longer validates)."""
+    from pydantic import ValidationError
+
+    from medsae.interp.config import InterpretSpec
+
+    try:
+        return InterpretSpec.model_validate(exp.params).model_dump(mode="json")
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise MedsaeError(
+            f"experiment '{exp.name}': stored interpret section invalid at {where}: {first['msg']}"
+        ) from None
+
+
+def parse_latents(text: str | None) -> list[int] | None:
+    """``"1,2,5-7"`` -> [1, 2, 5, 6, 7]; None stays None."""
+    if text is None or not text.strip():
+        return None
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part:
+                lo, hi = part.split("-", 1)
+                out.extend(range(int(lo), int(hi) + 1))
+            elif part:
+                out.append(int(part))
+    except ValueError:
+        raise MedsaeError(
+            f"--latents {text!r}: expected comma-separated integers or ranges like 3-7"
+        ) from None
+    return out
+
+
+def insert_results(registry: Registry, tables: dict[str, list[dict]]) -> dict[str, int]:
+    """Insert agent rows in one transaction; returns how many rows per table were new."""
+    new: dict[str, int] = {}
+    with registry.write() as con:
+        for table, rows in tables.items():
+            if not rows:
+                new[table] = 0
+                continue
+            column = ID_COLUMNS.get(table)
+            if column:
+                ids = [r[column] for r in rows]
+                existing = {
+                    r[0]
+                    for r in con.execute(
+                        f"SELECT {column} FROM {table} WHERE list_contains(?, {column})", [ids]
+                    ).fetchall()
+                }
+                fresh = {i for i in ids if i not in existing}
+                new[table] = len(fresh)
+            else:
+                new[table] = len(rows)
+            insert_rows(con, table, rows)
+    return new
+
+
+def explain_experiment(
+    registry: Registry,
+    name: str,
+    model: str,
+    scorer: str | None = None,
+    latents: Sequence[int] | None = None,
+    template: str | None = None,
+    concurrency: int | None = None,
+    max_cost_usd: float | None = None,
+    api_base: str | None = None,
+    scorer_api_base: str | None = None,
+    mode: str | None = None,
+) -> dict[str, Any]:
+    """Explain (and score with the reference scorer) the experiment's latents with ``model``."""
+    from medsae.interp.agent import Agent, AgentInputs, cache_dir_for
+
+    exp = experiment_inputs(registry, name)
+    params = interpret_params(exp)
+    params["explainer_model"] = model
+    if scorer:
+        params["scorer_model"] = scorer
+    if template:
+        if not Path(template).is_file():
+            raise MissingInputError(f"--template {template}: file not found")
+        params["explainer_template"] = str(Path(template).resolve())
+    for key, value in (
+        ("concurrency", concurrency),
+        ("max_cost_usd", max_cost_usd),
+        ("explainer_api_base", api_base),
+        ("scorer_api_base", scorer_api_base),
+        ("llm_mode", mode),
+    ):
+        if value is not None:
+            params[key] = value
+    if latents is not None:
+        params["max_latents"] = None
+    inputs = AgentInputs(exp.summarize_dir, exp.slices_dir, exp.sae_key, exp.summarize_key)
+    agent = Agent(inputs, params, cache_dir_for(exp.summarize_dir.parent.parent))
+    result = agent.run(latents)
+    new = insert_results(registry, result.tables)
+    return result.summary | {"new_rows": new}
+
+
+# --------------------------------------------------------------------------- compare / show
+
+
+def _scores(registry: Registry, exp: ExperimentInputs) -> pd.DataFrame:
+    rows = registry.query(
+        """SELECT e.latent, e.explainer_model, e.kind, e.status, s.method, s.scorer_model, s.scorer_mode,
+                  s.value, s.n, s.chance, s.ci_low, s.ci_high, s.p_value
+           FROM explanation_scores s JOIN explanations e USING (explanation_id)
+           WHERE e.stage_key = ?""",
+        [exp.summarize_key],
+    )
+    return pd.DataFrame(rows)
+
+
+def compare(registry: Registry, name: str, methods: Sequence[str] = HEADLINE_METHODS) -> pd.DataFrame:
+    """One row per (explainer, kind, scorer, mode, method): n latents, NULLs, mean, median, shares."""
+    from medsae.interp.scoring import summarize_values
+
+    exp = experiment_inputs(registry, name)
+    scores = _scores(registry, exp)
+    columns = [
+        "explainer",
+        "kind",
+        "scorer",
+        "mode",
+        "method",
+        "n",
+        "n_null",
+        "mean",
+        "median",
+        "mean_null_as_0",
+        "share_ge_0.5",
+        "chance",
+    ]
+    if scores.empty:
+        return pd.DataFrame(columns=columns)
+    scores = scores[scores["method"].isin(methods)]
+    out = []
+    keys = ["explainer_model", "kind", "scorer_model", "scorer_mode", "method"]
+    for (model, kind, scorer, mode, method), group in scores.groupby(keys, dropna=False, sort=True):
+        agg = summarize_values(group["value"].to_numpy(dtype=float))
+        out.append(
+            {
+                "explainer": model,
+                "kind": kind,
+                "scorer": scorer,
+                "mode": mode,
+                "method": method,
+                "n": agg["n"],
+                "n_null": agg["n_null"],
+                "mean": agg["mean"],
+                "median": agg["median"],
+                "mean_null_as_0": agg["mean_null_as_0"],
+                "share_ge_0.5": agg["share_ge_0.5"],
+                "chance": group["chance"].dropna().iloc[0] if group["chance"].notna().any() else None,
+            }
+        )
+    frame = pd.DataFrame(out, columns=columns)
+    order = {"explanation": 0, "best_attribute": 1, "shuffled": 2}
+    frame["_o"] = frame["kind"].map(order).fillna(9)
+    return frame.sort_values(["method", "_o", "explainer"]).drop(columns="_o").reset_index(drop=True)
+
+
+def show(registry: Registry, name: str, latent: int) -> dict[str, Any]:
+    """Everything about one latent: statistics, every explanation version with its scores, its slices."""
+    from medsae.interp.agent import load_slice_tables
+    from medsae.interp.explainer import explain_examples
+    from medsae.interp.metadata import format_lines
+
+    exp = experiment_inputs(registry, name)
+    stats = registry.query(
+        "SELECT * FROM latents WHERE stage_key = ? AND latent = ?", [exp.summarize_key, latent]
+    )
+    if not stats:
+        raw = pd.read_parquet(exp.summarize_dir / "latents.parquet")
+        stats = raw[raw["latent"] == latent].to_dict("records")
+    if not stats:
+        raise MedsaeError(f"experiment '{name}': no latent {latent}")
+    explanations = registry.query(
+        """SELECT explanation_id, explainer_model, kind, status, text, template_hash, example_set_id,
+                  created_at FROM explanations WHERE (stage_key = ? OR sae_key = ?) AND latent = ?
+           ORDER BY (kind = 'explanation') DESC, created_at, explainer_model""",
+        [exp.summarize_key, exp.sae_key, latent],
+    )
+    scores = registry.query(
+        """SELECT s.explanation_id, s.method, s.scorer_model, s.scorer_mode, s.value, s.n, s.n_missing,
+                  s.ci_low, s.ci_high, s.p_value
+           FROM explanation_scores s JOIN explanations e USING (explanation_id)
+           WHERE (e.stage_key = ? OR e.sae_key = ?) AND e.latent = ? ORDER BY s.method""",
+        [exp.summarize_key, exp.sae_key, latent],
+    )
+    by_expl: dict[str, list[dict]] = {}
+    for s in scores:
+        by_expl.setdefault(s["explanation_id"], []).append(s)
+    for e in explanations:
+        e["scores"] = by_expl.get(e["explanation_id"], [])
+    sets = pd.read_parquet(exp.summarize_dir / "example_sets.parquet")
+    sets = sets[sets["latent"] == latent]
+    shown: list[dict] = []
+    explain_set = sets[sets["purpose"] == "explain"]
+    if len(explain_set):
+        row = explain_set.iloc[0]
+        slices, structures, _ = load_slice_tables(exp.slices_dir)
+        ids = np.asarray(row["slice_ids"], dtype=np.int64)
+        lines = format_lines(slices, structures, ids)
+        roles = dict(zip(ids.tolist(), row["roles"], strict=True))
+        for ex in explain_examples(ids, row["activations"], lines):
+            shown.append(
+                ex | {"role": roles.get(ex["slice_id"]), "slice_uid": slices.loc[ex["slice_id"], "slice_uid"]}
+            )
+    return {"latent": stats[0], "explanations": explanations, "examples": shown}

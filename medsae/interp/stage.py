@@ -1,0 +1,171 @@
+"""The ``summarize`` and ``interpret`` stages (see medsae/stage.py for the contract).
+
+``summarize`` (inputs: encode, slices, train): per-latent statistics and example sets over the
+interpretation pool -> ``latents.parquet``, ``example_sets.parquet``, ``pool.json`` and rows for
+the registry tables ``latents`` and ``example_sets``. No LLM.
+
+``interpret`` (inputs: summarize, slices, encode): the agent (:mod:`medsae.interp.agent`) with
+the spec's explainer and reference scorer -> ``explanations.parquet``, ``scores.parquet``,
+``summary.json`` and rows for ``explanations``, ``explanation_scores``, ``llm_calls``, ``prompts``.
+LLM answers are cached in ``$MEDSAE_LLM_CACHE`` if set, else ``<artifacts root>/llm_cache``
+(the root is two levels above the summarize stage's folder ``<root>/summarize/<key>``), so that
+`medsae explain run` and a forced rerun reuse every answer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import scipy.sparse as sp
+
+from medsae.interp.metadata import attribute_matrix, slice_attributes
+from medsae.interp.sampling import ExampleSet, Pool, build_pool, sample_all
+from medsae.interp.summary import latent_table, positive_csc
+from medsae.stage import Metric, StageContext, StageResult
+
+CODE_VERSION = "1"
+
+
+@dataclass
+class SummarizeResult:
+    """What the summarize stage computes (in memory; the stage writes it out)."""
+
+    latents: pd.DataFrame
+    sets: list[ExampleSet]
+    pool: Pool
+
+
+def summarize(
+    slices: pd.DataFrame,
+    presence: sp.csr_matrix,
+    vocab: list[str],
+    codes: sp.csr_matrix,
+    code_slice_ids: np.ndarray,
+    params: dict[str, Any],
+    sae_key: str,
+    progress: Any = None,
+) -> SummarizeResult:
+    """Statistics and example sets of every latent over the interpretation pool."""
+    pool = build_pool(slices, code_slice_ids, presence, params)
+    csc = positive_csc(sp.csr_matrix(codes)[pool.rows])
+    meta = slices.set_index("slice_id", drop=False).loc[pool.slice_ids]
+    attrs, names = attribute_matrix(slice_attributes(meta), pool.presence, vocab)
+    latents = latent_table(csc, pool, attrs, names, params, sae_key)
+    eligible = latents.loc[latents["status"].isin(["live", "dense"]), "latent"].to_numpy()
+    sets = sample_all(csc, pool, eligible, params, sae_key, progress=progress)
+    return SummarizeResult(latents, sets, pool)
+
+
+def pool_info(pool: Pool) -> dict[str, Any]:
+    return {
+        "splits": pool.splits,
+        "widened": pool.widened,
+        "slices": int(pool.n),
+        "scans": int(len(pool.scan_names)),
+        "explain_scans": int(len(np.unique(pool.scan[pool.explain]))),
+        "score_scans": int(len(np.unique(pool.scan[~pool.explain]))),
+        "explain_slices": int(pool.explain.sum()),
+        "score_slices": int((~pool.explain).sum()),
+    }
+
+
+def write_summary(out_dir: Path, result: SummarizeResult) -> tuple[pa.Table, pa.Table]:
+    """``latents.parquet``, ``example_sets.parquet``, ``partition.parquet`` and ``pool.json``."""
+    import pyarrow.parquet as pq
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    latents = pa.Table.from_pandas(result.latents, preserve_index=False)
+    sets = pa.Table.from_pylist([s.row() for s in result.sets], schema=SETS_SCHEMA)
+    pq.write_table(latents, out_dir / "latents.parquet")
+    pq.write_table(sets, out_dir / "example_sets.parquet")
+    pool = result.pool
+    explain_scans = np.unique(pool.scan[pool.explain])
+    partition = pd.DataFrame(
+        {
+            "scan": pool.scan_names,
+            "partition": np.where(
+                np.isin(np.arange(len(pool.scan_names)), explain_scans), "explain", "score"
+            ),
+        }
+    )
+    partition.to_parquet(out_dir / "partition.parquet", index=False)
+    (out_dir / "pool.json").write_text(json.dumps(pool_info(pool), indent=2))
+    return latents, sets
+
+
+def run_summarize(ctx: StageContext) -> StageResult:
+    from medsae.data.index import load_slices, presence_matrix
+    from medsae.sae.codes import load_codes
+
+    slices_dir, encode_dir = Path(ctx.inputs["slices"]), Path(ctx.inputs["encode"])
+    sae_key = ctx.input_keys.get("train", ctx.input_keys.get("encode", ""))
+    slices = load_slices(slices_dir)
+    presence, vocab = presence_matrix(slices_dir)
+    codes, code_ids = load_codes(encode_dir)
+    result = summarize(slices, presence, list(vocab), codes, code_ids, ctx.params, sae_key, ctx.progress)
+
+    latents, sets = write_summary(ctx.out_dir, result)
+    status = result.latents["status"].value_counts()
+    split = "+".join(result.pool.splits)
+    d = len(result.latents)
+    metrics = [
+        Metric(f"latents_{s}", float(status.get(s, 0)) / max(d, 1), split=split, n=d)
+        for s in ("live", "dense", "too_rare", "dead")
+    ]
+    summary = {
+        "pool": pool_info(result.pool),
+        "latents": {s: int(status.get(s, 0)) for s in ("live", "dense", "too_rare", "dead")},
+        "example_sets": len(result.sets),
+    }
+    return StageResult(metrics=metrics, tables={"latents": latents, "example_sets": sets}, summary=summary)
+
+
+SETS_SCHEMA = pa.schema(
+    [
+        ("set_id", pa.string()),
+        ("latent", pa.int32()),
+        ("purpose", pa.string()),
+        ("slice_ids", pa.list_(pa.int64())),
+        ("activations", pa.list_(pa.float64())),
+        ("roles", pa.list_(pa.string())),
+    ]
+)
+
+
+def run_interpret(ctx: StageContext) -> StageResult:
+    from medsae.interp.agent import Agent, AgentInputs, cache_dir_for
+
+    summarize_dir = Path(ctx.inputs["summarize"])
+    inputs = AgentInputs(
+        summarize_dir=summarize_dir,
+        slices_dir=Path(ctx.inputs["slices"]),
+        sae_key=_sae_key(summarize_dir, ctx),
+        summarize_key=ctx.input_keys["summarize"],
+    )
+    agent = Agent(inputs, ctx.params, cache_dir_for(summarize_dir.parent.parent), progress=ctx.progress)
+    result = agent.run()
+    write_outputs(ctx.out_dir, result.tables, result.summary)
+    return StageResult(metrics=result.metrics, tables=result.tables, summary=result.summary)
+
+
+def _sae_key(summarize_dir: Path, ctx: StageContext) -> str:
+    """The SAE (train stage) key the summarize stage recorded in its latents table."""
+    latents = pd.read_parquet(summarize_dir / "latents.parquet", columns=["sae_key"])
+    if len(latents):
+        return str(latents["sae_key"].iloc[0])
+    return ctx.input_keys.get("train", ctx.input_keys.get("encode", ""))
+
+
+def write_outputs(out_dir: Path, tables: dict[str, list[dict]], summary: dict) -> None:
+    """Explanations, scores and the run summary as files of the interpret stage folder."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for table, name in (("explanations", "explanations.parquet"), ("explanation_scores", "scores.parquet")):
+        rows = tables.get(table) or []
+        pd.DataFrame(rows).to_parquet(out_dir / name, index=False)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -1,0 +1,135 @@
+"""The train and encode stages.
+
+* ``run_train(ctx)`` / ``run_train_many(ctxs)``: train one or several SAE configurations on the
+  train split of one embed artifact; configurations that can share a pass over the data (same
+  embeddings, batch size, epochs, shuffle, seed, device) are trained together, reading each batch
+  once. Writes ``sae.safetensors`` + ``cfg.json`` + ``train_log.json``; returns train-split metrics
+  (``train_loss``, ``fvu``, ``mse``, ``l0_mean``, ``dead_fraction``, ``dense_fraction``).
+* ``run_encode(ctx)``: the inference-mode codes of EVERY embedded slice, in chunks, as CSR arrays
+  (:mod:`medsae.sae.codes`). Reconstruction metrics are the evaluate stage's job.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from medsae.sae.checkpoint import load_sae, save_sae
+from medsae.sae.codes import write_codes
+from medsae.sae.data import TrainData, train_rows
+from medsae.sae.train import SHARED_FIELDS, TrainJob, TrainResult, resolve_device, train_many
+from medsae.stage import Metric, StageContext, StageResult
+
+CODE_VERSION = "1"
+TRAIN_LOG = "train_log.json"
+ENCODE_CHUNK_ROWS = 8192
+
+
+def run_train(ctx: StageContext) -> StageResult:
+    """Train the SAE of one experiment."""
+    return run_train_many([ctx])[0]
+
+
+def _group_key(ctx: StageContext) -> tuple[Any, ...]:
+    p = ctx.params
+    shared = tuple(json.dumps(p[name]) for name in SHARED_FIELDS)
+    return (str(ctx.inputs["embed"]), str(ctx.inputs["slices"]), ctx.seed, p.get("device", "auto"), shared)
+
+
+def run_train_many(ctxs: list[StageContext]) -> list[StageResult]:
+    """Train several SAE configurations, one pass over the data per compatible group."""
+    from medsae.embed.store import open_embeddings
+
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, ctx in enumerate(ctxs):
+        groups.setdefault(_group_key(ctx), []).append(i)
+    results: list[StageResult | None] = [None] * len(ctxs)
+    for members in groups.values():
+        first = ctxs[members[0]]
+        device = resolve_device(first.params.get("device", "auto"))
+        store = open_embeddings(first.inputs["embed"])
+        rows = train_rows(store, first.inputs["slices"])
+        max_bytes = first.params.get("resident_max_gb", 16.0) * 2**30
+        data = TrainData(store, rows, device, max_bytes)
+        jobs = [
+            TrainJob(
+                ctxs[i].params,
+                ctxs[i].seed,
+                ctxs[i].work_dir,
+                name=ctxs[i].experiment if len(members) > 1 else "",
+            )
+            for i in members
+        ]
+        t0 = time.perf_counter()
+        trained = train_many(jobs, data, device, progress=first.progress)
+        wall = time.perf_counter() - t0
+        for i, result in zip(members, trained, strict=True):
+            results[i] = _write_train(ctxs[i], result, wall)
+    return [r for r in results if r is not None]
+
+
+def _write_train(ctx: StageContext, result: TrainResult, wall: float) -> StageResult:
+    info = {**result.info, "wall_seconds": wall}
+    save_sae(result.sae, ctx.out_dir, extra={"train": info})
+    log = {"info": info, "metrics": result.metrics, "log": result.log, "params": ctx.params}
+    (Path(ctx.out_dir) / TRAIN_LOG).write_text(json.dumps(log, indent=1))
+    n = int(info["n_train"])
+    metrics = [Metric(name, float(value), split="train", n=n) for name, value in result.metrics.items()]
+    summary = {
+        "d_in": result.sae.d_in,
+        "d_sae": result.sae.d_sae,
+        "n_train": n,
+        "steps": info["steps"],
+        "samples_per_s": info["samples_per_s"],
+        "configs_in_pass": info["configs_in_pass"],
+        **{k: result.metrics[k] for k in ("fvu", "l0_mean", "dead_fraction")},
+    }
+    return StageResult(metrics=metrics, summary=summary, device=info["device"])
+
+
+@torch.no_grad()
+def encode_store(sae: torch.nn.Module, chunks, device: torch.device) -> sp.csr_matrix:
+    """Inference codes of every chunk ``(start, float32 [rows, d])`` as one CSR matrix."""
+    indptr_parts, index_parts, value_parts = [np.zeros(1, dtype=np.int64)], [], []
+    nnz = 0
+    for _start, chunk in chunks:
+        codes = sae.encode(sae.normalize(torch.from_numpy(np.asarray(chunk, dtype=np.float32)).to(device)))
+        rows, cols = torch.nonzero(codes, as_tuple=True)
+        counts = torch.bincount(rows, minlength=codes.shape[0]).cpu().numpy()
+        indptr_parts.append(nnz + np.cumsum(counts))
+        nnz += int(counts.sum())
+        index_parts.append(cols.to(torch.int32).cpu().numpy())
+        value_parts.append(codes[rows, cols].float().cpu().numpy())
+    indptr = np.concatenate(indptr_parts)
+    indices = np.concatenate(index_parts) if index_parts else np.zeros(0, np.int32)
+    values = np.concatenate(value_parts) if value_parts else np.zeros(0, np.float32)
+    return sp.csr_matrix((values, indices, indptr), shape=(len(indptr) - 1, sae.d_sae))
+
+
+def run_encode(ctx: StageContext) -> StageResult:
+    """Codes of every embedded slice (train, val and test) with the trained SAE."""
+    from medsae.embed.store import open_embeddings
+
+    device = resolve_device(ctx.params.get("device", "auto"))
+    sae = load_sae(ctx.inputs["train"], device)
+    store = open_embeddings(ctx.inputs["embed"])
+    t0 = time.perf_counter()
+    n_chunks = -(-store.n // ENCODE_CHUNK_ROWS)
+    chunks = ctx.progress(store.iter_chunks(ENCODE_CHUNK_ROWS), n_chunks, "encode")
+    csr = encode_store(sae, chunks, device)
+    seconds = time.perf_counter() - t0
+    write_codes(ctx.out_dir, csr, store.slice_ids)
+    summary = {
+        "n": int(csr.shape[0]),
+        "d_sae": int(csr.shape[1]),
+        "nnz": int(csr.nnz),
+        "l0_mean": csr.nnz / max(csr.shape[0], 1),
+        "rows_per_s": csr.shape[0] / seconds if seconds > 0 else None,
+    }
+    return StageResult(summary=summary, device=str(device))

@@ -1,0 +1,206 @@
+"""End to end through the CLI on a tiny phantom: run, rerun, kill and resume, bad specs, offline study spec.
+
+These tests run the real `medsae` command in subprocesses against a real registry file and real
+artifacts; nothing of medsae is mocked.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_spec(tmp: Path, artifacts: str = "artifacts") -> dict:
+    return {
+        "name": "tiny",
+        "seed": 0,
+        "artifacts": str(tmp / artifacts),
+        "data": {
+            "root": str(tmp / "phantom"),
+            "phantom": {"subjects": 8, "seed": 3, "shape": [40, 40, 48]},
+            "size": 48,
+        },
+        "embed": {
+            "source": "efficientnet_lite0",
+            "model": "efficientnet_lite0",
+            "pooling": "mean",
+            "input_size": 64,
+            "batch_size": 64,
+        },
+        "sae": {
+            "arch": "topk",
+            "d_sae": 256,
+            "k": 6,
+            "batch_size": 64,
+            "epochs": 60,
+            "lr": 0.001,
+            "warmup_steps": 10,
+            "checkpoint_every": 5,
+        },
+        "eval": {"probe_max_train": 500, "recovery_max_train": 300, "recovery_ns": [1, 5, 10], "retrieval_refs": 50},
+        "interpret": {"min_active": 3, "min_patients": 2, "max_latents": 40},
+    }
+
+
+def medsae(*args: str, registry: Path, cwd: Path, check: bool = True, timeout: int = 600):
+    env = dict(os.environ, MEDSAE_REGISTRY=str(registry), MEDSAE_QUIET="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "medsae.cli.main", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"medsae {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def query(registry: Path, sql: str, params=None):
+    con = duckdb.connect(str(registry), read_only=True)
+    try:
+        return con.execute(sql, params or []).fetchall()
+    finally:
+        con.close()
+
+
+def eval_metrics(registry: Path) -> dict[tuple, float]:
+    rows = query(
+        registry,
+        """SELECT m.split, m.name, coalesce(m.target, ''), coalesce(m.n_features, -1), m.value
+           FROM experiments e JOIN experiment_stages es USING (experiment_id)
+           JOIN metrics m ON m.stage_key = es.stage_key
+           WHERE e.name = 'tiny' AND es.kind = 'evaluate' AND m.name NOT LIKE 'seconds%'""",
+    )
+    return {tuple(r[:4]): r[4] for r in rows}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One uninterrupted run of the tiny spec (shared by the tests of this module)."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    spec_path = tmp / "tiny.yaml"
+    spec_path.write_text(yaml.safe_dump(tiny_spec(tmp)))
+    registry = tmp / "registry.duckdb"
+    proc = medsae("exp", "run", str(spec_path), registry=registry, cwd=tmp)
+    return tmp, spec_path, registry, proc
+
+
+def test_run_records_every_stage_and_explanations(finished_run):
+    tmp, _, registry, proc = finished_run
+    assert "7 stage(s) run" in proc.stdout
+    stages = dict(query(registry, "SELECT kind, status FROM stages"))
+    assert set(stages) == {"slices", "embed", "train", "encode", "evaluate", "summarize", "interpret"}
+    assert set(stages.values()) == {"done"}
+    n_expl = query(registry, "SELECT count(*) FROM explanations WHERE kind = 'explanation'")[0][0]
+    assert n_expl > 0
+    metrics = eval_metrics(registry)
+    names = {k[1] for k in metrics}
+    assert {"fvu", "l0_mean", "dead_fraction"} <= names
+    # every artifact folder exists where the registry says, with the files it lists
+    for stage_key, path, size in query(
+        registry, "SELECT a.stage_key, s.artifact_dir || '/' || a.path, a.bytes FROM artifacts a JOIN stages s USING (stage_key)"
+    ):
+        assert Path(path).stat().st_size == size, (stage_key, path)
+    # the sql command answers, read-only
+    out = medsae("sql", "SELECT count(*) AS n FROM explanations", "--format", "csv", registry=registry, cwd=tmp)
+    assert int(out.stdout.strip().splitlines()[1]) == query(registry, "SELECT count(*) FROM explanations")[0][0]
+
+
+def test_rerun_does_no_work(finished_run):
+    tmp, spec_path, registry, _ = finished_run
+    before = query(registry, "SELECT count(*) FROM metrics")[0][0]
+    t0 = time.perf_counter()
+    proc = medsae("exp", "run", str(spec_path), registry=registry, cwd=tmp)
+    assert "0 stage(s) run, 7 already done" in proc.stdout
+    assert time.perf_counter() - t0 < 60
+    assert query(registry, "SELECT count(*) FROM metrics")[0][0] == before
+    plan = medsae("exp", "plan", str(spec_path), registry=registry, cwd=tmp)
+    assert plan.stdout.count("done") >= 7 and "pending" not in plan.stdout
+
+
+def test_show_and_list(finished_run):
+    tmp, _, registry, _ = finished_run
+    show = medsae("exp", "show", "tiny", registry=registry, cwd=tmp)
+    assert "evaluate" in show.stdout and "fvu" in show.stdout
+    listing = medsae("exp", "list", registry=registry, cwd=tmp)
+    assert "tiny" in listing.stdout and "7/7" in listing.stdout
+    missing = medsae("exp", "show", "nope", registry=registry, cwd=tmp, check=False)
+    assert missing.returncode != 0 and len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_sigkill_during_training_resumes_to_the_same_metrics(finished_run):
+    tmp, _, registry_a, _ = finished_run
+    spec = tiny_spec(tmp, artifacts="artifacts_killed")
+    spec_path = tmp / "tiny_killed.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    registry = tmp / "killed.duckdb"
+    # the same stage keys as the finished run (artifacts folders are not part of keys)
+    medsae("exp", "run", str(spec_path), "--only", "slices", "--only", "embed", registry=registry, cwd=tmp)
+    env = dict(os.environ, MEDSAE_REGISTRY=str(registry), MEDSAE_QUIET="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medsae.cli.main", "exp", "run", str(spec_path)],
+        cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    work = tmp / "artifacts_killed" / "train" / ".work"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            if work.exists() and any(p.is_file() for p in work.rglob("*")):
+                break
+            assert proc.poll() is None, "run finished before a training checkpoint appeared"
+            time.sleep(0.05)
+        else:
+            pytest.fail("no training checkpoint appeared")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    finished = [p for p in (tmp / "artifacts_killed" / "train").iterdir() if not p.name.startswith(".")]
+    assert finished == [], "a killed training stage must not leave a completed folder"
+    assert query(registry, "SELECT count(*) FROM stages WHERE kind = 'train'")[0][0] == 0
+    medsae("exp", "run", str(spec_path), registry=registry, cwd=tmp)
+    a, b = eval_metrics(registry_a), eval_metrics(registry)
+    assert a.keys() == b.keys() and a
+    for key in a:
+        if a[key] is None:
+            assert b[key] is None, key
+        else:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+
+
+def test_bad_spec_exits_2_with_one_line_and_writes_nothing(tmp_path):
+    registry = tmp_path / "registry.duckdb"
+    for body, field in (
+        ({"name": "x", "data": {"root": "d", "stridee": 2}}, "data.stridee"),
+        ({"name": "x", "data": {"root": "d"}, "sae": {"k": "ten"}}, "sae.k"),
+    ):
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump(body))
+        for command in (("exp", "validate"), ("exp", "run")):
+            proc = medsae(*command, str(path), registry=registry, cwd=tmp_path, check=False)
+            assert proc.returncode == 2, proc.stderr
+            lines = proc.stderr.strip().splitlines()
+            assert len(lines) == 1 and str(path) in lines[0] and field in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+def test_study_spec_validates_plans_and_fails_early_offline(tmp_path):
+    spec = ROOT / "experiments" / "dinov3_k10.yaml"
+    registry = tmp_path / "registry.duckdb"
+    assert medsae("exp", "validate", str(spec), registry=registry, cwd=tmp_path).returncode == 0
+    plan = medsae("exp", "plan", str(spec), registry=registry, cwd=tmp_path)
+    assert "blocked" in plan.stdout
+    t0 = time.perf_counter()
+    proc = medsae("exp", "run", str(spec), registry=registry, cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and time.perf_counter() - t0 < 60
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "data/TotalSegmentator" in lines[0]
