@@ -64,8 +64,11 @@ def synthetic(n: int, d: int = 1024, d_sae: int = 8192, k: int = 40, n_struct: i
     centre, width = rng.random(n_struct), rng.uniform(0.05, 0.3, n_struct)
     pres = (np.abs(position[:, None] - centre[None, :]) < width[None, :]) & (rng.random((n, n_struct)) < 0.9)
     a = rng.normal(size=(n_struct, d)).astype(np.float32)
-    emb = (pres.astype(np.float32) @ a + rng.normal(size=(n, d)).astype(np.float32)
-           + 3.0 * rng.normal(size=d).astype(np.float32))
+    emb = (
+        pres.astype(np.float32) @ a
+        + rng.normal(size=(n, d)).astype(np.float32)
+        + 3.0 * rng.normal(size=d).astype(np.float32)
+    )
     emb[:, :3] += np.eye(3, dtype=np.float32)[pd.Series(plane).map({"axial": 0, "coronal": 1, "sagittal": 2})] * 4
     emb[:, 3] += (modality == "mri") * 5
     # codes: half of the k latents tied to present structures, half random
@@ -77,18 +80,34 @@ def synthetic(n: int, d: int = 1024, d_sae: int = 8192, k: int = 40, n_struct: i
     rows = np.repeat(np.arange(n), k)
     codes = sp.csr_matrix((rng.random(n * k).astype(np.float32) + 0.05, (rows, cols.ravel())), shape=(n, d_sae))
     codes.sum_duplicates()
-    slices = pd.DataFrame({
-        "slice_id": np.arange(n), "modality": modality, "plane": plane, "split": split, "institute": institute,
-        "sex": sex, "age_bin": age_bin, "pathology": pathology,
-        "body_region": np.where(position < 0.33, "pelvis", np.where(position < 0.66, "abdomen", "thorax")),
-    })
+    slices = pd.DataFrame(
+        {
+            "slice_id": np.arange(n),
+            "modality": modality,
+            "plane": plane,
+            "split": split,
+            "institute": institute,
+            "sex": sex,
+            "age_bin": age_bin,
+            "pathology": pathology,
+            "body_region": np.where(position < 0.33, "pelvis", np.where(position < 0.66, "abdomen", "thorax")),
+        }
+    )
     w_dec = (rng.normal(size=(d_sae, d)) / np.sqrt(d)).astype(np.float32)
-    return Synthetic(slices, sp.csr_matrix(pres), [f"s{i}" for i in range(n_struct)], emb, codes, w_dec,
-                     (pd.Series(modality) + "/" + pd.Series(scan_id).astype(str)).to_numpy())
+    return Synthetic(
+        slices,
+        sp.csr_matrix(pres),
+        [f"s{i}" for i in range(n_struct)],
+        emb,
+        codes,
+        w_dec,
+        (pd.Series(modality) + "/" + pd.Series(scan_id).astype(str)).to_numpy(),
+    )
 
 
 def run_parts(data: Synthetic, refs: int = 1000, ks=(1, 2, 3, 5, 10, 20, 50, 100)) -> dict[str, float]:
-    """Seconds per part, as the evaluate stage runs them."""
+    """Seconds per part, as the evaluate stage runs them. ``*_fit`` parts use fixed-size train
+    sub-samples; every other part grows with the evaluated rows."""
     import torch
 
     times: dict[str, float] = {}
@@ -97,14 +116,13 @@ def run_parts(data: Synthetic, refs: int = 1000, ks=(1, 2, 3, 5, 10, 20, 50, 100
     train = np.flatnonzero(split == "train")
 
     t = time.perf_counter()
-    w = torch.from_numpy(data.w_dec)
     for rows in evals.values():
         stats = M.ReconstructionStats()
         for start in range(0, len(rows), 16384):
             part = rows[start : start + 16384]
             x = torch.from_numpy(data.emb[part])
             x_in = x / x.norm(dim=1, keepdim=True)
-            x_hat = torch.from_numpy(data.codes[part].toarray()) @ w
+            x_hat = torch.from_numpy(np.asarray(data.codes[part] @ data.w_dec))  # sparse decode
             stats.update(x_in.numpy(), x_hat.numpy())
         stats.result()
     times["reconstruction"] = time.perf_counter() - t
@@ -118,19 +136,41 @@ def run_parts(data: Synthetic, refs: int = 1000, ks=(1, 2, 3, 5, 10, 20, 50, 100
     times["sparsity"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    targets = probes.select_targets(probes.build_targets(data.slices, probes.GROUPS, data.presence, data.vocab),
-                                    train, 20)
+    targets = probes.select_targets(
+        probes.build_targets(data.slices, probes.GROUPS, data.presence, data.vocab), train, 20
+    )
     strata = pd.factorize(data.slices["modality"] + data.slices["plane"])[0]
     settings = probes.ProbeSettings(device="cpu")
-    results = probes.run_probes(targets, train, evals, {"dense": data.emb, "sparse": data.codes}, settings, strata)
-    times["probes"] = time.perf_counter() - t
+    sources = {"dense": data.emb, "sparse": data.codes}
+    results = probes.run_probes(targets, train, evals, sources, settings, strata)
+    probes_total = time.perf_counter() - t
+    t = time.perf_counter()  # scoring alone (as run_probes does it: one product per fit), to split the total
+    for features, source in sources.items():
+        x_eval = {name: probes.take_rows(source, rows) for name, rows in evals.items()}
+        fits: dict[int, dict[str, np.ndarray]] = {}
+        for res in (r for r in results if r.features == features):
+            if id(res.fit) not in fits:
+                fits[id(res.fit)] = {n: res.fit.decision(x) for n, x in x_eval.items()}
+            logits = fits[id(res.fit)]
+            for name, rows in evals.items():
+                z = logits[name] if res.column is None else logits[name][:, [res.column]]
+                probes.score_logits(res, z, res.target.y[rows], name)
+    times["probes_scoring"] = time.perf_counter() - t
+    times["probes_fit"] = max(probes_total - times["probes_scoring"], 0.0)
 
     t = time.perf_counter()
     dense_auc = {s: probes.dense_auc_table(results, s) for s in evals}
     rec = dataclasses.replace(settings, max_iter=200, max_train=5000)
-    curves = recovery.run_recovery([r for r in results if r.features == "sparse"], dense_auc, train, evals,
-                                   data.codes, rec)
-    times["recovery"] = time.perf_counter() - t
+    sparse = [r for r in results if r.features == "sparse"]
+    curves = recovery.run_recovery(sparse, dense_auc, train, evals, data.codes, rec)
+    recovery_total = time.perf_counter() - t
+    t = time.perf_counter()
+    tasks = {task: y for r in sparse for task, y in r.target.leaves()}
+    for c in curves:
+        for name, rows in evals.items():
+            recovery.score_curve(c, data.codes[rows][:, c.ranking[: max(c.ns)]], tasks[c.task][rows], name)
+    times["recovery_scoring"] = time.perf_counter() - t
+    times["recovery_fit"] = max(recovery_total - times["recovery_scoring"], 0.0)
     times["n_probe_targets"] = len(targets)
     times["n_recovery_tasks"] = len(curves)
 
@@ -145,10 +185,11 @@ def run_parts(data: Synthetic, refs: int = 1000, ks=(1, 2, 3, 5, 10, 20, 50, 100
         r = retrieval.reference_rows(len(rows), refs, 0)
         codes, emb = data.codes[rows], data.emb[rows]
         found = retrieval.sparse_fingerprint_retrieval(codes, r, scans, list(ks))
-        dense = retrieval.dense_retrieval(emb, r, scans)
-        retrieval.dense_space_quality(emb, r, dense)
+        found[0] = retrieval.dense_retrieval(emb, r, scans)
         for got in found.values():
             retrieval.dense_space_quality(emb, r, got)
+            retrieval.label_agreement(pd.factorize(data.slices["plane"].to_numpy()[rows])[0], r, got)
+            retrieval.structure_jaccard(data.presence[rows].toarray(), r, got)
     times["retrieval"] = time.perf_counter() - t
     t = time.perf_counter()
     for rows in evals.values():
@@ -172,14 +213,19 @@ def solver_comparison(n: int = 10_000, d: int = 1024, d_sae: int = 8192) -> list
             fit = fit_binary(x[:n], y[:n], max_iter=1000, backend=backend, device="cpu")
             dt = time.perf_counter() - t
             auc = roc_auc_score(y[n:], np.asarray(x[n:] @ fit.coef)[:, 0])
-            out.append((f"{name} {backend}", dt, f"held-out AUC {auc:.4f}, iters {fit.n_iter}, "
-                        f"converged {fit.converged}"))
+            out.append(
+                (
+                    f"{name} {backend}",
+                    dt,
+                    f"held-out AUC {auc:.4f}, iters {fit.n_iter}, converged {fit.converged}",
+                )
+            )
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", type=int, nargs=2, default=[3000, 40_000], help="Two dataset sizes (slices).")
+    ap.add_argument("--sizes", type=int, nargs=2, default=[1400, 60_000], help="Demo size and a larger size.")
     ap.add_argument("--refs", type=int, default=1000, help="Retrieval references (study: 1,000).")
     ap.add_argument("--solvers", action="store_true", help="Also time sklearn saga vs torch on one probe.")
     args = ap.parse_args()
@@ -193,21 +239,27 @@ def main() -> None:
 
     (n1, (e1, t1)), (n2, (e2, t2)) = measured.items()
     parts = [p for p in t1 if not p.startswith("n_")]
+    scale = FULL_EVAL / e2
     print()
-    print(f"{'part':<20}{'n=' + format(n1, ','):>14}{'n=' + format(n2, ','):>14}{'fixed a (s)':>13}"
-          f"{'per 1k eval rows':>18}{'909,873 est. (s)':>18}")
+    print(
+        f"{'part':<20}{'n=' + format(n1, ','):>12}{'n=' + format(n2, ','):>12}{'s per 1k eval rows':>20}"
+        f"{'909,873 est. (s)':>18}"
+    )
     total = 0.0
     for p in parts:
-        b = (t2[p] - t1[p]) / max(e2 - e1, 1)
-        b = max(b, 0.0)
-        a = max(t2[p] - b * e2, 0.0)
-        est = a + b * FULL_EVAL
+        fixed = p.endswith("_fit")  # fixed-size train sub-samples: same cost at any dataset size
+        est = t2[p] if fixed else t2[p] * scale
         total += est
-        print(f"{p:<20}{t1[p]:>14.2f}{t2[p]:>14.2f}{a:>13.2f}{b * 1000:>18.3f}{est:>18.0f}")
-    print(f"{'total':<20}{sum(t1[p] for p in parts):>14.2f}{sum(t2[p] for p in parts):>14.2f}"
-          f"{'':>13}{'':>18}{total:>18.0f}")
-    print(f"\nprobe targets {t2['n_probe_targets']}, recovery tasks {t2['n_recovery_tasks']} (at n={n2:,}); "
-          f"estimate for {FULL_EVAL:,} evaluated rows (val+test of {FULL_SLICES:,} slices), 2 CPU cores here.")
+        rate = "fixed" if fixed else f"{t2[p] / e2 * 1000:.3f}"
+        print(f"{p:<20}{t1[p]:>12.2f}{t2[p]:>12.2f}{rate:>20}{est:>18.0f}")
+    sum1, sum2 = sum(t1[p] for p in parts), sum(t2[p] for p in parts)
+    print(f"{'total':<20}{sum1:>12.2f}{sum2:>12.2f}{'':>20}{total:>18.0f}")
+    print(
+        f"\nevaluated rows (val + test): {e1:,} / {e2:,}; estimate for {FULL_EVAL:,} (val + test of "
+        f"{FULL_SLICES:,} slices) = fit parts as measured at n={n2:,} + other parts x {scale:.1f}.\n"
+        f"probe targets {t2['n_probe_targets']}, recovery tasks {t2['n_recovery_tasks']} (n={n2:,}); "
+        f"CPU only, torch solver on 1 thread."
+    )
 
     if args.solvers:
         print("\nprobe solver, one binary target, 10,000 train rows, max_iter 1000 (study settings):")

@@ -4,7 +4,9 @@ Part 1 — throughput: explain + score N latents (default 1,000) against the loc
 test server (tests/llm_server.py) answering every call after a fixed latency (default 200 ms)
 with the offline baseline's rules (log-probabilities included for the simulator). Two settings:
 ``headline`` (explain, simulate, shuffled baseline) and ``full`` (plus detection and the 5-way
-ranking). Each is run twice: the rerun must make zero calls.
+ranking). Each is run twice: the rerun must make zero calls. ``client_cpu_s`` (CPU time of this
+process) and ``load_avg`` put the wall time in context on a shared machine: the client is
+CPU-bound in litellm's request/response handling (~10-20 ms per call), not waiting on latency.
 
 Part 2 — quality on the phantom demo: the per-model summary (offline provider vs the shuffled
 baseline and the best single attribute) of experiment ``demo`` from a registry; with
@@ -143,9 +145,9 @@ def throughput(n_latents: int, latency: float, concurrency: int, skip_full: bool
         for name, extra in settings.items():
             params = base | extra
             for run in ("first", "rerun"):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 result = Agent(inputs, params, root / "llm_cache").run()
-                seconds = time.perf_counter() - t0
+                seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
                 s = result.summary
                 rows.append(
                     {
@@ -156,6 +158,8 @@ def throughput(n_latents: int, latency: float, concurrency: int, skip_full: bool
                         "llm_calls": s["llm_calls"],
                         "cache_hits": s["cache_hits"],
                         "seconds": round(seconds, 1),
+                        "client_cpu_s": round(cpu, 1),
+                        "load_avg": round(os.getloadavg()[0], 1),
                         "calls_per_s": round(s["llm_calls"] / seconds, 1),
                         "r_explanation": round(s["pearson"]["explanation"]["mean"], 3),
                         "r_shuffled": round(s["pearson"]["shuffled"]["mean"], 3),

@@ -95,10 +95,8 @@ def study_loop_rate(x: torch.Tensor, n_lat: int, k: int, batch: int, steps: int,
     return steps * batch / (time.perf_counter() - t0)
 
 
-def medsae_pass(
-    x: np.ndarray, device: torch.device, specs: list[SAESpec], warmup: int = 1
-) -> tuple[float, int, float]:
-    """(seconds of the timed steps, number of timed steps, wall seconds of the whole pass incl. setup)."""
+def medsae_pass(x: np.ndarray, device: torch.device, specs: list[SAESpec], warmup: int = 1) -> dict:
+    """One train_many pass: timed-step seconds and count, wall seconds incl. setup, last dead fraction."""
     wall0 = time.perf_counter()
     data = TrainData(ArrayStore(x), np.arange(len(x)), device, 1e12)
     stamps: list[float] = []
@@ -107,9 +105,14 @@ def medsae_pass(
         _sync(device)
         stamps.append(time.perf_counter())
 
-    train_many([TrainJob(s.model_dump(mode="json")) for s in specs], data, device, on_step=on_step)
+    results = train_many([TrainJob(s.model_dump(mode="json")) for s in specs], data, device, on_step=on_step)
     _sync(device)
-    return stamps[-1] - stamps[warmup - 1], len(stamps) - warmup, time.perf_counter() - wall0
+    return {
+        "seconds": stamps[-1] - stamps[warmup - 1],
+        "steps": len(stamps) - warmup,
+        "wall": time.perf_counter() - wall0,
+        "dead": results[0].log[-1]["dead_fraction"],
+    }
 
 
 def main() -> None:
@@ -121,7 +124,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per measurement")
     parser.add_argument("--quick", action="store_true", help="d=256, 2048 latents, batch 1024")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.d, args.latents, args.batch = 256, 2048, 1024
     device = resolve_device(args.device)
@@ -130,14 +136,14 @@ def main() -> None:
     if device.type == "cuda":
         steps *= 20
     rng = np.random.default_rng(0)
-    n_rows = batch * (steps + 1)
-    x_np = (rng.normal(size=(n_rows, d)) + 0.5).astype(np.float32)
-
-    gflops = matmul_gflops(batch, d, n_lat, device, dtype, reps=max(3, steps))
+    x_np = (rng.normal(size=(batch * (steps + 2), d)) + 0.5).astype(np.float32)
     work = 4 * d * n_lat + 6 * k * d  # FLOPs per sample a TopK step cannot avoid (dense-equivalent)
-    ceiling = gflops * 1e9 / work
+    reps = max(3, steps)
 
-    def spec(k_: int = k, auxk: bool = False, seed: int = 0) -> SAESpec:
+    def matmul() -> float:
+        return matmul_gflops(batch, d, n_lat, device, dtype, reps)
+
+    def spec(k_: int = k, auxk: bool = False, precision: str = "auto") -> SAESpec:
         return SAESpec(
             arch="topk",
             d_sae=n_lat,
@@ -145,49 +151,75 @@ def main() -> None:
             batch_size=batch,
             epochs=1,
             auxk=auxk,
-            seed=0,
             b_dec_init="zeros",
             lr=1e-4,
             grad_clip=0.5,
             dead_after=batch,
             log_every=10**6,
+            precision=precision,
         )
 
-    rows: list[tuple[str, float]] = []
-    study = study_loop_rate(torch.from_numpy(x_np).to(device), n_lat, k, batch, steps, dtype)
-    rows.append(("study-style loop (dense decoder, autograd)", study))
-    secs, n, _ = medsae_pass(x_np, device, [spec()])
-    rows.append(("medsae trainer, TopK", n * batch / secs))
-    secs, n, _ = medsae_pass(x_np, device, [spec(auxk=True)], warmup=2)
-    rows.append(("medsae trainer, TopK + AuxK (k_aux = d/2)", n * batch / secs))
+    # every trainer measurement is bracketed by matmul measurements: on a shared machine the
+    # ceiling moves, and each row is compared with the matmul rate of its own moment
+    rows: list[tuple[str, float, float]] = []
+
+    def measure(name: str, fn) -> None:
+        before = matmul()
+        rate = fn()
+        rows.append((name, rate, (before + matmul()) / 2))
+
+    x_dev = torch.from_numpy(x_np).to(device)
+    measure(
+        "study-style loop (dense decoder, autograd)",
+        lambda: study_loop_rate(x_dev, n_lat, k, batch, steps, dtype),
+    )
+
+    def medsae_rate(s: SAESpec, warmup: int = 1) -> float:
+        r = medsae_pass(x_np, device, [s], warmup)
+        medsae_rate.dead = r["dead"]  # type: ignore[attr-defined]
+        return r["steps"] * batch / r["seconds"]
+
+    measure("medsae trainer, TopK", lambda: medsae_rate(spec()))
+    measure("medsae trainer, TopK + AuxK", lambda: medsae_rate(spec(auxk=True), warmup=2))
+    dead = medsae_rate.dead  # type: ignore[attr-defined]
+    if device.type == "cpu":
+        measure("medsae trainer, TopK, bf16 encoder matmul", lambda: medsae_rate(spec(precision="bf16")))
 
     print(
-        f"\nSAE training on {device} ({str(dtype).replace('torch.', '')} encoder matmul), "
-        f"d={d}, latents={n_lat}, k={k}, batch={batch}, threads={torch.get_num_threads()}"
+        f"\nSAE training on {device} ({str(dtype).replace('torch.', '')} encoder matmul), d={d}, "
+        f"latents={n_lat}, k={k}, batch={batch}, threads={torch.get_num_threads()}, "
+        f"load average {os.getloadavg()[0]:.1f}"
     )
     print(
-        f"plain matmul [{batch}x{d}] @ [{d}x{n_lat}]: {gflops:,.1f} GFLOP/s "
-        f"-> ceiling {ceiling:,.0f} samples/s for the unavoidable work ({work / 1e6:.1f} MFLOP/sample)\n"
+        f"unavoidable work of a TopK step (dense-equivalent): {work / 1e6:.1f} MFLOP/sample; ceiling = "
+        "matmul GFLOP/s / work, measured before and after each row\n"
     )
-    print(f"{'trainer':46s} {'samples/s':>10s} {'GFLOP/s':>9s} {'% ceiling':>10s}")
-    for name, rate in rows:
-        print(f"{name:46s} {rate:10,.0f} {rate * work / 1e9:9,.1f} {100 * rate / ceiling:9.0f}%")
+    print(f"{'trainer':44s} {'samples/s':>10s} {'GFLOP/s':>8s} {'matmul':>8s} {'ceiling':>8s} {'%':>5s}")
+    for name, rate, gflops in rows:
+        ceiling = gflops * 1e9 / work
+        print(
+            f"{name:44s} {rate:10,.0f} {rate * work / 1e9:8,.1f} {gflops:8,.1f} {ceiling:8,.0f} "
+            f"{100 * rate / ceiling:4.0f}%"
+        )
+    print(f"(AuxK row: dead after {batch} samples without firing; {100 * dead:.0f} % dead at the end)")
+    if device.type == "cpu":
+        print("(bf16 row: the CPU's bf16 matmul, compared with the fp32 ceiling; CPU runs default to fp32)")
 
     ks = [4, 6, 8, 10, 12, 16, 24, 32]
     multi_steps = max(2, steps // 2)
     x_small = x_np[: batch * (multi_steps + 1)]
-    t_one, n_one, wall_one = medsae_pass(x_small, device, [spec(k_) for k_ in ks])
-    t_seq = wall_seq = 0.0
-    for k_ in ks:
-        secs, _, wall = medsae_pass(x_small, device, [spec(k_)])
-        t_seq, wall_seq = t_seq + secs, wall_seq + wall
+    one = medsae_pass(x_small, device, [spec(k_) for k_ in ks])
+    seq = [medsae_pass(x_small, device, [spec(k_)]) for k_ in ks]
+    t_seq, wall_seq = sum(r["seconds"] for r in seq), sum(r["wall"] for r in seq)
     print(
-        f"\n8 TopK configs (k = {ks}), {n_one} timed steps each (wall: with data setup and final statistics)"
+        f"\n8 TopK configs (k = {ks}), {one['steps']} timed steps each; wall includes data setup and the "
+        "final statistics pass"
     )
-    print(f"{'':26s} {'timed steps':>12s} {'wall':>9s}")
-    print(f"{'one pass, 8 configs':26s} {t_one:11.2f}s {wall_one:8.2f}s")
-    print(f"{'8 sequential runs':26s} {t_seq:11.2f}s {wall_seq:8.2f}s")
-    print(f"{'one pass / sequential':26s} {100 * t_one / t_seq:11.0f}% {100 * wall_one / wall_seq:8.0f}%")
+    print(f"{'':24s} {'timed steps':>12s} {'wall':>9s}")
+    print(f"{'one pass, 8 configs':24s} {one['seconds']:11.2f}s {one['wall']:8.2f}s")
+    print(f"{'8 sequential runs':24s} {t_seq:11.2f}s {wall_seq:8.2f}s")
+    ratio, wall_ratio = 100 * one["seconds"] / t_seq, 100 * one["wall"] / wall_seq
+    print(f"{'one pass / sequential':24s} {ratio:11.0f}% {wall_ratio:8.0f}%")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from medsae.errors import MedsaeError, MissingInputError
+from medsae.interp.config import LLM_ONLY_FIELDS
 from medsae.registry import Registry, insert_rows
 from medsae.registry.db import rows_to_arrow
 from medsae.spec import ExperimentSpec, canonical_json, sha256_text
@@ -71,9 +72,6 @@ IMPLEMENTATION: dict[str, str] = {
     "summarize": "medsae.interp.stage:run_summarize",
     "interpret": "medsae.interp.stage:run_interpret",
 }
-
-#: Interpret-section fields that only matter to the LLM part (not to the summarize stage's key).
-_LLM_ONLY_FIELDS = ("explainer_model", "scorer_model", "temperature", "vision")
 
 #: Registry tables a stage may return, and the column holding the producing stage's key.
 _KEY_COLUMN: dict[str, str] = {
@@ -120,7 +118,7 @@ def stage_params(spec: ExperimentSpec, kind: str) -> tuple[dict[str, Any], dict[
     keyed = key_params(section)
     full = section.model_dump(mode="json")
     if kind == "summarize":
-        for name in _LLM_ONLY_FIELDS:
+        for name in LLM_ONLY_FIELDS:
             keyed.pop(name, None)
     if kind == "slices":
         keyed.pop("phantom", None)  # the dataset manifest identifies the data, not how it was made
@@ -265,7 +263,9 @@ def _host() -> dict[str, Any]:
     return host
 
 
-def register_experiment(registry: Registry, plan: ExperimentPlan, spec_path: str | None, sweep: str | None) -> None:
+def register_experiment(
+    registry: Registry, plan: ExperimentPlan, spec_path: str | None, sweep: str | None
+) -> None:
     """Record the experiment and the keys of its stages (idempotent)."""
     spec = plan.spec
     with registry.write() as con:
@@ -289,7 +289,10 @@ def register_experiment(registry: Registry, plan: ExperimentPlan, spec_path: str
         insert_rows(
             con,
             "experiment_stages",
-            [{"experiment_id": plan.experiment_id, "kind": k, "stage_key": n.key} for k, n in plan.nodes.items()],
+            [
+                {"experiment_id": plan.experiment_id, "kind": k, "stage_key": n.key}
+                for k, n in plan.nodes.items()
+            ],
         )
 
 
@@ -390,8 +393,13 @@ class StageOutcome:
     experiments: list[str] = dataclasses.field(default_factory=list)
 
 
-def _context(node: StageNode, nodes_by_kind: dict[str, StageNode], spec: ExperimentSpec, quiet: bool,
-             registry: Registry) -> StageContext:
+def _context(
+    node: StageNode,
+    nodes_by_kind: dict[str, StageNode],
+    spec: ExperimentSpec,
+    quiet: bool,
+    registry: Registry,
+) -> StageContext:
     if node.tmp_dir.exists():
         shutil.rmtree(node.tmp_dir)
     node.tmp_dir.mkdir(parents=True)
@@ -495,7 +503,7 @@ def run_plans(
                 fn, _ = _load(kind)
                 results = [fn(ctxs[0])]
             seconds = (time.perf_counter() - t0) / len(batch)
-            for (node, _plan), result in zip(batch, results):
+            for (node, _plan), result in zip(batch, results, strict=False):
                 is_forced = kind in force
                 _save_result(node, result, seconds, started)
                 _finish(node, registry, forced=is_forced)
@@ -509,9 +517,7 @@ def run_plans(
 
 def find_experiment(registry: Registry, name: str) -> dict[str, Any]:
     """The latest registered experiment with this name; raises a one-line error if unknown."""
-    rows = registry.query(
-        "SELECT * FROM experiments WHERE name = ? ORDER BY created_at DESC LIMIT 1", [name]
-    )
+    rows = registry.query("SELECT * FROM experiments WHERE name = ? ORDER BY created_at DESC LIMIT 1", [name])
     if not rows:
         raise MedsaeError(f"{registry.path}: no experiment named '{name}' (see `medsae exp list`)")
     return rows[0]

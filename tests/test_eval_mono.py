@@ -51,7 +51,7 @@ def handmade():
     codes = np.zeros((n, 4))
     strong, weak = np.arange(0, n, 2), np.arange(1, n, 2)
     # latent 0: strongest slice of 12 scans shows only 'a'; the scans' weaker slices show only 'e'
-    for i, (s, w) in enumerate(zip(strong[:12], weak[:12])):
+    for i, (s, w) in enumerate(zip(strong[:12], weak[:12], strict=True)):
         codes[s, 0], codes[w, 0] = 5.0 + i, 4.0 + i
         pres[s, 0] = True
         pres[w, 4] = True
@@ -71,7 +71,7 @@ def test_top_slices_take_the_strongest_slice_per_scan(handmade):
     np.testing.assert_array_equal(found, [10, 10, 5, 10])
     np.testing.assert_array_equal(rows[0], strong[:12][::-1][:10])  # descending activation, one per scan
     frame = pd.DataFrame({"scan": scan, "act": codes[:, 3].toarray().ravel()})
-    expected = (frame[frame["act"] > 0].sort_values("act", ascending=False).drop_duplicates("scan").index[:10])
+    expected = frame[frame["act"] > 0].sort_values("act", ascending=False).drop_duplicates("scan").index[:10]
     np.testing.assert_array_equal(rows[3], expected)
 
 
@@ -93,8 +93,9 @@ def test_latent_scores_on_the_handmade_case(handmade):
 
 
 def test_config_score_is_the_mean_of_the_largest():
-    frame = pd.DataFrame({"latent": range(60), "mono_10": np.linspace(0, 1, 60), "coherence_10": 0.5,
-                          "specificity_10": 0.5})
+    frame = pd.DataFrame(
+        {"latent": range(60), "mono_10": np.linspace(0, 1, 60), "coherence_10": 0.5, "specificity_10": 0.5}
+    )
     scores = mono.config_scores(frame, {10: 0.1})
     assert scores["mono_config_top10"] == pytest.approx(np.sort(frame["mono_10"])[-10:].mean())
     assert scores["monosemanticity_top50_mean"] == pytest.approx(np.sort(frame["mono_10"])[-50:].mean())

@@ -14,21 +14,23 @@ from medsae.eval import probes
 
 def toy_slices(n: int, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
-    return pd.DataFrame({
-        "slice_id": np.arange(n),
-        "modality": rng.choice(["ct", "mri"], n, p=[0.7, 0.3]),
-        "plane": rng.choice(["axial", "coronal", "sagittal"], n),
-        "sex": rng.choice(["m", "f", None], n, p=[0.45, 0.45, 0.1]),
-        "age_bin": rng.choice(["<40", "40-60", "60-80", ">=80", None], n),
-        "institute": rng.choice(["A", "B", "C", "Z"], n, p=[0.4, 0.3, 0.29, 0.01]),
-        "pathology": rng.choice(["tumor", "trauma", "no_pathology", None], n),
-        "split": rng.choice(["train", "val", "test"], n, p=[0.6, 0.2, 0.2]),
-    })
+    return pd.DataFrame(
+        {
+            "slice_id": np.arange(n),
+            "modality": rng.choice(["ct", "mri"], n, p=[0.7, 0.3]),
+            "plane": rng.choice(["axial", "coronal", "sagittal"], n),
+            "sex": rng.choice(["m", "f", None], n, p=[0.45, 0.45, 0.1]),
+            "age_bin": rng.choice(["<40", "40-60", "60-80", ">=80", None], n),
+            "institute": rng.choice(["A", "B", "C", "Z"], n, p=[0.4, 0.3, 0.29, 0.01]),
+            "pathology": rng.choice(["tumor", "trauma", "no_pathology", None], n),
+            "split": rng.choice(["train", "val", "test"], n, p=[0.6, 0.2, 0.2]),
+        }
+    )
 
 
 def test_targets_follow_the_study_labels():
     df = toy_slices(400)
-    presence = sp.csr_matrix((np.random.default_rng(1).random((400, 3)) < 0.3))
+    presence = sp.csr_matrix(np.random.default_rng(1).random((400, 3)) < 0.3)
     targets = {t.name: t for t in probes.build_targets(df, presence=presence, vocab=["a", "b", "liver"])}
     age = targets["age_group"]
     assert age.classes == ["<40", ">=80"]
@@ -70,6 +72,10 @@ def test_macro_ovr_auc_matches_sklearn():
     assert macro == pytest.approx(roc_auc_score(y, proba, multi_class="ovr", average="macro"), rel=1e-12)
     assert per_class[1] == pytest.approx(roc_auc_score(y == 1, proba[:, 1]))
     assert np.isnan(probes.roc_auc(np.ones(5), np.arange(5)))
+    # the rank-based AUC of many columns at once equals sklearn's, ties included
+    scores = np.round(rng.normal(size=(300, 4)) + (y == 1)[:, None], 1)
+    expected = [roc_auc_score(y == 1, scores[:, c]) for c in range(4)]
+    np.testing.assert_allclose(probes.roc_auc_columns(y == 1, scores), expected, rtol=1e-12)
 
 
 def test_probes_on_readable_and_unreadable_labels_match_sklearn():
@@ -83,8 +89,9 @@ def test_probes_on_readable_and_unreadable_labels_match_sklearn():
     evals = {"val": np.flatnonzero(df["split"] == "val")}
     targets = probes.select_targets(probes.build_targets(df, ["modality", "plane", "sex"]), train, 10)
     settings = probes.ProbeSettings(max_train=400, device="cpu", seed=0)
-    results = probes.run_probes(targets, train, evals, {"dense": x, "sparse": sp.csr_matrix(np.maximum(x, 0))},
-                                settings)
+    results = probes.run_probes(
+        targets, train, evals, {"dense": x, "sparse": sp.csr_matrix(np.maximum(x, 0))}, settings
+    )
     by = {(r.features, r.target.name): r for r in results}
     assert by["dense", "modality"].scores["val"]["auc"] > 0.95
     assert by["dense", "plane"].scores["val"]["auc"] > 0.9
@@ -95,8 +102,9 @@ def test_probes_on_readable_and_unreadable_labels_match_sklearn():
     lab = train[y[train] >= 0]
     rows = lab[probes.stratified_subsample(y[lab], 400, 0)]
     assert res.n_train == len(rows) == 400
-    ref = LogisticRegression(C=1.0, l1_ratio=0.5, solver="saga", class_weight="balanced", max_iter=5000,
-                             random_state=0).fit(x[rows], y[rows])
+    ref = LogisticRegression(
+        C=1.0, l1_ratio=0.5, solver="saga", class_weight="balanced", max_iter=5000, random_state=0
+    ).fit(x[rows], y[rows])
     val = evals["val"][y[evals["val"]] >= 0]
     expected = roc_auc_score(y[val], ref.decision_function(x[val]))
     assert res.scores["val"]["auc"] == pytest.approx(expected, abs=0.01)

@@ -28,13 +28,23 @@ def make_registry(path) -> Registry:
             {"experiment_id": f"id_{name}", "kind": "embed", "stage_key": embed},
             {"experiment_id": f"id_{name}", "kind": "evaluate", "stage_key": f"ev_{name}"},
         ]
-        for metric, value in (("mono_config_top10", m10), ("monosemanticity_top50_mean", m50),
-                              ("recovery_mean_n_features", perf)):
+        for metric, value in (
+            ("mono_config_top10", m10),
+            ("monosemanticity_top50_mean", m50),
+            ("recovery_mean_n_features", perf),
+        ):
             metrics.append({"stage_key": f"ev_{name}", "split": "val", "name": metric, "value": value, "n": 7})
             # rows that must be ignored: another split, and a per-target row
             metrics.append({"stage_key": f"ev_{name}", "split": "test", "name": metric, "value": -value})
-        metrics.append({"stage_key": f"ev_{name}", "split": "val", "name": "recovery_mean_n_features",
-                        "value": 999.0, "target": "liver"})
+        metrics.append(
+            {
+                "stage_key": f"ev_{name}",
+                "split": "val",
+                "name": "recovery_mean_n_features",
+                "value": 999.0,
+                "target": "liver",
+            }
+        )
     reg.insert("experiments", exps)
     reg.insert("experiment_stages", links)
     # every row with the same keys (pyarrow takes the columns from the first row)
@@ -81,3 +91,16 @@ def test_subset_top50_and_global_ranking(tmp_path):
     rows = reg.query(ranking_sql(per_embedding=False))
     check(rows, expected_ranking(list(EXPERIMENTS), mono_col=1, per_embedding=False))
     assert reg.query(ranking_sql(["nope"])) == []
+
+
+def test_cli_rank_prints_the_ranking(tmp_path):
+    from typer.testing import CliRunner
+
+    from medsae.cli.eval import app
+
+    make_registry(tmp_path / "registry.duckdb")
+    out = CliRunner().invoke(app, ["rank", "d_a", "d_b", "--registry", str(tmp_path / "registry.duckdb")])
+    assert out.exit_code == 0, out.output
+    assert "d_a" in out.output and "d_b" in out.output and "r_a" not in out.output
+    bad = CliRunner().invoke(app, ["rank", "--mono", "nope", "--registry", str(tmp_path / "registry.duckdb")])
+    assert bad.exit_code != 0

@@ -143,8 +143,12 @@ def test_label_measures_against_loops():
     pres = rng.random((30, 4)) < 0.5
     jac = R.structure_jaccard(pres, refs, got)
     a = set(np.flatnonzero(pres[refs[0]]))
-    expected = [len(a & set(np.flatnonzero(pres[g]))) / max(len(a | set(np.flatnonzero(pres[g]))), 1)
-                if (a | set(np.flatnonzero(pres[g]))) else 1.0 for g in got[0]]
+    expected = [
+        len(a & set(np.flatnonzero(pres[g]))) / max(len(a | set(np.flatnonzero(pres[g]))), 1)
+        if (a | set(np.flatnonzero(pres[g])))
+        else 1.0
+        for g in got[0]
+    ]
     assert jac[0] == pytest.approx(np.mean(expected))
     estimate = R.chance_structure_jaccard(pres, refs, index, samples=20_000)
     for r, row in enumerate(refs):

@@ -43,5 +43,8 @@ def test_explainer_model_only_changes_interpret(tmp_path):
 
 def test_missing_data_blocks_the_chain(tmp_path):
     plan = _plan(tmp_path)
-    assert plan.nodes["slices"].inputs_missing and str(tmp_path / "nodata") in plan.nodes["slices"].inputs_missing
+    assert (
+        plan.nodes["slices"].inputs_missing
+        and str(tmp_path / "nodata") in plan.nodes["slices"].inputs_missing
+    )
     assert plan.nodes["interpret"].inputs_missing

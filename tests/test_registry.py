@@ -20,8 +20,20 @@ def test_migrations_create_every_table_once(tmp_path):
     versions = reg.query("SELECT version FROM schema_version ORDER BY version")
     assert [r["version"] for r in versions] == list(range(1, SCHEMA_VERSION + 1))
     tables = {r["table_name"] for r in reg.query("SELECT table_name FROM information_schema.tables")}
-    for name in ("experiments", "stages", "metrics", "slices", "slice_structures", "latents", "explanations",
-                 "explanation_scores", "llm_calls", "example_sets", "prompts", "artifacts"):
+    for name in (
+        "experiments",
+        "stages",
+        "metrics",
+        "slices",
+        "slice_structures",
+        "latents",
+        "explanations",
+        "explanation_scores",
+        "llm_calls",
+        "example_sets",
+        "prompts",
+        "artifacts",
+    ):
         assert name in tables
 
 
@@ -47,13 +59,18 @@ def test_second_writer_waits_then_fails_clearly(tmp_path, monkeypatch):
     path = tmp_path / "r.duckdb"
     Registry(path).ensure()
     holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
             import duckdb, sys, time
             con = duckdb.connect({str(path)!r})
             print("locked", flush=True)
             time.sleep(20)
-        """)],
-        stdout=subprocess.PIPE, text=True,
+        """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -83,8 +100,15 @@ def test_insert_into_tables_without_keys_appends(tmp_path):
 
 def test_insert_keeps_columns_missing_from_the_first_row(tmp_path):
     reg = Registry(tmp_path / "r.duckdb")
-    reg.insert("metrics", [{"stage_key": "k", "name": "a", "value": 1.0},
-                           {"stage_key": "k", "name": "b", "value": 2.0, "target": "liver", "n_features": 5}])
+    reg.insert(
+        "metrics",
+        [
+            {"stage_key": "k", "name": "a", "value": 1.0},
+            {"stage_key": "k", "name": "b", "value": 2.0, "target": "liver", "n_features": 5},
+        ],
+    )
     rows = reg.query("SELECT name, target, n_features FROM metrics ORDER BY name")
-    assert rows == [{"name": "a", "target": None, "n_features": None},
-                    {"name": "b", "target": "liver", "n_features": 5}]
+    assert rows == [
+        {"name": "a", "target": None, "n_features": None},
+        {"name": "b", "target": "liver", "n_features": 5},
+    ]

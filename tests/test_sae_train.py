@@ -45,7 +45,6 @@ def _params(**kw) -> dict:
         lr=3e-3,
         warmup_steps=5,
         checkpoint_every=7,
-        checkpoint_minutes=0,
         log_every=5,
         dead_after=256,
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -11,7 +11,7 @@ from rich.console import Console
 from medsae.registry import Registry
 
 RegistryOption = Annotated[
-    Optional[Path],  # noqa: UP007 - typer needs Optional on Python 3.10
+    Path | None,  # noqa: UP007 - typer needs Optional on Python 3.10
     typer.Option(
         "--registry",
         help="Registry file (default: $MEDSAE_REGISTRY, else ./registry.duckdb).",

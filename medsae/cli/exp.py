@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from medsae.cli.common import RegistryOption, console, open_registry
 
-app = typer.Typer(help="Experiments: validate, plan and run specs; list and show results.", no_args_is_help=True)
+app = typer.Typer(
+    help="Experiments: validate, plan and run specs; list and show results.", no_args_is_help=True
+)
 
 #: Metrics shown by `exp list` / `exp show` (first match per name, val split preferred).
 KEY_METRICS = ("fvu", "r2_scalar_mean_study", "l0_mean", "dead_fraction", "dense_fraction")
@@ -35,7 +38,9 @@ def schema() -> None:
 
 
 @app.command()
-def plan(spec: Path = typer.Argument(..., help="Experiment YAML file."), registry: RegistryOption = None) -> None:
+def plan(
+    spec: Path = typer.Argument(..., help="Experiment YAML file."), registry: RegistryOption = None
+) -> None:
     """Show every stage of the spec's experiments with its key and whether it is done."""
     from medsae.plan import plan_experiment, stage_status
     from medsae.spec import load_specs
@@ -85,7 +90,13 @@ def run(
             out.print(f"[dim]done[/]  {event.kind:<10} {event.key[:12]}  (already {event.action})  {names}")
 
     outcomes = run_plans(
-        plans, reg, force=set(force), only=set(only) or None, quiet=quiet, spec_path=str(spec), sweep=sweep,
+        plans,
+        reg,
+        force=set(force),
+        only=set(only) or None,
+        quiet=quiet,
+        spec_path=str(spec),
+        sweep=sweep,
         on_event=show,
     )
     ran = sum(o.action == "ran" for o in outcomes)
@@ -166,8 +177,12 @@ def show(name: str = typer.Argument(..., help="Experiment name."), registry: Reg
         summary = json.loads(r["summary_json"]) if r["summary_json"] else {}
         brief = ", ".join(f"{k}={v}" for k, v in list(summary.items())[:4] if not isinstance(v, dict | list))
         table.add_row(
-            r["kind"], r["stage_key"][:12], r["status"] or "pending",
-            f"{r['seconds']:.1f}" if r["seconds"] is not None else "", r["device"] or "", brief[:80],
+            r["kind"],
+            r["stage_key"][:12],
+            r["status"] or "pending",
+            f"{r['seconds']:.1f}" if r["seconds"] is not None else "",
+            r["device"] or "",
+            brief[:80],
         )
     out.print(table)
     metrics = reg.query(
@@ -182,8 +197,12 @@ def show(name: str = typer.Argument(..., help="Experiment name."), registry: Reg
         for col in ("split", "metric", "value", "n"):
             mt.add_column(col)
         for r in metrics[:60]:
-            mt.add_row(r["split"] or "", r["name"], f"{r['value']:.4g}" if r["value"] is not None else "NULL",
-                       str(r["n"] or ""))
+            mt.add_row(
+                r["split"] or "",
+                r["name"],
+                f"{r['value']:.4g}" if r["value"] is not None else "NULL",
+                str(r["n"] or ""),
+            )
         out.print(mt)
     expl = reg.query(
         """SELECT e.explainer_model, count(DISTINCT e.latent) AS latents,

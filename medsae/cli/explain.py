@@ -66,7 +66,7 @@ def run_command(
     )
     for kind, agg in summary["pearson"].items():
         out.print(
-            f"  pearson r [{kind}]: mean {_fmt(agg['mean'])}, median {_fmt(agg['median'])} (n={agg['n']})"
+            f"  pearson r ({kind}): mean {_fmt(agg['mean'])}, median {_fmt(agg['median'])} (n={agg['n']})"
         )
     new = summary["new_rows"]
     out.print("  new rows: " + ", ".join(f"{t} {n}" for t, n in new.items()))

@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from medsae.cli import exp
 from medsae.cli.sql import sql_command
 from medsae.errors import MedsaeError
+
+# litellm would otherwise try to download its price table at import (slow, and offline it retries).
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 app = typer.Typer(
     name="medsae",
@@ -24,8 +26,11 @@ app = typer.Typer(
 
 @app.callback()
 def _root(
-    registry: Optional[Path] = typer.Option(  # noqa: UP007
-        None, "--registry", help="Registry file for every command (also $MEDSAE_REGISTRY).", show_default=False
+    registry: Path | None = typer.Option(  # noqa: UP007
+        None,
+        "--registry",
+        help="Registry file for every command (also $MEDSAE_REGISTRY).",
+        show_default=False,
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:

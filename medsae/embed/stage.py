@@ -75,19 +75,33 @@ def embed_stage(
         for n_images in runner.run(loader):
             advance(n_images)
 
+    return _finish(ctx, spec, backbone, slice_ids, done, n_new=runner.n_written, load_seconds=load_seconds)
+
+
+def _finish(
+    ctx: StageContext,
+    spec: EmbedSpec,
+    backbone: Backbone,
+    slice_ids: np.ndarray,
+    done: dict[int, dict[str, Any]],
+    *,
+    n_new: int,
+    load_seconds: float,
+) -> StageResult:
+    """Link the finished shards into ``ctx.out_dir``, write the manifest, and report."""
+    n_shards = -(-len(slice_ids) // spec.shard_size)
     shards = [done[s] for s in range(len(done))]
-    if len(shards) != -(-len(slice_ids) // spec.shard_size):
-        raise MedsaeError(f"embed: {len(shards)} shards finished of {-(-len(slice_ids) // spec.shard_size)}")
-    seconds = float(sum(s["seconds"] for s in shards))
+    if len(shards) != n_shards:
+        raise MedsaeError(f"embed: {len(shards)} of {n_shards} shards finished in {ctx.work_dir}")
+    seconds = float(sum(s["seconds"] for s in shards))  # over every run that wrote a shard
     rate = len(slice_ids) / seconds if seconds > 0 else float("nan")
     d = int(shards[0]["d"])
     info = backbone.describe() if hasattr(backbone, "describe") else {"model": backbone.name}
     device = str(backbone.device)
-    out = Path(ctx.out_dir)
     for entry in shards:
-        _link(work / entry["file"], out / entry["file"])
-    manifest = write_manifest(
-        out,
+        _link(Path(ctx.work_dir) / entry["file"], Path(ctx.out_dir) / entry["file"])
+    write_manifest(
+        Path(ctx.out_dir),
         shards=[{k: e[k] for k in ("file", "rows", "sha256")} for e in shards],
         slice_ids=slice_ids,
         d=d,
@@ -99,7 +113,6 @@ def embed_stage(
         num_workers=spec.num_workers,
         **{"source": spec.source, **info, "device": device},
     )
-    resumed = len(shards) - runner.n_written
     extra = {
         "device": device,
         "precision": spec.precision,
@@ -107,18 +120,19 @@ def embed_stage(
         "num_workers": spec.num_workers,
         "input_size": spec.input_size,
     }
+    n = len(slice_ids)
     return StageResult(
         metrics=[
-            Metric("images_per_s", rate, n=len(slice_ids), extra=extra),
-            Metric("embed_seconds", seconds, n=len(slice_ids), extra={"device": device}),
-            Metric("embedding_dim", float(d), n=len(slice_ids)),
+            Metric("images_per_s", rate, n=n, extra=extra),
+            Metric("embed_seconds", seconds, n=n, extra={"device": device}),
+            Metric("embedding_dim", float(d), n=n),
         ],
         summary={
-            "n": manifest["n"],
+            "n": n,
             "d": d,
             "dtype": spec.dtype,
             "shards": len(shards),
-            "resumed_shards": resumed,
+            "resumed_shards": len(shards) - n_new,
             "model": info.get("model"),
             "pooling": spec.pooling,
             "device": device,
@@ -271,6 +285,8 @@ class _ShardRunner:
         self.n = len(slice_ids)
         self.done = done
         self.n_written = 0
+        # vectors stay on the device until the shard is complete: no host sync after every batch
+        self._embed = getattr(backbone, "embed_on_device", backbone.embed)
 
     def _shard_stop(self, shard: int) -> int:
         return min((shard + 1) * self.spec.shard_size, self.n)
@@ -293,12 +309,12 @@ class _ShardRunner:
             while n_pending >= batch or (shard_complete and n_pending):
                 rows = torch.cat(pending) if len(pending) > 1 else pending[0]
                 take = min(batch, n_pending)
-                outputs.append(self.backbone.embed(rows[:take]))
+                outputs.append(self._embed(rows[:take]))
                 pending = [rows[take:]] if take < n_pending else []
                 n_pending -= take
                 yield take
             if shard_complete:
-                vectors = torch.cat(outputs).numpy()
+                vectors = torch.cat(outputs).cpu().numpy()
                 outputs = []
                 now = time.perf_counter()
                 self._record(shard, vectors, seconds=now - clock)

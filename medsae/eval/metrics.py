@@ -204,7 +204,7 @@ def l0_summary(l0: np.ndarray, quantiles: tuple[float, ...] = L0_QUANTILES) -> d
         "l0_min": float(l0.min()),
         "l0_max": float(l0.max()),
     }
-    for q, v in zip(quantiles, np.quantile(l0, quantiles)):
+    for q, v in zip(quantiles, np.quantile(l0, quantiles), strict=True):
         out[f"l0_p{round(q * 100):d}"] = float(v)
     return out
 

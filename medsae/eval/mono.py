@@ -113,7 +113,10 @@ class MonoSettings:
 
 
 def latent_scores(
-    codes: sp.spmatrix, presence: sp.spmatrix | np.ndarray, scan: np.ndarray, settings: MonoSettings | None = None
+    codes: sp.spmatrix,
+    presence: sp.spmatrix | np.ndarray,
+    scan: np.ndarray,
+    settings: MonoSettings | None = None,
 ) -> tuple[pd.DataFrame, dict[int, float]]:
     """Per-latent coherence, specificity and monosemanticity for each N, and the null baselines.
 

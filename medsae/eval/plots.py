@@ -67,15 +67,23 @@ def plot_reconstruction_vs_l0(rows: pd.DataFrame | Iterable[Mapping[str, Any]], 
     wide = wide.sort_values("l0_mean")
     fig = _figure(9, 3.6)
     axes = fig.subplots(1, 2)
-    for ax, metric, label in ((axes[0], "fvu", "FVU (per-dimension mean; lower is better)"),
-                              (axes[1], "r2_scalar_mean_study", "R² (study: scalar mean per 2048-batch)")):
+    for ax, metric, label in (
+        (axes[0], "fvu", "FVU (per-dimension mean; lower is better)"),
+        (axes[1], "r2_scalar_mean_study", "R² (study: scalar mean per 2048-batch)"),
+    ):
         if metric not in wide:
             ax.set_visible(False)
             continue
         have = wide.dropna(subset=["l0_mean", metric])
         ax.plot(have["l0_mean"], have[metric], "o-", color="C0")
         for name, row in have.iterrows():
-            ax.annotate(str(name), (row["l0_mean"], row[metric]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(
+                str(name),
+                (row["l0_mean"], row[metric]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
         ax.set_xlabel("L0 (mean active latents per slice)")
         ax.set_ylabel(label)
         ax.set_xscale("log")
@@ -90,19 +98,22 @@ def plot_recovery_curves(curves: Sequence[Any], split: str, path: Path) -> Path 
         return None
     fig = _figure(9, 3.6)
     axes = fig.subplots(1, 2)
-    for ax, getter, label in ((axes[0], lambda c: c.ratios(split), "AUC(N) / AUC_dense (study)"),
-                              (axes[1], lambda c: c.chance_adjusted(split), "(AUC(N) - 0.5) / (AUC_dense - 0.5)")):
-        all_ns = sorted({n for c in curves for n in c.ns})
-        table = np.full((len(curves), len(all_ns)), np.nan)
+    for ax, getter, label in (
+        (axes[0], lambda c: c.ratios(split), "AUC(N) / AUC_dense (study)"),
+        (axes[1], lambda c: c.chance_adjusted(split), "(AUC(N) - 0.5) / (AUC_dense - 0.5)"),
+    ):
+        common = sorted(set.intersection(*(set(c.ns) for c in curves)))  # not the per-task n_nonzero
+        table = np.full((len(curves), len(common)), np.nan)
         for i, c in enumerate(curves):
             values = getter(c)
             ax.plot(c.ns, values, color="0.6", lw=0.7, alpha=0.7)
-            for n, v in zip(c.ns, values):
-                table[i, all_ns.index(n)] = v
+            for n, v in zip(c.ns, values, strict=True):
+                if n in common:
+                    table[i, common.index(n)] = v
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             mean = np.nanmean(table, axis=0)
-        ax.plot(all_ns, mean, "o-", color="C3", lw=2, label=f"mean of {len(curves)} tasks")
+        ax.plot(common, mean, "o-", color="C3", lw=2, label=f"mean of {len(curves)} tasks")
         ax.axhline(1.0, color="k", lw=0.8, ls="--")
         ax.set_xscale("log")
         ax.set_xlabel("N latents (top by sparse-probe |coef|)")
@@ -113,8 +124,9 @@ def plot_recovery_curves(curves: Sequence[Any], split: str, path: Path) -> Path 
     return _save(fig, path)
 
 
-def plot_latent_frequency(frequencies: np.ndarray, path: Path, dense_threshold: float = 0.1,
-                          title: str = "") -> Path | None:
+def plot_latent_frequency(
+    frequencies: np.ndarray, path: Path, dense_threshold: float = 0.1, title: str = ""
+) -> Path | None:
     """Histogram of log10 firing frequency over the latents that fire; dead / dense counts in the title."""
     f = np.asarray(frequencies, dtype=np.float64)
     if f.size == 0:
@@ -144,7 +156,8 @@ def plot_probe_aucs(table: pd.DataFrame, path: Path, title: str = "") -> Path | 
     ax.bar(x + 0.2, t["sparse"], 0.4, label="SAE codes", color="C1")
     ax.axhline(0.5, color="k", lw=0.8, ls="--")
     ax.set_xticks(x, t["target"], rotation=70, ha="right", fontsize=7)
-    ax.set_ylim(0.4, 1.0)
+    low = np.nanmin(t[["dense", "sparse"]].to_numpy(dtype=float)) if t[["dense", "sparse"]].notna().any().any() else 0.5
+    ax.set_ylim(min(0.4, low - 0.05), 1.0)
     ax.set_ylabel("ROC-AUC")
     ax.set_title(title)
     ax.legend(fontsize=8)

@@ -68,8 +68,10 @@ class Target:
         a binary target is itself; a multiclass one gives ``name=class`` per class."""
         if not self.multiclass:
             return [(self.name, self.y)]
-        return [(f"{self.name}={c}", np.where(self.y < 0, -1, (self.y == k).astype(np.int64)))
-                for k, c in enumerate(self.classes)]
+        return [
+            (f"{self.name}={c}", np.where(self.y < 0, -1, (self.y == k).astype(np.int64)))
+            for k, c in enumerate(self.classes)
+        ]
 
 
 def _categorical(name: str, group: str, values: pd.Series, classes: Sequence[str]) -> Target:
@@ -163,15 +165,30 @@ def stratified_subsample(strata: np.ndarray, max_n: int, seed: int) -> np.ndarra
 # -- scoring ---------------------------------------------------------------------------------------
 
 
-def roc_auc(y: np.ndarray, score: np.ndarray) -> float:
-    """Area under the ROC curve of a binary task (``sklearn.metrics.roc_auc_score``); NaN when
-    ``y`` lacks one of the classes."""
-    from sklearn.metrics import roc_auc_score
+def roc_auc_columns(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """ROC-AUC of every column of ``scores [n, C]`` for the binary labels ``y [n]``.
 
-    y = np.asarray(y)
-    if len(np.unique(y)) < 2:
-        return float("nan")
-    return float(roc_auc_score(y, score))
+    Mann-Whitney form: ``AUC = (Σ rank(positives) - P (P + 1) / 2) / (P · N)`` with average ranks
+    for ties - the area under the ROC curve that ``sklearn.metrics.roc_auc_score`` computes, for
+    all columns with one sort each. NaN when ``y`` lacks positives or negatives.
+    """
+    from scipy.stats import rankdata
+
+    y = np.asarray(y).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim == 1:
+        scores = scores[:, None]
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return np.full(scores.shape[1], np.nan)
+    ranks = rankdata(scores, axis=0)
+    return (ranks[y].sum(axis=0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def roc_auc(y: np.ndarray, score: np.ndarray) -> float:
+    """ROC-AUC of one binary task (:func:`roc_auc_columns`); NaN when ``y`` lacks a class."""
+    return float(roc_auc_columns(y, np.asarray(score)[:, None])[0])
 
 
 def roc_auc_ovr(y: np.ndarray, proba: np.ndarray) -> tuple[float, np.ndarray]:
@@ -226,7 +243,7 @@ class ProbeResult:
             return {}
         if not self.target.multiclass:
             return {self.target.name: sc["auc"]}
-        return {name: float(a) for (name, _), a in zip(self.target.leaves(), sc["per_class"])}
+        return {name: float(a) for (name, _), a in zip(self.target.leaves(), sc["per_class"], strict=True)}
 
 
 def take_rows(source: Source, rows: np.ndarray) -> Matrix:
@@ -238,13 +255,22 @@ def take_rows(source: Source, rows: np.ndarray) -> Matrix:
     return np.asarray(source)[rows]
 
 
-def _score(result: ProbeResult, x_eval: Matrix, y_eval: np.ndarray, split: str) -> None:
+def score(result: ProbeResult, x_eval: Matrix, y_eval: np.ndarray, split: str) -> None:
+    """Score a fitted probe on one split (``y_eval``: labels, -1 = unlabelled) into ``result.scores``."""
+    score_logits(result, np.asarray(x_eval @ result.coef) + result.intercept[None, :], y_eval, split)
+
+
+def score_logits(result: ProbeResult, z: np.ndarray, y_eval: np.ndarray, split: str) -> None:
+    """:func:`score` from the probe's logits ``z [n, 1 or K]`` on all rows of the split."""
     lab = y_eval >= 0
     if not lab.any():
-        result.scores[split] = {"auc": float("nan"), "n": 0, "per_class": np.full(len(result.target.classes), np.nan)}
+        result.scores[split] = {
+            "auc": float("nan"),
+            "n": 0,
+            "per_class": np.full(len(result.target.classes), np.nan),
+        }
         return
-    x = x_eval[np.flatnonzero(lab)]
-    z = np.asarray(x @ result.coef) + result.intercept[None, :]
+    z = z[lab]
     if result.target.multiclass:
         z = z - z.max(axis=1, keepdims=True)
         proba = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
@@ -287,17 +313,27 @@ def run_probes(
         for group_targets, rows in plans:
             x = x_needed[np.searchsorted(needed, rows)]
             fits = _fit(group_targets, x, rows, settings)
-            for t, (fit, column) in zip(group_targets, fits):
+            logits = {split: fits[0][0].decision(xe) for split, xe in eval_x.items()}  # one product per fit
+            for t, (fit, column) in zip(group_targets, fits, strict=True):
                 res = ProbeResult(t, features, fit, column, len(rows), x.shape[1])
                 for split, erows in eval_rows.items():
-                    _score(res, eval_x[split], t.y[erows], split)
+                    z = logits[split] if column is None else logits[split][:, [column]]
+                    score_logits(res, z, t.y[erows], split)
                 results.append(res)
     return results
 
 
 def _fit(targets: list[Target], x: Matrix, rows: np.ndarray, s: ProbeSettings) -> list[tuple[LogRegFit, int | None]]:
-    common = dict(C=s.C, l1_ratio=s.l1_ratio, max_iter=s.max_iter, tol=s.tol, backend=s.backend,
-                  device=s.device, seed=s.seed, threads=s.threads)
+    common = dict(
+        C=s.C,
+        l1_ratio=s.l1_ratio,
+        max_iter=s.max_iter,
+        tol=s.tol,
+        backend=s.backend,
+        device=s.device,
+        seed=s.seed,
+        threads=s.threads,
+    )
     if len(targets) == 1 and targets[0].multiclass:
         t = targets[0]
         return [(fit_multinomial(x, t.y[rows], len(t.classes), **common), None)]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from medsae.eval.logreg import Matrix, fit_binary
-from medsae.eval.probes import ProbeResult, ProbeSettings, roc_auc, stratified_subsample, take_rows
+from medsae.eval.probes import ProbeResult, ProbeSettings, roc_auc_columns, stratified_subsample, take_rows
 
 #: The study's N values and recovery thresholds.
 STUDY_NS = (1, 2, 3, 5, 10, 20, 30, 50, 75, 100)
@@ -63,7 +63,7 @@ def recovery_chance_adjusted(auc: float, dense_auc: float) -> float:
 
 def n_to_reach(ns: Sequence[int], ratios: Sequence[float], threshold: float) -> float:
     """Smallest N whose recovery ratio is at least ``threshold``; NaN when none reaches it."""
-    for n, r in zip(ns, ratios):
+    for n, r in zip(ns, ratios, strict=True):
         if np.isfinite(r) and r >= threshold - 1e-12:
             return float(n)
     return float("nan")
@@ -93,6 +93,8 @@ class RecoveryCurve:
     dense_auc: dict[str, float]
     auc: dict[str, np.ndarray] = field(default_factory=dict)  # split -> [len(ns)]
     n_train: int = 0
+    coef: np.ndarray | None = None  # [len(ranking), len(ns)]: column c = the probe on the top ns[c]
+    intercept: np.ndarray | None = None  # [len(ns)]
 
     def ratios(self, split: str) -> np.ndarray:
         return np.array([recovery_ratio(a, self.dense_auc.get(split, np.nan)) for a in self.auc[split]])
@@ -126,16 +128,29 @@ def fit_curve(
     mask = np.arange(width)[:, None] < np.asarray(ns)[None, :]  # [width, len(ns)]
     y_train = y[train_rows]
     fit = fit_binary(
-        x_train, np.repeat(y_train[:, None], len(ns), axis=1), C=settings.C, l1_ratio=settings.l1_ratio,
-        max_iter=settings.max_iter, tol=settings.tol, feature_mask=mask, backend=settings.backend,
-        device=settings.device, seed=settings.seed, threads=settings.threads,
+        x_train,
+        np.repeat(y_train[:, None], len(ns), axis=1),
+        C=settings.C,
+        l1_ratio=settings.l1_ratio,
+        max_iter=settings.max_iter,
+        tol=settings.tol,
+        feature_mask=mask,
+        backend=settings.backend,
+        device=settings.device,
+        seed=settings.seed,
+        threads=settings.threads,
     )
-    curve = RecoveryCurve(task, ns, ranking, dense_auc, n_train=len(train_rows))
+    curve = RecoveryCurve(task, ns, ranking, dense_auc, n_train=len(train_rows), coef=fit.coef, intercept=fit.intercept)
     for split, rows in eval_rows.items():
-        lab = y[rows] >= 0
-        z = np.asarray(x_eval[split][np.flatnonzero(lab)] @ fit.coef) + fit.intercept[None, :]
-        curve.auc[split] = np.array([roc_auc(y[rows][lab], z[:, c]) for c in range(len(ns))])
+        score_curve(curve, x_eval[split], y[rows], split)
     return curve
+
+
+def score_curve(curve: RecoveryCurve, x_eval: Matrix, y_eval: np.ndarray, split: str) -> None:
+    """ROC-AUC of each top-N probe of ``curve`` on one split (``x_eval``: codes on the ranked columns)."""
+    lab = y_eval >= 0
+    z = np.asarray(x_eval[np.flatnonzero(lab)] @ curve.coef) + curve.intercept[None, :]
+    curve.auc[split] = roc_auc_columns(y_eval[lab], z)
 
 
 def run_recovery(
@@ -158,8 +173,14 @@ def run_recovery(
         for task, y in res.target.leaves():
             base = dense_auc.get(select_split, {}).get(task, float("nan"))
             if np.isfinite(base) and base >= min_dense_auc:
-                tasks.append((task, y, ranking, res.fit.n_nonzero if res.column is None else
-                              int(np.count_nonzero(res.coef))))
+                tasks.append(
+                    (
+                        task,
+                        y,
+                        ranking,
+                        res.fit.n_nonzero if res.column is None else int(np.count_nonzero(res.coef)),
+                    )
+                )
     if not tasks:
         return []
     # rows needed: each task's stratified sub-sample of the labelled train rows, and the eval rows
@@ -171,7 +192,7 @@ def run_recovery(
     x_needed = take_rows(codes, needed)
     x_eval_all = {split: take_rows(codes, rows) for split, rows in eval_rows.items()}
     curves = []
-    for (task, y, ranking, n_nonzero), rows in zip(tasks, subsamples):
+    for (task, y, ranking, n_nonzero), rows in zip(tasks, subsamples, strict=True):
         task_ns = curve_ns(ns, n_nonzero, len(ranking))
         cols = ranking[: max(task_ns)]
         x_train = x_needed[np.searchsorted(needed, rows)][:, cols]

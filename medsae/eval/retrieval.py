@@ -89,19 +89,20 @@ def always_active(codes: sp.spmatrix) -> np.ndarray:
     return counts >= codes.shape[0]
 
 
-def _cosine_prefixes(values: np.ndarray, ref: np.ndarray, ks: Sequence[int]) -> np.ndarray:
-    """Cosine of ``ref[:K]`` with ``values[:, :K]`` for each K; ``values [n, Kmax]`` dense."""
-    dots = np.cumsum(values * ref[None, :], axis=1)
-    sq = np.cumsum(values * values, axis=1)
-    ref_sq = np.cumsum(ref * ref)
-    out = np.zeros((len(ks), values.shape[0]))
-    for i, k in enumerate(ks):
-        k = min(k, values.shape[1])
-        if k == 0:
-            continue
-        denom = np.sqrt(sq[:, k - 1] * ref_sq[k - 1])
-        out[i] = np.divide(dots[:, k - 1], denom, out=np.zeros(values.shape[0]), where=denom > 0)
-    return out
+def _cosine_prefixes(values_t: np.ndarray, ref: np.ndarray, ks: Sequence[int]) -> np.ndarray:
+    """Cosine of ``ref[:K]`` with ``values_t[:K, i]`` for every row ``i`` and each K.
+
+    ``values_t [Kmax, n]`` holds the fingerprint dimensions as rows, so the per-K dot products
+    and norms are two small matrix products (no ``[n, Kmax]`` cumulative sums).
+    """
+    kmax, n = values_t.shape
+    ks = [min(k, kmax) for k in ks]
+    prefix = (np.arange(kmax)[:, None] < np.asarray(ks)[None, :]).astype(values_t.dtype)  # [Kmax, len(ks)]
+    dots = (prefix * ref[:, None]).T @ values_t
+    sq = prefix.T @ (values_t * values_t)
+    ref_sq = prefix.T @ (ref * ref)
+    denom = np.sqrt(np.maximum(sq, 0) * ref_sq[:, None]).astype(np.float64)
+    return np.divide(dots, denom, out=np.zeros((len(ks), n)), where=denom > 0)
 
 
 def sparse_fingerprint_scores(
@@ -188,11 +189,12 @@ def dense_fingerprint_retrieval(
 ) -> dict[int, np.ndarray]:
     """The study's dense-fingerprint baseline: ``{K: rows [R, top]}``."""
     emb = np.asarray(emb, dtype=np.float32)
+    emb_t = np.ascontiguousarray(emb.T)  # dimensions as rows: a fingerprint's columns are contiguous
     kmax = min(max(ks), emb.shape[1])
     out = {k: np.empty((len(refs), top), dtype=np.int64) for k in ks}
     for r, row in enumerate(refs):
         dims = np.argsort(-np.abs(emb[row]), kind="stable")[:kmax]
-        scores = _cosine_prefixes(emb[:, dims].astype(np.float64), emb[row, dims].astype(np.float64), ks)
+        scores = _cosine_prefixes(emb_t[dims], emb[row, dims], ks)
         found = scans.best_per_scan(scores, np.full(len(ks), scans.scan[row]), top)
         for i, k in enumerate(ks):
             out[k][r] = found[i]

@@ -1,39 +1,50 @@
 """Evaluation results -> registry ``metrics`` rows. Every metric name the evaluate stage writes is here.
 
-============================================  ==============  ============  ==========================
-name                                          target          n_features    meaning
-============================================  ==============  ============  ==========================
-n_slices                                      -               -             rows of the split
-fvu, variance_explained                       -               -             per-dimension-mean FVU, 1-FVU
-r2_scalar_mean_study                          -               -             the study's R² (scalar mean, per 2048-batch)
-mse, cosine_sim                               -               -             reconstruction MSE, mean cosine
-l0_mean, l0_std, l0_min, l0_max, l0_pQ        -               -             L0 distribution (Q = 1,10,50,90,99)
-dead_fraction, dense_fraction                 -               -             never fires / fires on > 10 % (split)
-n_dead, n_dense                               -               -             the same as counts
-alive_per_batch_study                         -               -             the study's alive count per 2048-batch
-probe_auc_dense, probe_auc_sparse             target          -             ROC-AUC (multiclass: macro OvR;
-                                                                            ``name=class``: that class OvR)
-probe_auc_dense_mean, probe_auc_sparse_mean   -               -             mean over leaf tasks with dense AUC > 0.6
-probe_n_nonzero_dense, probe_n_nonzero_sparse target          -             features used (split 'train')
-recovery_auc, recovery,                       task            N             AUC with top-N latents, AUC/AUC_dense,
-recovery_chance_adjusted                                                    (AUC-.5)/(AUC_dense-.5)
-recovery_n_features_XXpct                     task            -             smallest N reaching XX % (NULL: never)
-recovery_auc_mean, recovery_mean,             -               N             means over tasks with dense AUC > 0.6
+Columns: T = ``target``, N = ``n_features`` ("-" = NULL). All rows carry their ``split``
+(timings: NULL).
+
+=================================  ======  ====  ===============================================
+name                               T       N     meaning
+=================================  ======  ====  ===============================================
+n_slices                           -       -     rows of the split
+fvu, variance_explained            -       -     per-dimension-mean FVU and 1 - FVU
+r2_scalar_mean_study               -       -     the study's R² (scalar mean, per 2048-batch)
+mse, cosine_sim                    -       -     reconstruction MSE, mean cosine
+l0_mean, l0_std, l0_min, l0_max,   -       -     L0 distribution (pQ: quantile Q %,
+l0_p1, l0_p10, l0_p50, l0_p90,                   Q = 1, 10, 50, 90, 99)
+l0_p99
+dead_fraction, n_dead              -       -     latents never firing on the split
+dense_fraction, n_dense            -       -     latents firing on > 10 % of it
+alive_per_batch_study              -       -     the study's alive count per 2048-batch
+probe_auc_dense, probe_auc_sparse  target  -     ROC-AUC; multiclass: macro one-vs-rest, and
+                                                 ``name=class`` rows per class
+probe_auc_{dense,sparse}_mean      -       -     mean over leaf tasks with dense AUC > 0.6
+probe_n_nonzero_{dense,sparse}     target  -     features used (split 'train')
+recovery_auc                       task    N     AUC with the top-N latents
+recovery                           task    N     AUC(N) / AUC_dense (the study's)
+recovery_chance_adjusted           task    N     (AUC(N) - .5) / (AUC_dense - .5)
+recovery_n_features_XXpct          task    -     smallest N reaching XX % (NULL: never)
+recovery_auc_mean, recovery_mean,  -       N     means over tasks with dense AUC > 0.6
 recovery_chance_adjusted_mean
-recovery_mean_n_features_XXpct                -               -             mean N to reach XX % (never -> 100)
-recovery_mean_n_features                      -               -             the study's ranking quantity (§5.7)
-mono_config_top10, monosemanticity_top50_mean -               -             config monosemanticity (§5.6)
-coherence_score, specificity_score,           -               -             further §5.6 aggregates
-breadth_score, n_features_scored,
-n_features_above_null, mono_null_10/50
-fingerprint_quality_{sparse,dense_fp}         -               K             study's dense-space quality
-fingerprint_quality_dense                     -               -             dense retrieval's quality
-fingerprint_relative_{sparse,dense_fp}        -               K             mean per-reference ratio to dense
-retrieval_precision_{sparse,dense_fp}         label           K             label precision@top (label: modality,
-retrieval_precision_dense                     label           -             plane, body_region; 'structures' =
-retrieval_precision_chance                    label           -             mean Jaccard of structure sets)
-seconds_<part>                                -               -             wall time of one part (split NULL)
-============================================  ==============  ============  ==========================
+recovery_mean_n_features_XXpct     -       -     mean N to reach XX % (never -> 100)
+recovery_mean_n_features           -       -     the study's ranking quantity (§5.7)
+mono_config_top10                  -       -     mean of the 10 largest M_10 (study code)
+monosemanticity_top50_mean         -       -     mean of the 50 largest M_10 (shipped ranking)
+coherence_score, specificity_score -       -     further §5.6 aggregates
+breadth_score, n_features_scored,  -       -
+n_features_above_null,
+mono_null_10, mono_null_50
+fingerprint_quality_sparse,        -       K     the study's dense-space quality
+fingerprint_quality_dense_fp
+fingerprint_quality_dense          -       -     the same for dense retrieval
+fingerprint_relative_sparse,       -       K     mean per-reference ratio to dense
+fingerprint_relative_dense_fp
+retrieval_precision_sparse,        label   K     label precision@top: label = modality, plane,
+retrieval_precision_dense_fp                     body_region; 'structures' = mean Jaccard of
+retrieval_precision_dense          label   -     the structure sets; 'chance' = a random
+retrieval_precision_chance         label   -     one-slice-per-scan retrieval
+seconds_<part>, seconds_total      -       -     wall time of one part
+=================================  ======  ====  ===============================================
 """
 
 from __future__ import annotations
@@ -57,14 +68,22 @@ def scalar_rows(split: str | None, values: dict[str, float], n: int | None = Non
     return [Metric(name=k, value=_v(v), split=split, n=n) for k, v in values.items()]
 
 
-def probe_rows(results: Sequence[ProbeResult], splits: Sequence[str],
-               min_dense_auc: float = MEAN_MIN_DENSE_AUC) -> list[Metric]:
+def probe_rows(
+    results: Sequence[ProbeResult], splits: Sequence[str], min_dense_auc: float = MEAN_MIN_DENSE_AUC
+) -> list[Metric]:
     out: list[Metric] = []
     for r in results:
         name = f"probe_auc_{r.features}"
-        out.append(Metric(f"probe_n_nonzero_{r.features}", float(np.count_nonzero(np.any(r.coef != 0, axis=1))),
-                          split="train", n=r.n_train, target=r.target.name,
-                          extra={"n_iter": r.fit.n_iter, "converged": r.fit.converged, "d": r.n_features}))
+        out.append(
+            Metric(
+                f"probe_n_nonzero_{r.features}",
+                float(np.count_nonzero(np.any(r.coef != 0, axis=1))),
+                split="train",
+                n=r.n_train,
+                target=r.target.name,
+                extra={"n_iter": r.fit.n_iter, "converged": r.fit.converged, "d": r.n_features},
+            )
+        )
         for split in splits:
             sc = r.scores.get(split)
             if sc is None:
@@ -72,7 +91,7 @@ def probe_rows(results: Sequence[ProbeResult], splits: Sequence[str],
             out.append(Metric(name, _v(sc["auc"]), split=split, n=sc["n"], target=r.target.name))
             if r.target.multiclass:
                 y_counts = sc.get("n")
-                for cls, auc in zip(r.target.classes, sc["per_class"]):
+                for cls, auc in zip(r.target.classes, sc["per_class"], strict=True):
                     out.append(Metric(name, _v(auc), split=split, n=y_counts, target=f"{r.target.name}={cls}"))
     for split in splits:
         dense = {}
@@ -81,65 +100,111 @@ def probe_rows(results: Sequence[ProbeResult], splits: Sequence[str],
                 dense.update(r.leaf_aucs(split))
         keep = {t for t, a in dense.items() if np.isfinite(a) and a > min_dense_auc}
         for features in ("dense", "sparse"):
-            values = [a for r in results if r.features == features for t, a in r.leaf_aucs(split).items()
-                      if t in keep and np.isfinite(a)]
+            values = [
+                a
+                for r in results
+                if r.features == features
+                for t, a in r.leaf_aucs(split).items()
+                if t in keep and np.isfinite(a)
+            ]
             if values:
                 out.append(Metric(f"probe_auc_{features}_mean", float(np.mean(values)), split=split, n=len(values)))
     return out
 
 
-def recovery_rows(curves: Sequence[RecoveryCurve], splits: Sequence[str], thresholds: Sequence[float],
-                  min_dense_auc: float = MEAN_MIN_DENSE_AUC) -> list[Metric]:
+def recovery_rows(
+    curves: Sequence[RecoveryCurve],
+    splits: Sequence[str],
+    thresholds: Sequence[float],
+    min_dense_auc: float = MEAN_MIN_DENSE_AUC,
+) -> list[Metric]:
     out: list[Metric] = []
     for split in splits:
         have = [c for c in curves if split in c.auc]
         for c in have:
-            for n, auc, ratio, adj in zip(c.ns, c.auc[split], c.ratios(split), c.chance_adjusted(split)):
+            for n, auc, ratio, adj in zip(c.ns, c.auc[split], c.ratios(split), c.chance_adjusted(split), strict=True):
                 out.append(Metric("recovery_auc", _v(auc), split=split, target=c.task, n_features=n, n=c.n_train))
                 out.append(Metric("recovery", _v(ratio), split=split, target=c.task, n_features=n))
                 out.append(Metric("recovery_chance_adjusted", _v(adj), split=split, target=c.task, n_features=n))
             for thr in thresholds:
-                out.append(Metric(f"recovery_n_features_{round(thr * 100)}pct", _v(c.n_to_reach(split, thr)),
-                                  split=split, target=c.task))
+                out.append(
+                    Metric(
+                        f"recovery_n_features_{round(thr * 100)}pct",
+                        _v(c.n_to_reach(split, thr)),
+                        split=split,
+                        target=c.task,
+                    )
+                )
         kept = [c for c in have if np.isfinite(c.dense_auc.get(split, np.nan)) and c.dense_auc[split] > min_dense_auc]
         if not kept:
             continue
         all_ns = sorted(set.intersection(*(set(c.ns) for c in kept)))  # N of every curve (not n_nonzero)
-        for name, getter in (("recovery_auc_mean", lambda c: c.auc[split]),
-                             ("recovery_mean", lambda c: c.ratios(split)),
-                             ("recovery_chance_adjusted_mean", lambda c: c.chance_adjusted(split))):
+        for name, getter in (
+            ("recovery_auc_mean", lambda c, split=split: c.auc[split]),
+            ("recovery_mean", lambda c, split=split: c.ratios(split)),
+            ("recovery_chance_adjusted_mean", lambda c, split=split: c.chance_adjusted(split)),
+        ):
             for n in all_ns:
-                vals = [v for c in kept for cn, v in zip(c.ns, getter(c)) if cn == n and np.isfinite(v)]
+                vals = [v for c in kept for cn, v in zip(c.ns, getter(c), strict=True) if cn == n and np.isfinite(v)]
                 if vals:
                     out.append(Metric(name, float(np.mean(vals)), split=split, n_features=n, n=len(vals)))
         table = np.array([[c.n_to_reach(split, thr) for thr in thresholds] for c in kept])
         for j, thr in enumerate(thresholds):
             col = np.where(np.isfinite(table[:, j]), table[:, j], 100.0)
-            out.append(Metric(f"recovery_mean_n_features_{round(thr * 100)}pct", float(col.mean()),
-                              split=split, n=len(kept)))
+            out.append(
+                Metric(
+                    f"recovery_mean_n_features_{round(thr * 100)}pct",
+                    float(col.mean()),
+                    split=split,
+                    n=len(kept),
+                )
+            )
         out.append(Metric("recovery_mean_n_features", _v(mean_n_features_study(table)), split=split, n=len(kept)))
     return out
 
 
-def retrieval_rows(split: str, ks: Sequence[int], quality: dict[str, dict], precision: dict[str, dict],
-                   n_refs: int) -> list[Metric]:
+def retrieval_rows(
+    split: str, ks: Sequence[int], quality: dict[str, dict], precision: dict[str, dict], n_refs: int
+) -> list[Metric]:
     """``quality[method][K or None] -> per-reference array``; ``precision[method][(label, K)] -> array``."""
     out: list[Metric] = []
     dense = quality.get("dense", {}).get(None)
     for method, per_k in quality.items():
         for k, q in per_k.items():
             ok = np.isfinite(q)
-            out.append(Metric(f"fingerprint_quality_{method}", _v(np.mean(q[ok])) if ok.any() else None,
-                              split=split, n_features=k, n=int(ok.sum()),
-                              extra={"std": _v(np.std(q[ok])) if ok.any() else None}))
+            out.append(
+                Metric(
+                    f"fingerprint_quality_{method}",
+                    _v(np.mean(q[ok])) if ok.any() else None,
+                    split=split,
+                    n_features=k,
+                    n=int(ok.sum()),
+                    extra={"std": _v(np.std(q[ok])) if ok.any() else None},
+                )
+            )
             if method != "dense" and dense is not None:
                 ratio = q / dense
                 ok = np.isfinite(ratio)
-                out.append(Metric(f"fingerprint_relative_{method}", _v(np.mean(ratio[ok])) if ok.any() else None,
-                                  split=split, n_features=k, n=int(ok.sum())))
+                out.append(
+                    Metric(
+                        f"fingerprint_relative_{method}",
+                        _v(np.mean(ratio[ok])) if ok.any() else None,
+                        split=split,
+                        n_features=k,
+                        n=int(ok.sum()),
+                    )
+                )
     for method, per in precision.items():
         for (label, k), p in per.items():
             ok = np.isfinite(p)
-            out.append(Metric(f"retrieval_precision_{method}", _v(np.mean(p[ok])) if ok.any() else None,
-                              split=split, target=label, n_features=k, n=int(ok.sum())))
+            out.append(
+                Metric(
+                    f"retrieval_precision_{method}",
+                    _v(np.mean(p[ok])) if ok.any() else None,
+                    split=split,
+                    target=label,
+                    n_features=k,
+                    n=int(ok.sum()),
+                )
+            )
     return out

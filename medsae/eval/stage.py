@@ -112,17 +112,34 @@ def _reconstruction(data: _Data, split_rows: np.ndarray, spec: EvalSpec, device:
             part = split_rows[start : start + chunk]
             x_raw = torch.from_numpy(data.store.load(data.emb_pos[part]).astype(np.float32)).to(device)
             x_in = data.sae.normalize(x_raw)
-            codes = torch.from_numpy(data.codes[part].toarray()).to(device)
-            x_hat = data.sae.decode(codes)
+            x_hat = data.sae.decode(_torch_csr(data.codes[part], device))
             stats.update(x_in.float().cpu().numpy(), x_hat.float().cpu().numpy())
     return stats.result()
 
 
+def _torch_csr(csr: sp.csr_matrix, device: str):
+    """A scipy CSR chunk as a torch sparse CSR tensor: decoding costs nnz x d, not n x d_sae x d."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support is in beta.*")
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(csr.indptr.astype(np.int64)),
+            torch.from_numpy(csr.indices.astype(np.int64)),
+            torch.from_numpy(csr.data.astype(np.float32)),
+            size=csr.shape,
+            check_invariants=False,
+        ).to(device)
+
+
 def _label_codes(values: pd.Series) -> np.ndarray:
-    return pd.factorize(values.where(values.notna(), None), sort=True)[0].astype(np.int64)
+    """Integer codes of a label column; -1 for missing values."""
+    return pd.factorize(values, sort=True)[0].astype(np.int64)
 
 
-def _retrieval(data: _Data, split: str, split_rows: np.ndarray, spec: EvalSpec, ctx: StageContext) -> list[Metric]:
+def _retrieval(data: _Data, split: str, split_rows: np.ndarray, spec: EvalSpec) -> list[Metric]:
     codes = data.codes[split_rows]
     emb = data.store.load(data.emb_pos[split_rows]).astype(np.float32)
     scans = retrieval.ScanIndex.build(data.scan[split_rows])
@@ -144,8 +161,9 @@ def _retrieval(data: _Data, split: str, split_rows: np.ndarray, spec: EvalSpec, 
             for name, lab in labels.items():
                 precision[method][(name, k)] = retrieval.label_agreement(lab, refs, got)
             precision[method][("structures", k)] = retrieval.structure_jaccard(pres, refs, got)
-    precision["chance"] = {(name, None): retrieval.chance_label_agreement(lab, refs, scans)
-                           for name, lab in labels.items()}
+    precision["chance"] = {
+        (name, None): retrieval.chance_label_agreement(lab, refs, scans) for name, lab in labels.items()
+    }
     precision["chance"][("structures", None)] = retrieval.chance_structure_jaccard(pres, refs, scans, seed=spec.seed)
     return rows.retrieval_rows(split, ks, quality, precision, len(refs))
 
@@ -183,32 +201,56 @@ def run_evaluate(ctx: StageContext) -> StageResult:
             metrics += rows.scalar_rows(split, values, n=len(srows))
         if spec.plots:
             with timer.part("plots"):
-                plots.plot_latent_frequency(counts / len(srows), plot_dir / f"latent_frequency_{split}.png",
-                                            spec.dense_threshold, title=f"{split}:")
+                plots.plot_latent_frequency(
+                    counts / len(srows),
+                    plot_dir / f"latent_frequency_{split}.png",
+                    spec.dense_threshold,
+                    title=f"{split}:",
+                )
 
-    settings = probes.ProbeSettings(C=spec.probe_C, l1_ratio=spec.probe_l1_ratio, max_iter=spec.probe_max_iter,
-                                    tol=spec.probe_tol, max_train=spec.probe_max_train, backend=spec.probe_backend,
-                                    device=device, seed=spec.seed, threads=spec.threads)
+    settings = probes.ProbeSettings(
+        C=spec.probe_C,
+        l1_ratio=spec.probe_l1_ratio,
+        max_iter=spec.probe_max_iter,
+        tol=spec.probe_tol,
+        max_train=spec.probe_max_train,
+        backend=spec.probe_backend,
+        device=device,
+        seed=spec.seed,
+        threads=spec.threads,
+    )
     results: list[probes.ProbeResult] = []
     curves: list[recovery.RecoveryCurve] = []
     if (spec.probes or spec.recovery) and len(train_rows) and splits:
         with timer.part("probes"):
-            targets = probes.build_targets(data.slices, spec.probe_targets, data.presence, data.vocab,
-                                           spec.probe_structures)
+            targets = probes.build_targets(
+                data.slices, spec.probe_targets, data.presence, data.vocab, spec.probe_structures
+            )
             targets = probes.select_targets(targets, train_rows, spec.probe_min_positives)
             strata = _label_codes(data.slices["modality"].astype(str) + "/" + data.slices["plane"].astype(str))
-            sources = {"dense": lambda r: data.store.load(data.emb_pos[r]).astype(np.float32), "sparse": data.codes}
+            sources = {
+                "dense": lambda r: data.store.load(data.emb_pos[r]).astype(np.float32),
+                "sparse": data.codes,
+            }
             results = probes.run_probes(targets, train_rows, split_rows, sources, settings, strata)
             metrics += rows.probe_rows(results, splits, spec.mean_min_dense_auc)
         if spec.recovery:
             with timer.part("recovery"):
                 dense_auc = {s: probes.dense_auc_table(results, s) for s in splits}
-                rec_settings = dataclasses.replace(settings, max_iter=spec.recovery_max_iter,
-                                                   max_train=spec.recovery_max_train)
+                rec_settings = dataclasses.replace(
+                    settings, max_iter=spec.recovery_max_iter, max_train=spec.recovery_max_train
+                )
                 select = "val" if "val" in splits else splits[0]
                 curves = recovery.run_recovery(
-                    [r for r in results if r.features == "sparse"], dense_auc, train_rows, split_rows, data.codes,
-                    rec_settings, spec.recovery_ns, spec.recovery_min_dense_auc, select,
+                    [r for r in results if r.features == "sparse"],
+                    dense_auc,
+                    train_rows,
+                    split_rows,
+                    data.codes,
+                    rec_settings,
+                    spec.recovery_ns,
+                    spec.recovery_min_dense_auc,
+                    select,
                 )
                 metrics += rows.recovery_rows(curves, splits, spec.recovery_thresholds, spec.mean_min_dense_auc)
                 _write_curves(curves, splits, out_dir / "recovery_curves.csv")
@@ -216,16 +258,24 @@ def run_evaluate(ctx: StageContext) -> StageResult:
             with timer.part("plots"):
                 for split in splits:
                     plots.plot_recovery_curves(curves, split, plot_dir / f"recovery_{split}.png")
-                    plots.plot_probe_aucs(_auc_table(results, split), plot_dir / f"probe_auc_{split}.png",
-                                          title=f"linear probes ({split})")
+                    plots.plot_probe_aucs(
+                        _auc_table(results, split),
+                        plot_dir / f"probe_auc_{split}.png",
+                        title=f"linear probes ({split})",
+                    )
 
     if spec.monosemanticity:
         with timer.part("monosemanticity"):
-            mono_settings = mono.MonoSettings(top_ns=tuple(spec.mono_top_ns), min_images=spec.mono_min_images,
-                                              null_draws=spec.mono_null_draws, seed=spec.seed)
+            mono_settings = mono.MonoSettings(
+                top_ns=tuple(spec.mono_top_ns),
+                min_images=spec.mono_min_images,
+                null_draws=spec.mono_null_draws,
+                seed=spec.seed,
+            )
             for split, srows in split_rows.items():
-                frame, nulls = mono.latent_scores(data.codes[srows], data.presence[srows], data.scan[srows],
-                                                  mono_settings)
+                frame, nulls = mono.latent_scores(
+                    data.codes[srows], data.presence[srows], data.scan[srows], mono_settings
+                )
                 frame.to_parquet(out_dir / f"mono_latents_{split}.parquet", index=False)
                 values = mono.config_scores(frame, nulls, base=spec.mono_top_ns[0])
                 metrics += rows.scalar_rows(split, values, n=len(srows))
@@ -233,7 +283,7 @@ def run_evaluate(ctx: StageContext) -> StageResult:
     if spec.retrieval:
         with timer.part("retrieval"):
             for split, srows in split_rows.items():
-                metrics += _retrieval(data, split, srows, spec, ctx)
+                metrics += _retrieval(data, split, srows, spec)
 
     metrics += [Metric(f"seconds_{part}", sec) for part, sec in timer.seconds.items()]
     metrics.append(Metric("seconds_total", sum(timer.seconds.values())))
@@ -246,15 +296,25 @@ def _auc_table(results: list[probes.ProbeResult], split: str) -> pd.DataFrame:
     for r in results:
         for task, auc in r.leaf_aucs(split).items():
             table.setdefault(task, {})[r.features] = auc
-    return pd.DataFrame([{"target": t, "dense": v.get("dense", np.nan), "sparse": v.get("sparse", np.nan)}
-                         for t, v in table.items()])
+    return pd.DataFrame(
+        [{"target": t, "dense": v.get("dense", np.nan), "sparse": v.get("sparse", np.nan)} for t, v in table.items()]
+    )
 
 
 def _write_curves(curves: list[recovery.RecoveryCurve], splits: list[str], path: Path) -> None:
     records = [
-        {"task": c.task, "split": s, "n_features": n, "auc": a, "dense_auc": c.dense_auc.get(s), "recovery": r}
-        for c in curves for s in splits if s in c.auc
-        for n, a, r in zip(c.ns, c.auc[s], c.ratios(s))
+        {
+            "task": c.task,
+            "split": s,
+            "n_features": n,
+            "auc": a,
+            "dense_auc": c.dense_auc.get(s),
+            "recovery": r,
+        }
+        for c in curves
+        for s in splits
+        if s in c.auc
+        for n, a, r in zip(c.ns, c.auc[s], c.ratios(s), strict=True)
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(records).to_csv(path, index=False)
@@ -273,8 +333,16 @@ def _write_json(metrics: list[Metric], path: Path) -> None:
 
 
 def _summary(metrics: list[Metric], d_sae: int) -> dict[str, Any]:
-    wanted = ("fvu", "r2_scalar_mean_study", "l0_mean", "dead_fraction", "probe_auc_dense_mean",
-              "probe_auc_sparse_mean", "mono_config_top10", "recovery_mean_n_features")
+    wanted = (
+        "fvu",
+        "r2_scalar_mean_study",
+        "l0_mean",
+        "dead_fraction",
+        "probe_auc_dense_mean",
+        "probe_auc_sparse_mean",
+        "mono_config_top10",
+        "recovery_mean_n_features",
+    )
     out: dict[str, Any] = {"d_sae": d_sae}
     for m in metrics:
         if m.name in wanted and m.split == "val" and m.target is None and m.n_features is None:

@@ -343,9 +343,7 @@ class Agent:
             row = self._shuffled_row(latent, ok[donor], donor)
             rows_expl.append(row)
             sim_jobs.append(self._job(latent, row, sets[(latent, SIMULATE)], SIMULATE))
-        rank_reqs, rank_meta = (
-            self._ranking_requests(ok, sets, lines, legend, sim) if p["ranking"] else ([], [])
-        )
+        rank_reqs, rank_meta = self._ranking_requests(ok, sets, lines, legend) if p["ranking"] else ([], [])
 
         # one concurrent round for everything, then one round of repairs
         rank_responses = simulator.run_jobs(
@@ -456,12 +454,7 @@ class Agent:
     # ---------------------------------------------------------------- ranking (study 7.4)
 
     def _ranking_requests(
-        self,
-        ok: dict[int, dict],
-        sets: dict,
-        lines: dict[int, str],
-        legend: list[str],
-        sim: simulator.Simulator,
+        self, ok: dict[int, dict], sets: dict, lines: dict[int, str], legend: list[str]
     ) -> tuple[list, list]:
         from medsae.interp.llm import LLMRequest
 

@@ -10,9 +10,10 @@ the task named on the system message's first line (``Task: ...``):
   firing examples (strength > 0) that have it with the share of contrasts (strength 0). Terms
   present in at least ``MIN_SHARE`` of firing examples and over-represented by at least
   ``MIN_LIFT`` are named (one per kind, up to three structures), most enriched first, in one
-  sentence on a final ``EXPLANATION:`` line. Scan-level terms (sex, age, study, pathology,
-  scanner, site) need stronger evidence and at most one is named: a handful of scans makes any of
-  their attributes look enriched. No firing example: no marker (a parse failure).
+  sentence on a final ``EXPLANATION:`` line. Scan-level terms (modality, sex, age, study,
+  pathology, scanner, site) need stronger evidence, and at most one besides the modality is
+  named: a handful of scans makes any of their attributes look enriched. No firing example: no
+  marker (a parse failure).
 * **simulate** / **detect**: the explanation's terms are the legend values it mentions (a
   negation word just before a term makes it an excluded term). A slice's prediction is
   ``round(scale * f**2)``, f = share of the explanation's terms the slice has; 0 when it has an
@@ -35,10 +36,11 @@ from medsae.interp.offline import message_text, register_offline_model
 
 MODEL = "baseline"
 MIN_SHARE = 0.6
-MIN_LIFT = 0.15
-#: Terms that describe a whole scan (patient, acquisition): a few scans can make any of them look
-#: enriched, so they need stronger evidence and at most one is named, after the image terms.
-SCAN_LEVEL = ("sex", "age", "study", "pathology", "scanner", "site")
+MIN_LIFT = 0.2
+#: Terms that describe a whole scan (modality, patient, acquisition): examples come from a few scans,
+#: so any of them can look enriched by chance. They need stronger evidence, and at most one besides
+#: the modality is named, after the image terms.
+SCAN_LEVEL = ("modality", "sex", "age", "study", "pathology", "scanner", "site")
 SCAN_MIN_SHARE = 0.95
 SCAN_MIN_LIFT = 0.4
 MAX_SCAN_TERMS = 1
@@ -93,12 +95,13 @@ def enriched_terms(examples: list[tuple[int, set[Term]]]) -> list[tuple[Term, fl
         scan_level = term.kind in SCAN_LEVEL
         limit = MAX_STRUCTURES if term.kind == "structure" else 1
         share, lift = (SCAN_MIN_SHARE, SCAN_MIN_LIFT) if scan_level else (MIN_SHARE, MIN_LIFT)
-        if scan_level and n_scan_terms >= MAX_SCAN_TERMS:
+        counted = scan_level and term.kind != "modality"
+        if counted and n_scan_terms >= MAX_SCAN_TERMS:
             continue
         if pf >= share and pf - pc >= lift and per_kind[term.kind] < limit:
             chosen.append((term, pf, pc))
             per_kind[term.kind] += 1
-            n_scan_terms += scan_level
+            n_scan_terms += counted
         if len(chosen) == MAX_TERMS:
             break
     if not chosen and rows and rows[0][1] - rows[0][2] > 0:

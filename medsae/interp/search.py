@@ -9,8 +9,10 @@
    ``test`` split, else every slice) ranked by cosine similarity of their codes on those latents,
    one slice per scan, top ``k``.
 4. Precision@k against metadata: a query's criteria (kind -> accepted values) say which slices
-   are right answers. The built-in :data:`QUERIES` are the study's twelve with criteria; for any
-   other query the criteria are the legend values it names. Stored as ``metrics`` rows.
+   are right answers; precision is the share of returned slices that are (fewer than k are
+   returned when the split has fewer scans; ``n`` records how many). The built-in
+   :data:`QUERIES` are the study's twelve with criteria; for any other query the criteria are the
+   legend values it names. Stored as ``metrics`` rows.
 """
 
 from __future__ import annotations
@@ -207,10 +209,14 @@ def rank_slices(
 
 
 def precision(
-    found: pd.DataFrame, structures: pd.DataFrame, criteria: dict[str, tuple[str, ...]], k: int
+    found: pd.DataFrame, structures: pd.DataFrame, criteria: dict[str, tuple[str, ...]]
 ) -> dict[str, float | None]:
-    """Precision@k overall (every criterion met) and per criterion kind; empty slots count as misses."""
-    if not criteria:
+    """Share of the returned slices meeting every criterion (``all``) and each criterion kind.
+
+    The denominator is the number returned (at most k; fewer when the split has fewer scans, since
+    one slice per scan is returned), which the metric rows record as ``n``.
+    """
+    if not criteria or len(found) == 0:
         return {"all": None}
     attrs = slice_attributes(found)
     ok_all = np.ones(len(found), dtype=bool)
@@ -221,9 +227,9 @@ def precision(
             hit = found["slice_id"].isin(structures.loc[wanted, "slice_id"]).to_numpy()
         else:
             hit = attrs[kind].isin(list(values)).to_numpy()
-        out[kind] = float(hit.sum() / k)
+        out[kind] = float(hit.mean())
         ok_all &= hit
-    out["all"] = float(ok_all.sum() / k)
+    out["all"] = float(ok_all.mean())
     return out
 
 
@@ -270,7 +276,7 @@ def run_search(
     codes, code_ids = load_codes(encode_dir)
     found = rank_slices(codes, code_ids, slices.reset_index(drop=True), latents, weights, k)
     crit = dict(criteria) if criteria is not None else criteria_from_text(query, legend)
-    prec = precision(found, structures, crit, k)
+    prec = precision(found, structures, crit)
     chosen = candidates.set_index("latent").loc[latents]
     return {
         "query": query,
@@ -285,6 +291,7 @@ def run_search(
         "criteria": {key: list(v) for key, v in crit.items()},
         "precision": prec,
         "k": k,
+        "n_found": len(found),
         "summarize_key": exp.summarize_key,
     }
 
@@ -317,7 +324,7 @@ def metric_rows(result: dict[str, Any], name: str) -> list[dict[str, Any]]:
                 "split": "test",
                 "name": metric,
                 "value": value,
-                "n": result["k"],
+                "n": result["n_found"],
                 "target": name,
                 "n_features": len(result["latents"]),
                 "extra_json": json.dumps(
@@ -334,7 +341,10 @@ def metric_rows(result: dict[str, Any], name: str) -> list[dict[str, Any]]:
 
 
 def store_metrics(registry: Any, rows: list[dict[str, Any]]) -> int:
-    """Insert metric rows not already present (same stage, name, target and extra): reruns add nothing."""
+    """Insert metric rows not already present (same stage, name, target, extra, value, n).
+
+    A rerun with the same outcome adds nothing; a changed outcome adds a row beside the old one.
+    """
     from medsae.registry.db import insert_rows
 
     new = []
@@ -342,8 +352,8 @@ def store_metrics(registry: Any, rows: list[dict[str, Any]]) -> int:
         for r in rows:
             exists = con.execute(
                 "SELECT count(*) FROM metrics WHERE stage_key = ? AND name = ? AND target = ? "
-                "AND extra_json = ?",
-                [r["stage_key"], r["name"], r["target"], r["extra_json"]],
+                "AND extra_json = ? AND value = ? AND n = ?",
+                [r["stage_key"], r["name"], r["target"], r["extra_json"], r["value"], r["n"]],
             ).fetchall()[0][0]
             if not exists:
                 new.append(r)

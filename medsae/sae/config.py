@@ -135,7 +135,7 @@ class SAESpec(Section):
     )
     checkpoint_every: int = execution_only(200, "Save a resumable checkpoint every N steps.", ge=1)
     checkpoint_minutes: float = execution_only(
-        2.0, "...but at most once per this many minutes (checkpoints of big sweeps are large).", ge=0
+        0.0, "...but at most once per this many minutes (checkpoints of big sweeps are large).", ge=0
     )
     device: str = execution_only("auto", "auto = cuda, then mps, then cpu.")
     precision: Literal["auto", "fp32", "bf16"] = execution_only(

@@ -179,7 +179,7 @@ class SAE(nn.Module):
     def pre_acts(self, x_in: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``z = W_enc (x_in - b_dec) + b_enc``, the matmul in ``dtype``."""
         x_c = x_in.float() - self.b_dec
-        return (x_c.to(dtype) @ self.W_enc.to(dtype).t()).float() + self.b_enc
+        return torch.addmm(self.b_enc.to(dtype), x_c.to(dtype), self.W_enc.to(dtype).t()).float()
 
     def threshold_ready(self) -> bool:
         return int(self.threshold_count) >= self.cfg.threshold_warmup
@@ -240,7 +240,7 @@ class SAE(nn.Module):
         x_in = x_in.float()
         x_c = (x_in - self.b_dec).detach()
         with torch.no_grad():  # gradients come from ops.gather_encode / ops.columns_encode
-            z = x_c.to(dtype) @ self.W_enc.detach().to(dtype).t() + self.b_enc.detach().to(dtype)
+            z = torch.addmm(self.b_enc.detach().to(dtype), x_c.to(dtype), self.W_enc.detach().to(dtype).t())
         if cfg.inner == "relu":
             return self._relu_forward(x_in, x_c, z)
         w_dec = self._train_decoder()

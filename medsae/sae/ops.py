@@ -14,7 +14,7 @@ backward pass (``∂L/∂W_enc = Gᵀ x`` with a dense ``G`` and ``∂L/∂x`` f
 
 * :func:`select_rows` is ``w[rows]`` for unique rows with a copying (not accumulating) backward.
 
-Selections are returned as CSR-like triples ``(rows, cols, offsets)`` sorted by row, then column.
+Selections are returned as CSR-like triples ``(rows, cols, offsets)`` grouped by row.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 @dataclass
 class Selection:
-    """Selected entries of a ``[batch, width]`` block, sorted by (row, col)."""
+    """Selected entries of a ``[batch, width]`` block, grouped by row (``offsets`` = start of each row)."""
 
     rows: torch.Tensor  # int64 [nnz]
     cols: torch.Tensor  # int64 [nnz]
@@ -52,12 +52,13 @@ def _sorted_selection(rows: torch.Tensor, cols: torch.Tensor, batch: int, width:
 
 
 def topk_select(z: torch.Tensor, k: int) -> Selection:
-    """Per-sample top-k of each row of ``z`` [batch, width]."""
+    """Per-sample top-k of each row of ``z`` [batch, width] (grouped by row; no sort needed)."""
     batch, width = z.shape
     k = min(k, width)
     idx = torch.topk(z, k, dim=1, sorted=False).indices
     rows = torch.arange(batch, device=z.device).repeat_interleave(k)
-    return _sorted_selection(rows, idx.reshape(-1), batch, width)
+    offsets = torch.arange(batch, device=z.device) * k
+    return Selection(rows, idx.reshape(-1), offsets, batch)
 
 
 def batch_topk_select(z: torch.Tensor, k_total: int) -> Selection:

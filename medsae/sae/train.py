@@ -104,6 +104,7 @@ def lr_at(step: int, total: int, p: dict[str, Any]) -> float:
 
 
 def combined_seed(experiment_seed: int, sae_seed: int) -> int:
+    """The seed of initialisation and data order: the experiment's seed mixed with ``sae.seed``."""
     return int(
         np.random.SeedSequence([experiment_seed & 0xFFFFFFFF, sae_seed & 0xFFFFFFFF]).generate_state(1)[0]
     )
@@ -123,12 +124,13 @@ def geometric_median(x: torch.Tensor, iters: int = 200, tol: float = 1e-7) -> to
     return y.float()
 
 
+#: Execution settings that may change between a kill and the resume without invalidating a checkpoint.
+_RESUME_INDEPENDENT = ("checkpoint_every", "checkpoint_minutes", "device", "log_every", "resident_max_gb")
+
+
 def _fingerprint(params: dict[str, Any], seed: int, n: int, d: int) -> str:
-    keyed = {
-        k: v
-        for k, v in params.items()
-        if k not in ("checkpoint_every", "device", "log_every", "resident_max_gb")
-    }
+    """What a checkpoint must match to be resumed: the configuration, the seed and the data shape."""
+    keyed = {k: v for k, v in params.items() if k not in _RESUME_INDEPENDENT}
     text = json.dumps({"params": keyed, "seed": seed, "n": n, "d": d}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
