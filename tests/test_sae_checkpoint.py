@@ -159,9 +159,7 @@ def _artifacts(tmp_path: Path, n: int = 300, d: int = 16) -> tuple[Path, Path, n
     slices_dir.mkdir()
     embed_dir.mkdir()
     split = np.array(["train", "train", "val", "test", "train"])[np.arange(n) % 5]
-    pd.DataFrame({"slice_id": np.arange(n, dtype=np.int64), "split": split}).to_parquet(
-        slices_dir / "slices.parquet"
-    )
+    pd.DataFrame({"slice_id": np.arange(n, dtype=np.int64), "split": split}).to_parquet(slices_dir / "slices.parquet")
     order = np.random.default_rng(0).permutation(n)  # embed rows need not follow slice order
     shards = [write_shard(embed_dir, i, x[order[s : s + 128]]) for i, s in enumerate(range(0, n, 128))]
     write_manifest(embed_dir, shards=shards, slice_ids=order, d=d, dtype="float32", shard_size=128)

@@ -76,9 +76,7 @@ CONFIGS = {
 }
 
 
-def _train(
-    x: np.ndarray, specs: list[dict], work_dirs: list[Path | None] | None = None, chunk_rows=None, **kw
-):
+def _train(x: np.ndarray, specs: list[dict], work_dirs: list[Path | None] | None = None, chunk_rows=None, **kw):
     data = TrainData(ArrayStore(x), np.arange(len(x)), torch.device("cpu"), 1e9, chunk_rows=chunk_rows)
     work_dirs = work_dirs or [None] * len(specs)
     jobs = [TrainJob(p, seed=7, work_dir=w) for p, w in zip(specs, work_dirs, strict=True)]
@@ -125,9 +123,7 @@ def test_sigkill_resume_equals_uninterrupted(tmp_path: Path):
         root=str(ROOT), x=str(tmp_path / "x.npy"), params=str(tmp_path / "params.json"), work=work, kill_at=18
     )
     env = {**os.environ, "MEDSAE_QUIET": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
-    )
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert (tmp_path / "w0" / "train_state.pt").is_file()
     resumed = _train(x, specs, [Path(w) for w in work])

@@ -47,8 +47,10 @@ app.command("sql")(sql_command)
 def _mount_optional() -> None:
     """Command groups that live in other modules (each cheap to import: heavy imports are lazy)."""
     from medsae.cli import data, explain, export, report, search
+    from medsae.cli import eval as eval_cli
 
     app.add_typer(data.app, name="data", help="Datasets: phantom generation and TotalSegmentator ingest.")
+    app.add_typer(eval_cli.app, name="eval", help="Rank SAE configurations, plot sweeps.")
     app.add_typer(explain.app, name="explain", help="Explain latents with an LLM, compare explainers.")
     app.command("search")(search.search_command)
     app.command("report")(report.report_command)

@@ -112,9 +112,7 @@ def pool_features(features: Features, pooling: str, name: str = "backbone") -> t
             return features.pooled.float().flatten(1)
         if pooling in ("pooler", "mean", "mean_patch"):
             return t.mean(dim=(2, 3))
-        raise SpecError(
-            f"embed.pooling: '{pooling}' needs a CLS token but {name} gives a feature map (use mean)"
-        )
+        raise SpecError(f"embed.pooling: '{pooling}' needs a CLS token but {name} gives a feature map (use mean)")
     if t.ndim != 3:
         raise MedsaeError(f"embed: {name} returned features of shape {tuple(t.shape)}, expected [B, T, D]")
     if pooling == "pooler":
@@ -241,9 +239,7 @@ def timm_features(model: nn.Module) -> FeatureFn:
         pooled = model.forward_head(t, pre_logits=True) if want_pooled else None
         if t.ndim == 4 and nhwc:
             t = t.permute(0, 3, 1, 2)
-        return Features(
-            t, n_prefix=n_prefix if t.ndim == 3 else 0, has_cls=has_cls and t.ndim == 3, pooled=pooled
-        )
+        return Features(t, n_prefix=n_prefix if t.ndim == 3 else 0, has_cls=has_cls and t.ndim == 3, pooled=pooled)
 
     return run
 
@@ -368,9 +364,7 @@ def build_transformers(spec: EmbedSpec) -> tuple[nn.Module, dict[str, Any]]:
 
     overrides = dict(spec.model_kwargs)
     if spec.pretrained and spec.weights is None:
-        model = _cache_first(
-            spec.model, lambda **kw: AutoModel.from_pretrained(spec.model, **overrides, **kw)
-        )
+        model = _cache_first(spec.model, lambda **kw: AutoModel.from_pretrained(spec.model, **overrides, **kw))
         return model.float(), {"weights": f"hf:{spec.model}"}
     if spec.weights is not None and Path(spec.weights).is_dir():
         model = fetch(spec.weights, lambda: AutoModel.from_pretrained(spec.weights, **overrides))
@@ -440,9 +434,7 @@ def load_backbone(spec: EmbedSpec | Mapping[str, Any], device: str | None = None
         try:
             spec = EmbedSpec.model_validate(dict(spec))
         except Exception as err:  # pydantic's ValidationError, as one line
-            raise SpecError(
-                f"embed: {str(err).splitlines()[0]}: {str(err).splitlines()[-1].strip()}"
-            ) from None
+            raise SpecError(f"embed: {str(err).splitlines()[0]}: {str(err).splitlines()[-1].strip()}") from None
     target = resolve_device(device or spec.device)
     if spec.source == "timm":
         model, info = build_timm(spec)

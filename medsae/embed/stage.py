@@ -207,9 +207,7 @@ def _link(src: Path, dst: Path) -> None:
 class _ScanItems(Dataset):
     """Item i = the rendered images of one work item (one scan's rows within one shard)."""
 
-    def __init__(
-        self, slices_dir: Path, slice_ids: np.ndarray, items: list[tuple[int, int]], render: RenderFn
-    ):
+    def __init__(self, slices_dir: Path, slice_ids: np.ndarray, items: list[tuple[int, int]], render: RenderFn):
         self.slices_dir = slices_dir
         self.slice_ids = slice_ids
         self.items = items
@@ -231,9 +229,7 @@ def render_rows(render: RenderFn, slices_dir: Path, ids: np.ndarray) -> np.ndarr
         got_ids.append(np.asarray(part_ids, dtype=np.int64))
         got_imgs.append(np.asarray(part_imgs))
     if not got_ids:
-        raise MedsaeError(
-            f"embed: the renderer returned no images for slices {ids[:3].tolist()}... of {slices_dir}"
-        )
+        raise MedsaeError(f"embed: the renderer returned no images for slices {ids[:3].tolist()}... of {slices_dir}")
     all_ids = np.concatenate(got_ids)
     images = got_imgs[0] if len(got_imgs) == 1 else np.concatenate(got_imgs)
     if np.array_equal(all_ids, ids):

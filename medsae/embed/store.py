@@ -156,9 +156,7 @@ class EmbeddingStore:
         for entry in self.manifest["shards"]:
             path = self.folder / entry["file"]
             if sha256_file(path) != entry["sha256"]:
-                raise MedsaeError(
-                    f"embed: shard {path} does not match its sha256 in {self.folder / MANIFEST}"
-                )
+                raise MedsaeError(f"embed: shard {path} does not match its sha256 in {self.folder / MANIFEST}")
 
 
 def open_embeddings(embed_dir: str | Path) -> EmbeddingStore:

@@ -1,5 +1,9 @@
 """Where backbone weights come from: the Hugging Face cache, a local file, or a seeded random init.
 
+Hub weights resolve through ``huggingface_hub``: the cache under ``HF_HOME`` (or ``HF_HUB_CACHE``),
+``HF_TOKEN`` for gated models such as DINOv3 and BiomedParse, and ``HF_HUB_OFFLINE=1`` to never
+touch the network (transformers loads try the cache alone first in any case).
+
 Every failure a user can cause (weights not downloaded, offline, gated model without a token, a
 checkpoint that does not fit the architecture) becomes one :class:`~medsae.errors.MedsaeError`
 line that names the model, where medsae looked, and what to do about it.
@@ -33,8 +37,7 @@ def hf_cache_dir() -> str:
 
 def hf_offline() -> bool:
     return any(
-        os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
-        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+        os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
     )
 
 
@@ -69,9 +72,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any unreadable file is the user's input error
-        raise MedsaeError(
-            f"embed.weights: cannot read checkpoint {path}: {type(err).__name__}: {err}"
-        ) from None
+        raise MedsaeError(f"embed.weights: cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
             state = state[wrapper]

@@ -143,7 +143,14 @@ def canonical_request(req: LLMRequest) -> dict[str, Any]:
         "seed": None if req.seed is None else int(req.seed),
         "template_hash": req.template_hash,
         "messages": _strip_images(req.messages),
+        "offline_version": _offline_version(req.model),
     }
+
+
+def _offline_version(model: str) -> str | None:
+    from medsae.interp.offline import handler_version
+
+    return handler_version(model)
 
 
 def canonical_json(obj: Any) -> str:

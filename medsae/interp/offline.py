@@ -32,6 +32,7 @@ OfflineHandler = Callable[[list[dict], dict], str]
 PLUGIN_MODULES: tuple[str, ...] = ("medsae.interp.baseline_provider",)
 
 _HANDLERS: dict[str, OfflineHandler] = {}
+_VERSIONS: dict[int, str] = {}  # id(handler) -> sha256 of its module source
 _LOCK = threading.Lock()
 _PROVIDER_INSTANCE: Any = None
 _PLUGINS_LOADED = False
@@ -63,6 +64,33 @@ def _load_plugins() -> None:
         except ModuleNotFoundError as exc:
             if exc.name != module:  # the plugin exists but one of its imports is missing: a real bug
                 raise
+
+
+def handler_version(model: str) -> str | None:
+    """sha256 of the source of the module implementing an offline model (None for other models).
+
+    It enters the LLM cache key, so editing the rules of ``medsae/baseline`` invalidates its cached
+    answers instead of silently serving the old ones.
+    """
+    if not model.startswith("medsae/"):
+        return None
+    import hashlib
+    import inspect
+
+    _load_plugins()
+    handler = _HANDLERS.get(model.split("/", 1)[1])
+    if handler is None:
+        return None
+    cached = _VERSIONS.get(id(handler))
+    if cached is not None:
+        return cached
+    module = inspect.getmodule(handler)
+    try:
+        source = inspect.getsource(module) if module else handler.__qualname__
+    except (OSError, TypeError):
+        source = handler.__qualname__
+    _VERSIONS[id(handler)] = version = hashlib.sha256(source.encode()).hexdigest()
+    return version
 
 
 def message_text(message: dict) -> str:

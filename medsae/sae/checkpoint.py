@@ -159,9 +159,7 @@ def resolve_train_dir(experiment: str, registry_path: str | Path | None = None) 
         [experiment],
     )
     if not rows or not rows[0]["artifact_dir"]:
-        raise MedsaeError(
-            f"{registry.path}: no trained SAE for experiment '{experiment}' (run `medsae exp run` first)"
-        )
+        raise MedsaeError(f"{registry.path}: no trained SAE for experiment '{experiment}' (run `medsae exp run` first)")
     path = Path(rows[0]["artifact_dir"])
     if not path.is_dir():
         raise MissingInputError(f"{path}: train folder of '{experiment}' is missing")

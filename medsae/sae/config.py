@@ -54,6 +54,17 @@ STUDY_PRESET: dict[str, Any] = {
 }
 
 
+def apply_preset(data: dict[str, Any]) -> dict[str, Any]:
+    """Raw ``sae:`` data with its preset's fields filled in where the data does not set them.
+
+    ``preset: study`` fills every field of :data:`STUDY_PRESET`; ``none`` (the default) changes nothing.
+    Applied before validation, so a dumped spec (every field explicit) validates to itself.
+    """
+    if data.get("preset") == "study":
+        return {**STUDY_PRESET, **data}
+    return data
+
+
 class SAESpec(Section):
     """Architecture and training; ``preset: study`` fills in the study's exact recipe."""
 
@@ -68,9 +79,7 @@ class SAESpec(Section):
     )
     d_sae: int | None = Field(None, ge=1, description="Number of latents (default: expansion x input dim).")
     expansion: float = Field(8.0, gt=0, description="d_sae = expansion x d_in when d_sae is not given.")
-    k: int = Field(
-        10, ge=1, description="Active latents per sample (TopK) or per sample on average (BatchTopK)."
-    )
+    k: int = Field(10, ge=1, description="Active latents per sample (TopK) or per sample on average (BatchTopK).")
     levels: list[int] | None = Field(None, description="Matryoshka nested dictionary sizes (ascending).")
     level_k: list[int] | None = Field(None, description="Matryoshka budget per level.")
     matryoshka_inner: Literal["batchtopk", "topk"] = Field("batchtopk", description="Per-level activation.")
@@ -114,9 +123,7 @@ class SAESpec(Section):
     auxk: bool = Field(True, description="AuxK loss on dead latents (TopK family).")
     k_aux: int | None = Field(None, ge=1, description="Dead latents used by AuxK (default d_in // 2).")
     aux_coeff: float = Field(1 / 32, ge=0, description="AuxK loss coefficient.")
-    dead_after: int = Field(
-        20_000, ge=1, description="A latent is dead after this many samples without firing."
-    )
+    dead_after: int = Field(20_000, ge=1, description="A latent is dead after this many samples without firing.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate (Adam).")
     lr_end: float = Field(0.0, ge=0, description="Final learning rate of the cosine schedule.")
     warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps.")
@@ -130,9 +137,7 @@ class SAESpec(Section):
         "epoch", description="New random order every epoch, or one order reused by every epoch (study)."
     )
     grad_clip: float | None = Field(None, gt=0, description="Global gradient-norm clip.")
-    seed: int = Field(
-        0, description="Seed of initialisation and shuffling (combined with the experiment seed)."
-    )
+    seed: int = Field(0, description="Seed of initialisation and shuffling (combined with the experiment seed).")
     checkpoint_every: int = execution_only(200, "Save a resumable checkpoint every N steps.", ge=1)
     checkpoint_minutes: float = execution_only(
         0.0, "...but at most once per this many minutes (checkpoints of big sweeps are large).", ge=0
@@ -153,9 +158,7 @@ class SAESpec(Section):
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("preset") == "study":
-            data = {**STUDY_PRESET, **data}
-        return data
+        return apply_preset(data) if isinstance(data, dict) else data
 
     @model_validator(mode="after")
     def _check_levels(self) -> SAESpec:

@@ -123,9 +123,7 @@ class TrainOutput:
     x_hat: torch.Tensor  # largest level's reconstruction (detached)
     fired: torch.Tensor  # int64 latent ids that fired in this batch (any level, repeats allowed)
     l0: torch.Tensor  # active latents per sample at the largest level
-    min_kept: (
-        torch.Tensor | None
-    )  # smallest positive kept value at the largest level (BatchTopK), inf if none
+    min_kept: torch.Tensor | None  # smallest positive kept value at the largest level (BatchTopK), inf if none
 
 
 class SAE(nn.Module):

@@ -11,7 +11,6 @@ backward pass (``∂L/∂W_enc = Gᵀ x`` with a dense ``G`` and ``∂L/∂x`` f
 * :func:`columns_encode` is the same for a dense block of columns (AuxK's dead latents, or every
   latent for ReLU SAEs).
 * :func:`sparse_decode` is ``Σ_j a_j W_dec[j]`` through ``embedding_bag`` (gathers only the active rows).
-
 * :func:`select_rows` is ``w[rows]`` for unique rows with a copying (not accumulating) backward.
 
 Selections are returned as CSR-like triples ``(rows, cols, offsets)`` grouped by row.
@@ -204,9 +203,7 @@ def sparse_decode(sel: Selection, values: torch.Tensor, w_dec: torch.Tensor) -> 
     """``x̂_b = Σ_{t in row b} values[t] · W_dec[cols[t]]`` (no bias), gathering only active rows."""
     if sel.nnz == 0:
         return w_dec.new_zeros(sel.batch, w_dec.shape[1]) + 0 * values.sum()
-    return F.embedding_bag(
-        sel.cols, w_dec, sel.offsets, mode="sum", per_sample_weights=values.to(w_dec.dtype)
-    )
+    return F.embedding_bag(sel.cols, w_dec, sel.offsets, mode="sum", per_sample_weights=values.to(w_dec.dtype))
 
 
 def dense_codes(sel: Selection, values: torch.Tensor, width: int) -> torch.Tensor:

@@ -105,9 +105,7 @@ def lr_at(step: int, total: int, p: dict[str, Any]) -> float:
 
 def combined_seed(experiment_seed: int, sae_seed: int) -> int:
     """The seed of initialisation and data order: the experiment's seed mixed with ``sae.seed``."""
-    return int(
-        np.random.SeedSequence([experiment_seed & 0xFFFFFFFF, sae_seed & 0xFFFFFFFF]).generate_state(1)[0]
-    )
+    return int(np.random.SeedSequence([experiment_seed & 0xFFFFFFFF, sae_seed & 0xFFFFFFFF]).generate_state(1)[0])
 
 
 def geometric_median(x: torch.Tensor, iters: int = 200, tol: float = 1e-7) -> torch.Tensor:
@@ -303,9 +301,7 @@ def _check_shared(jobs: list[TrainJob]) -> None:
         for name in SHARED_FIELDS:
             if job.params[name] != first[name] or job.seed != jobs[0].seed:
                 shared = ", ".join(SHARED_FIELDS)
-                raise MedsaeError(
-                    f"train: configurations in one pass must share {shared} and the experiment seed"
-                )
+                raise MedsaeError(f"train: configurations in one pass must share {shared} and the experiment seed")
 
 
 def _batches(data: TrainData, run0: _Run, start: int, total: int) -> Iterator[tuple[int, torch.Tensor]]:
