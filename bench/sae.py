@@ -19,8 +19,9 @@ Rows of the table:
   gradient as one vector-matrix product); with and without AuxK.
 * **8 configs**: eight TopK configs (k = 4..32) trained in one pass vs one after the other.
 
-"achieved GFLOP/s" counts the unavoidable work above at its dense cost (4·d·D + 6·k·d per
-sample) divided by the measured step time; "% of ceiling" = achieved / matmul. medsae computes
+"GFLOP/s" counts the unavoidable work above at its dense cost (4·d·D + 6·k·d per sample) divided
+by the measured step time; "%" = that / the matmul GFLOP/s, where every step is paired with a
+matmul timed right after it (medians over the steps), so a loaded, shared machine affects both alike. medsae computes
 the encoder weight gradient sparsely (only the k selected entries per sample contribute), so it
 can exceed 100 %.
 """
@@ -46,20 +47,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_gflops(b: int, d: int, n: int, device: torch.device, dtype: torch.dtype, reps: int) -> float:
-    x = torch.randn(b, d, device=device).to(dtype)
-    w = torch.randn(n, d, device=device).to(dtype)
-    x @ w.t()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        x @ w.t()
-    _sync(device)
-    return 2 * b * d * n * reps / (time.perf_counter() - t0) / 1e9
+class MatmulClock:
+    """Times one plain ``x @ W_encᵀ`` of the step's shape ([B, d] x [d, D]) on demand."""
+
+    def __init__(self, b: int, d: int, n: int, device: torch.device, dtype: torch.dtype):
+        self.x = torch.randn(b, d, device=device).to(dtype)
+        self.w = torch.randn(n, d, device=device).to(dtype)
+        self.device, self.flops = device, 2 * b * d * n
+        self()
+
+    def __call__(self) -> float:
+        _sync(self.device)
+        t0 = time.perf_counter()
+        self.x @ self.w.t()
+        _sync(self.device)
+        return time.perf_counter() - t0
 
 
-def study_loop_rate(x: torch.Tensor, n_lat: int, k: int, batch: int, steps: int, dtype: torch.dtype) -> float:
-    """samples/s of the study-style step (dense everything, autograd, one config)."""
+def study_loop(x: torch.Tensor, n_lat: int, k: int, batch: int, steps: int, dtype: torch.dtype, clock) -> list:
+    """(step seconds, matmul seconds) pairs of the study-style step (dense everything, autograd)."""
     device = x.device
     d = x.shape[1]
     gen = torch.Generator().manual_seed(0)
@@ -69,14 +75,15 @@ def study_loop_rate(x: torch.Tensor, n_lat: int, k: int, batch: int, steps: int,
     b_dec = torch.zeros(d, device=device, requires_grad=True)
     params = [w, b_enc, b_dec]
     opt = torch.optim.Adam(params, lr=1e-4)
+    autocast = dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def step(xb: torch.Tensor) -> None:
         xb = xb / xb.norm(dim=1, keepdim=True)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with torch.autocast(**autocast):
             z = (xb - b_dec) @ w.t() + b_enc
         vals, idx = torch.topk(z.float(), k, dim=1)
         codes = torch.zeros(xb.shape[0], n_lat, device=device).scatter(1, idx, vals)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with torch.autocast(**autocast):
             x_hat = codes @ w.detach() + b_dec
         loss = ((x_hat.float() - xb) ** 2).mean()
         opt.zero_grad(set_to_none=True)
@@ -84,32 +91,37 @@ def study_loop_rate(x: torch.Tensor, n_lat: int, k: int, batch: int, steps: int,
         torch.nn.utils.clip_grad_norm_(params, 0.5)
         opt.step()
 
-    n = x.shape[0]
     step(x[:batch])  # warm-up
-    _sync(device)
-    t0 = time.perf_counter()
+    pairs = []
     for s in range(steps):
-        start = (s * batch) % max(n - batch + 1, 1)
+        start = (s * batch) % max(x.shape[0] - batch + 1, 1)
+        _sync(device)
+        t0 = time.perf_counter()
         step(x[start : start + batch])
-    _sync(device)
-    return steps * batch / (time.perf_counter() - t0)
+        _sync(device)
+        pairs.append((time.perf_counter() - t0, clock()))
+    return pairs
 
 
-def medsae_pass(x: np.ndarray, device: torch.device, specs: list[SAESpec], warmup: int = 1) -> dict:
-    """One train_many pass: timed-step seconds and count, wall seconds incl. setup, last dead fraction."""
+def medsae_pass(x: np.ndarray, device: torch.device, specs: list[SAESpec], clock=None, warmup: int = 1) -> dict:
+    """One train_many pass. With ``clock``, a matmul is timed after every step (outside the step's time)."""
     wall0 = time.perf_counter()
     data = TrainData(ArrayStore(x), np.arange(len(x)), device, 1e12)
-    stamps: list[float] = []
+    marks: list[tuple[float, float]] = []  # (time the step ended, matmul seconds measured after it)
 
     def on_step(step: int) -> None:
         _sync(device)
-        stamps.append(time.perf_counter())
+        end = time.perf_counter()
+        marks.append((end, clock() if clock else 0.0))
 
     results = train_many([TrainJob(s.model_dump(mode="json")) for s in specs], data, device, on_step=on_step)
     _sync(device)
+    # a step's time = from the end of the previous callback (its matmul included) to its own end
+    pairs = [(marks[i][0] - marks[i - 1][0] - marks[i - 1][1], marks[i][1]) for i in range(warmup, len(marks))]
     return {
-        "seconds": stamps[-1] - stamps[warmup - 1],
-        "steps": len(stamps) - warmup,
+        "pairs": pairs,
+        "seconds": sum(p[0] for p in pairs),
+        "steps": len(pairs),
         "wall": time.perf_counter() - wall0,
         "dead": results[0].log[-1]["dead_fraction"],
     }
@@ -138,10 +150,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     x_np = (rng.normal(size=(batch * (steps + 2), d)) + 0.5).astype(np.float32)
     work = 4 * d * n_lat + 6 * k * d  # FLOPs per sample a TopK step cannot avoid (dense-equivalent)
-    reps = max(3, steps)
-
-    def matmul() -> float:
-        return matmul_gflops(batch, d, n_lat, device, dtype, reps)
+    clock = MatmulClock(batch, d, n_lat, device, dtype)
 
     def spec(k_: int = k, auxk: bool = False, precision: str = "auto") -> SAESpec:
         return SAESpec(
@@ -159,31 +168,18 @@ def main() -> None:
             precision=precision,
         )
 
-    # every trainer measurement is bracketed by matmul measurements: on a shared machine the
-    # ceiling moves, and each row is compared with the matmul rate of its own moment
-    rows: list[tuple[str, float, float]] = []
-
-    def measure(name: str, fn) -> None:
-        before = matmul()
-        rate = fn()
-        rows.append((name, rate, (before + matmul()) / 2))
-
+    # Each step is followed by one timed plain matmul, so every step is compared with the matmul
+    # speed of its own moment (on a shared machine the speed moves by 2x within minutes).
+    rows: list[tuple[str, list]] = []
     x_dev = torch.from_numpy(x_np).to(device)
-    measure(
-        "study-style loop (dense decoder, autograd)",
-        lambda: study_loop_rate(x_dev, n_lat, k, batch, steps, dtype),
-    )
-
-    def medsae_rate(s: SAESpec, warmup: int = 1) -> float:
-        r = medsae_pass(x_np, device, [s], warmup)
-        medsae_rate.dead = r["dead"]  # type: ignore[attr-defined]
-        return r["steps"] * batch / r["seconds"]
-
-    measure("medsae trainer, TopK", lambda: medsae_rate(spec()))
-    measure("medsae trainer, TopK + AuxK", lambda: medsae_rate(spec(auxk=True), warmup=2))
-    dead = medsae_rate.dead  # type: ignore[attr-defined]
+    rows.append(("study-style loop (dense decoder, autograd)", study_loop(x_dev, n_lat, k, batch, steps, dtype, clock)))
+    rows.append(("medsae trainer, TopK", medsae_pass(x_np, device, [spec()], clock)["pairs"]))
+    aux = medsae_pass(x_np, device, [spec(auxk=True)], clock, warmup=2)
+    rows.append(("medsae trainer, TopK + AuxK", aux["pairs"]))
     if device.type == "cpu":
-        measure("medsae trainer, TopK, bf16 encoder matmul", lambda: medsae_rate(spec(precision="bf16")))
+        rows.append(
+            ("medsae, TopK, bf16 encoder matmul", medsae_pass(x_np, device, [spec(precision="bf16")], clock)["pairs"])
+        )
 
     print(
         f"\nSAE training on {device} ({str(dtype).replace('torch.', '')} encoder matmul), d={d}, "
@@ -191,17 +187,20 @@ def main() -> None:
         f"load average {os.getloadavg()[0]:.1f}"
     )
     print(
-        f"unavoidable work of a TopK step (dense-equivalent): {work / 1e6:.1f} MFLOP/sample; ceiling = "
-        "matmul GFLOP/s / work, measured before and after each row\n"
+        f"unavoidable work of a TopK step (dense-equivalent): {work / 1e6:.1f} MFLOP/sample; ceiling = matmul "
+        "speed / that work; medians over steps, each step paired with a matmul timed right after it\n"
     )
     print(f"{'trainer':44s} {'samples/s':>10s} {'GFLOP/s':>8s} {'matmul':>8s} {'ceiling':>8s} {'%':>5s}")
-    for name, rate, gflops in rows:
-        ceiling = gflops * 1e9 / work
+    for name, pairs in rows:
+        step_s = float(np.median([p[0] for p in pairs]))
+        mm_s = float(np.median([p[1] for p in pairs]))
+        ratio = float(np.median([(p[1] * work / (2 * d * n_lat)) / p[0] for p in pairs]))
+        rate, gflops = batch / step_s, clock.flops / mm_s / 1e9
         print(
-            f"{name:44s} {rate:10,.0f} {rate * work / 1e9:8,.1f} {gflops:8,.1f} {ceiling:8,.0f} "
-            f"{100 * rate / ceiling:4.0f}%"
+            f"{name:44s} {rate:10,.0f} {rate * work / 1e9:8,.1f} {gflops:8,.1f} "
+            f"{gflops * 1e9 / work:8,.0f} {100 * ratio:4.0f}%"
         )
-    print(f"(AuxK row: dead after {batch} samples without firing; {100 * dead:.0f} % dead at the end)")
+    print(f"(AuxK row: dead after {batch} samples without firing; {100 * aux['dead']:.0f} % dead at the end)")
     if device.type == "cpu":
         print("(bf16 row: the CPU's bf16 matmul, compared with the fp32 ceiling; CPU runs default to fp32)")
 
