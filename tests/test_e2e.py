@@ -136,6 +136,21 @@ def test_rerun_does_no_work(finished_run):
     assert plan.stdout.count("done") >= 7 and "pending" not in plan.stdout
 
 
+def test_force_reruns_one_stage_and_replaces_its_rows(finished_run):
+    tmp, spec_path, registry, _ = finished_run
+    before = eval_metrics(registry)
+    n_rows = query(registry, "SELECT count(*) FROM metrics")[0][0]
+    proc = medsae("exp", "run", str(spec_path), "--force", "evaluate", registry=registry, cwd=tmp)
+    assert "1 stage(s) run, 6 already done" in proc.stdout
+    assert query(registry, "SELECT count(*) FROM metrics")[0][0] == n_rows  # replaced, not duplicated
+    after = eval_metrics(registry)
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        assert after[key] == pytest.approx(value, rel=1e-6, abs=1e-9) if value is not None else after[key] is None
+    bad = medsae("exp", "run", str(spec_path), "--force", "trian", registry=registry, cwd=tmp, check=False)
+    assert bad.returncode != 0 and "unknown stage 'trian'" in bad.stderr
+
+
 def test_show_and_list(finished_run):
     tmp, _, registry, _ = finished_run
     show = medsae("exp", "show", "tiny", registry=registry, cwd=tmp)
