@@ -39,6 +39,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from medsae.sparse import torch_csr
+
 Matrix = np.ndarray | sp.spmatrix
 
 #: torch CPU threads of a fit (None = torch's setting). One thread by default: the fits are many
@@ -215,8 +217,8 @@ class _Design:
         if sp.issparse(x):
             x = sp.csr_matrix(x, dtype=np.float32)
             self.mu = torch.from_numpy(np.asarray(x.mean(axis=0)).ravel().astype(np.float32)).to(device)
-            self.x = _torch_csr(x, device)
-            self.xt = _torch_csr(sp.csr_matrix(x.T), device)
+            self.x = torch_csr(x, device)
+            self.xt = torch_csr(sp.csr_matrix(x.T), device)
             self.sparse = True
         else:
             xd = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
@@ -233,22 +235,6 @@ class _Design:
     def backward(self, r):  # [T, n] -> [T, d]
         g = (self.xt @ r.T).T if self.sparse else r @ self.x
         return g - r.sum(dim=1)[:, None] * self.mu[None, :]
-
-
-def _torch_csr(x: sp.csr_matrix, device: str):
-    import warnings
-
-    import torch
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support is in beta.*")
-        return torch.sparse_csr_tensor(
-            torch.from_numpy(x.indptr.astype(np.int64)),
-            torch.from_numpy(x.indices.astype(np.int64)),
-            torch.from_numpy(x.data.astype(np.float32)),
-            size=x.shape,
-            check_invariants=False,
-        ).to(device)
 
 
 def _lipschitz(design: _Design, s, curvature: float, iters: int = 30):

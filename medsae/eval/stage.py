@@ -30,6 +30,7 @@ from medsae.eval import metrics as M
 from medsae.eval import mono, plots, probes, recovery, retrieval, rows
 from medsae.eval.config import EvalSpec
 from medsae.eval.logreg import resolve_device
+from medsae.sparse import torch_csr
 from medsae.stage import Metric, StageContext, StageResult
 
 CODE_VERSION = "1"
@@ -112,26 +113,9 @@ def _reconstruction(data: _Data, split_rows: np.ndarray, spec: EvalSpec, device:
             part = split_rows[start : start + chunk]
             x_raw = torch.from_numpy(data.store.load(data.emb_pos[part]).astype(np.float32)).to(device)
             x_in = data.sae.normalize(x_raw)
-            x_hat = data.sae.decode(_torch_csr(data.codes[part], device))
+            x_hat = data.sae.decode(torch_csr(data.codes[part], device))
             stats.update(x_in.float().cpu().numpy(), x_hat.float().cpu().numpy())
     return stats.result()
-
-
-def _torch_csr(csr: sp.csr_matrix, device: str):
-    """A scipy CSR chunk as a torch sparse CSR tensor: decoding costs nnz x d, not n x d_sae x d."""
-    import warnings
-
-    import torch
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support is in beta.*")
-        return torch.sparse_csr_tensor(
-            torch.from_numpy(csr.indptr.astype(np.int64)),
-            torch.from_numpy(csr.indices.astype(np.int64)),
-            torch.from_numpy(csr.data.astype(np.float32)),
-            size=csr.shape,
-            check_invariants=False,
-        ).to(device)
 
 
 def _label_codes(values: pd.Series) -> np.ndarray:
