@@ -4,9 +4,12 @@ Part 1 — throughput: explain + score N latents (default 1,000) against the loc
 test server (tests/llm_server.py) answering every call after a fixed latency (default 200 ms)
 with the offline baseline's rules (log-probabilities included for the simulator). Two settings:
 ``headline`` (explain, simulate, shuffled baseline) and ``full`` (plus detection and the 5-way
-ranking). Each is run twice: the rerun must make zero calls. ``client_cpu_s`` (CPU time of this
-process) and ``load_avg`` put the wall time in context on a shared machine: the client is
-CPU-bound in litellm's request/response handling (~10-20 ms per call), not waiting on latency.
+ranking). Each is run twice: the rerun must make zero calls. Rows are persisted as latents finish,
+as ``medsae explain run`` does (``--sink registry``: one registry transaction per batch, counted in
+``flushes``; ``--sink none`` keeps them in memory only, to see what persisting costs).
+``client_cpu_s`` (CPU time of this process) and ``load_avg`` put the wall time in context on a
+shared machine: the client is CPU-bound in litellm's request/response handling (~10-20 ms per
+call), not waiting on latency.
 
 Part 2 — quality on the phantom demo: the per-model summary (offline provider vs the shuffled
 baseline and the best single attribute) of experiment ``demo`` from a registry; with
@@ -119,9 +122,11 @@ class ServerProcess:
         self.proc.wait(timeout=30)
 
 
-def throughput(n_latents: int, latency: float, concurrency: int, skip_full: bool) -> list[dict]:
+def throughput(n_latents: int, latency: float, concurrency: int, skip_full: bool, sink: str) -> list[dict]:
     from medsae.interp.agent import Agent
     from medsae.interp.config import InterpretSpec
+    from medsae.interp.journal import RegistrySink, RowSink
+    from medsae.registry import Registry
 
     os.environ.setdefault("OPENAI_API_KEY", "sk-medsae-bench-dummy")
     rows = []
@@ -145,8 +150,9 @@ def throughput(n_latents: int, latency: float, concurrency: int, skip_full: bool
         for name, extra in settings.items():
             params = base | extra
             for run in ("first", "rerun"):
+                writer = RegistrySink(Registry(root / f"registry-{name}.duckdb")) if sink == "registry" else RowSink()
                 t0, c0 = time.perf_counter(), time.process_time()
-                result = Agent(inputs, params, root / "llm_cache").run()
+                result = Agent(inputs, params, root / "llm_cache").run(sink=writer)
                 seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
                 s = result.summary
                 rows.append(
@@ -157,6 +163,9 @@ def throughput(n_latents: int, latency: float, concurrency: int, skip_full: bool
                         "explained": s["explained"],
                         "llm_calls": s["llm_calls"],
                         "cache_hits": s["cache_hits"],
+                        "failed_calls": s["failed_calls"],
+                        "degenerate": s["degenerate_scores"],
+                        "flushes": writer.n_flushes,
                         "seconds": round(seconds, 1),
                         "client_cpu_s": round(cpu, 1),
                         "load_avg": round(os.getloadavg()[0], 1),
@@ -194,6 +203,9 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.2, help="server latency per call (s)")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--skip-full", action="store_true", help="only the headline setting")
+    parser.add_argument(
+        "--sink", choices=("registry", "none"), default="registry", help="persist rows as latents finish, or not"
+    )
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--demo-registry", type=Path, default=None, help="registry holding experiment --demo")
     parser.add_argument("--demo", default="demo", help="experiment name for part 2")
@@ -207,9 +219,9 @@ def main() -> None:
     if not args.skip_throughput:
         print(
             f"== part 1: {args.latents} latents, {args.latency * 1000:.0f} ms per call, "
-            f"concurrency {args.concurrency}"
+            f"concurrency {args.concurrency}, sink {args.sink}"
         )
-        rows = throughput(args.latents, args.latency, args.concurrency, args.skip_full)
+        rows = throughput(args.latents, args.latency, args.concurrency, args.skip_full, args.sink)
         print(pd.DataFrame(rows).to_string(index=False))
     if args.demo_registry or args.run_demo:
         path = args.demo_registry or Path("registry.duckdb")

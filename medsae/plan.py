@@ -17,13 +17,20 @@ A run killed at any point is resumed by running the same command again: a rename
 rows are missing is registered from its ``_registry/`` files; anything else restarts from the
 stage's own checkpoints. Sweeps share every stage whose key is the same, and train stages that
 share one embedding are handed to the trainer together so it reads the data once.
+
+Several processes may run on one registry and one artifacts folder at once. A stage is built
+under an OS file lock ``artifacts/<kind>/.locks/<key>.lock`` (released by the kernel even on
+``kill -9``): a second process waits for it, then finds the stage done and reuses it, so a
+stage is never built twice at the same time nor read half-written. Before any work, every place
+a run writes to (registry, artifacts, generated data) is probed, so a read-only folder is one
+line, not a traceback after an hour.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
-import importlib
 import json
 import os
 import platform
@@ -32,7 +39,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,37 +48,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from medsae.errors import MedsaeError, MissingInputError
-from medsae.interp.config import LLM_ONLY_FIELDS
+from medsae.paths import resolve_stored, to_stored
 from medsae.registry import Registry, insert_rows
 from medsae.registry.db import rows_to_arrow
 from medsae.spec import ExperimentSpec, canonical_json, sha256_text
-from medsae.specbase import key_params
-from medsae.stage import Metric, StageContext, StageResult, metric_rows
-
-#: Stage kinds in execution order.
-STAGES: tuple[str, ...] = ("slices", "embed", "train", "encode", "evaluate", "summarize", "interpret")
-
-#: Upstream stages of each kind.
-UPSTREAM: dict[str, tuple[str, ...]] = {
-    "slices": (),
-    "embed": ("slices",),
-    "train": ("embed", "slices"),
-    "encode": ("train", "embed"),
-    "evaluate": ("encode", "embed", "slices", "train"),
-    "summarize": ("encode", "slices", "train"),
-    "interpret": ("summarize", "encode", "slices"),
-}
-
-#: Module and function implementing each stage.
-IMPLEMENTATION: dict[str, str] = {
-    "slices": "medsae.data.stage:run_slices",
-    "embed": "medsae.embed.stage:run_embed",
-    "train": "medsae.sae.stage:run_train",
-    "encode": "medsae.sae.stage:run_encode",
-    "evaluate": "medsae.eval.stage:run_evaluate",
-    "summarize": "medsae.interp.stage:run_summarize",
-    "interpret": "medsae.interp.stage:run_interpret",
-}
+from medsae.specbase import Section
+from medsae.stage import (
+    Metric,
+    StageContext,
+    StageResult,
+    check_writable_file,
+    check_writable_folder,
+    exclusive,
+    make_tree_shareable,
+    metric_rows,
+)
+from medsae.stages import STAGE_TABLE, STAGES, StageDef, stage_def
 
 #: Registry tables a stage may return, and the column holding the producing stage's key.
 _KEY_COLUMN: dict[str, str] = {
@@ -90,65 +82,47 @@ _KEY_COLUMN: dict[str, str] = {
 _REPLACED_ON_FORCE = ("slices", "slice_structures", "ingest_skips", "metrics", "latents", "example_sets")
 
 
-def _load(kind: str) -> tuple[Callable[[StageContext], StageResult], Any]:
-    module_name, fn_name = IMPLEMENTATION[kind].split(":")
-    module = importlib.import_module(module_name)
-    return getattr(module, fn_name), module
-
-
 def code_version(kind: str) -> str:
     """The stage module's ``CODE_VERSION`` (part of every key)."""
-    _, module = _load(kind)
-    return str(getattr(module, "CODE_VERSION", "1"))
-
-
-def stage_params(spec: ExperimentSpec, kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(params entering the key, full params handed to the stage) for one stage kind."""
-    section = {
-        "slices": spec.data,
-        "embed": spec.embed,
-        "train": spec.sae,
-        "encode": None,
-        "evaluate": spec.eval,
-        "summarize": spec.interpret,
-        "interpret": spec.interpret,
-    }[kind]
-    if section is None:
-        return {}, {}
-    keyed = key_params(section)
-    full = section.model_dump(mode="json")
-    if kind == "summarize":
-        for name in LLM_ONLY_FIELDS:
-            keyed.pop(name, None)
-    if kind == "slices":
-        keyed.pop("phantom", None)  # the dataset manifest identifies the data, not how it was made
-    return keyed, full
+    return stage_def(kind).code_version()
 
 
 @dataclass
 class StageNode:
-    """One stage of one experiment, with its key."""
+    """One stage of one experiment: its key and the folders it is built in.
+
+    The finished folder is ``artifacts/<kind>/<key>/`` unless ``folder`` names another one
+    (``medsae data ingest --out``); the temporary, work and lock paths sit beside it in
+    ``.tmp/``, ``.work/`` and ``.locks/``, named after it.
+    """
 
     kind: str
     key: str
-    params: dict[str, Any]
-    run_params: dict[str, Any]
-    upstream: dict[str, str]
+    params: dict[str, Any]  # the section as it enters the key
+    spec: Section | None  # the typed section handed to the stage (``ctx.spec``; paths resolved)
+    upstream: dict[str, str]  # upstream kind -> key
     seed: int
     artifacts_root: Path
     inputs_missing: str | None = None  # why the stage cannot run (e.g. data folder absent)
+    inputs: dict[str, Path] = field(default_factory=dict)  # upstream kind -> its finished folder
+    experiment: str = ""  # the experiment that planned it (the first one, when a sweep shares it)
+    folder: Path | None = None  # the finished folder, when not artifacts/<kind>/<key>
 
     @property
     def final_dir(self) -> Path:
-        return self.artifacts_root / self.kind / self.key
+        return self.folder if self.folder is not None else self.artifacts_root / self.kind / self.key
 
     @property
     def tmp_dir(self) -> Path:
-        return self.artifacts_root / self.kind / ".tmp" / self.key
+        return self.final_dir.parent / ".tmp" / self.final_dir.name
 
     @property
     def work_dir(self) -> Path:
-        return self.artifacts_root / self.kind / ".work" / self.key
+        return self.final_dir.parent / ".work" / self.final_dir.name
+
+    @property
+    def lock_path(self) -> Path:
+        return self.final_dir.parent / ".locks" / f"{self.final_dir.name}.lock"
 
 
 @dataclass
@@ -165,38 +139,90 @@ def _dataset_input(spec: ExperimentSpec) -> tuple[str, str | None]:
     """The dataset's content digest, generating the phantom first when the spec asks for one."""
     from medsae.data.totalsegmentator import dataset_manifest, ensure_dataset
 
-    params = spec.data.model_dump(mode="json")
     try:
-        root = ensure_dataset(params)
+        root = ensure_dataset(spec.resolved_data())
     except MissingInputError as exc:
         return "missing", str(exc)
     return dataset_manifest(root), None
 
 
-def plan_experiment(spec: ExperimentSpec, *, prepare_data: bool = True) -> ExperimentPlan:
-    """Compute every stage key of one experiment."""
+#: External content a key can name (``StageDef.inputs``): name -> (digest, why it is missing) of a spec.
+_EXTERNAL_INPUTS: dict[str, Callable[[ExperimentSpec], tuple[str, str | None]]] = {"dataset": _dataset_input}
+
+
+def stage_key(d: StageDef, params: dict[str, Any], seed: int, upstream: dict[str, str], inputs: dict[str, str]) -> str:
+    """The key of one stage: the sha256 of the canonical JSON payload in the module docstring."""
+    payload = {
+        "kind": d.kind,
+        "code_version": d.code_version(),
+        "params": params,
+        "seed": seed,
+        "upstream": upstream,
+        "inputs": inputs,
+    }
+    return sha256_text(canonical_json(payload))
+
+
+def plan_experiment(
+    spec: ExperimentSpec, *, prepare_data: bool = True, only: Collection[str] | None = None
+) -> ExperimentPlan:
+    """Compute every stage key of one experiment (``only``: those kinds and their upstream stages)."""
     plan = ExperimentPlan(spec)
-    root = Path(spec.artifacts)
-    manifest, missing = _dataset_input(spec) if prepare_data else ("unknown", None)
-    for kind in STAGES:
-        keyed, full = stage_params(spec, kind)
-        upstream = {up: plan.nodes[up].key for up in UPSTREAM[kind]}
-        payload = {
-            "kind": kind,
-            "code_version": code_version(kind),
-            "params": keyed,
-            "seed": spec.seed,
-            "upstream": upstream,
-            "inputs": {"dataset": manifest} if kind == "slices" else {},
-        }
-        key = sha256_text(canonical_json(payload))
-        node = StageNode(kind, key, keyed, full, upstream, spec.seed, root)
-        if missing and kind == "slices":
-            node.inputs_missing = missing
-        elif any(plan.nodes[up].inputs_missing for up in UPSTREAM[kind]):
+    needed = _with_upstream(only) if only is not None else set(STAGES)
+    table = [d for d in STAGE_TABLE if d.kind in needed]
+    names = {name for d in table for name in d.inputs}
+    external = {n: _EXTERNAL_INPUTS[n](spec) if prepare_data else ("unknown", None) for n in sorted(names)}
+    for d in table:
+        ups = {up: plan.nodes[up] for up in d.upstream}
+        params = d.key_params(d.spec_section(spec))
+        upstream = {up: node.key for up, node in ups.items()}
+        key = stage_key(d, params, spec.seed, upstream, {n: external[n][0] for n in d.inputs})
+        node = StageNode(d.kind, key, params, d.run_section(spec), upstream, spec.seed, spec.artifacts_dir)
+        node.inputs = {up: n.final_dir for up, n in ups.items()}
+        node.experiment = spec.name
+        missing = [external[n][1] for n in d.inputs if external[n][1]]
+        if missing:
+            node.inputs_missing = missing[0]
+        elif any(n.inputs_missing for n in ups.values()):
             node.inputs_missing = "upstream input missing"
-        plan.nodes[kind] = node
+        plan.nodes[d.kind] = node
     return plan
+
+
+def _with_upstream(kinds: Collection[str]) -> set[str]:
+    """``kinds`` and every stage they read from, directly or not."""
+    needed: set[str] = set()
+    todo = list(kinds)
+    while todo:
+        kind = todo.pop()
+        if kind not in needed:
+            needed.add(kind)
+            todo.extend(stage_def(kind).upstream)
+    return needed
+
+
+def check_write_places(specs: list[ExperimentSpec], registry: Registry, *, data: bool = True) -> None:
+    """Probe every place a run writes to; the first problem is one line naming the path.
+
+    The registry file (and its folder, where DuckDB keeps its write-ahead log), each artifacts
+    folder and its existing stage folders, and, when ``data`` and the spec generates a phantom
+    that is not complete yet, the data folder. Nothing is written by the check.
+    """
+    from medsae.data.totalsegmentator import check_dataset_writable
+
+    check_writable_file(registry.path, "the registry")
+    seen: set[Path] = set()
+    for spec in specs:
+        root = spec.artifacts_dir
+        if root in seen:
+            continue
+        seen.add(root)
+        check_writable_folder(root, "the artifacts folder")
+        for kind in STAGES:
+            if (root / kind).is_dir():
+                check_writable_folder(root / kind, f"the artifacts folder of stage '{kind}'")
+        if data:
+            check_dataset_writable(spec.resolved_data())
 
 
 # -- registry helpers -----------------------------------------------------------------------------
@@ -210,7 +236,11 @@ def done_keys(registry: Registry, keys: list[str]) -> set[str]:
         "SELECT stage_key, artifact_dir FROM stages WHERE status = 'done' AND stage_key IN (SELECT unnest(?))",
         [keys],
     )
-    return {r["stage_key"] for r in rows if r["artifact_dir"] and Path(r["artifact_dir"]).is_dir()}
+    return {
+        r["stage_key"]
+        for r in rows
+        if r["artifact_dir"] and resolve_stored(r["artifact_dir"], registry.path).is_dir()
+    }
 
 
 def stage_status(registry: Registry, plan: ExperimentPlan) -> dict[str, str]:
@@ -263,10 +293,13 @@ def _host() -> dict[str, Any]:
     return host
 
 
-def register_experiment(
-    registry: Registry, plan: ExperimentPlan, spec_path: str | None, sweep: str | None
-) -> None:
-    """Record the experiment and the keys of its stages (idempotent)."""
+def register_experiment(registry: Registry, plan: ExperimentPlan, spec_path: str | None, sweep: str | None) -> None:
+    """Record the experiment and point it at the stage keys of this plan (idempotent).
+
+    The experiment id is the spec hash, but its stage keys also depend on the code version and
+    the dataset content, so a later plan of the same spec may have new keys: they replace the
+    old ones, and ``show``/``report`` always read the stages the current plan built.
+    """
     spec = plan.spec
     with registry.write() as con:
         insert_rows(
@@ -278,7 +311,7 @@ def register_experiment(
                     "name": spec.name,
                     "spec_json": spec.canonical_json(),
                     "spec_hash": plan.experiment_id,
-                    "spec_path": spec_path,
+                    "spec_path": to_stored(spec_path, registry.path) if spec_path else None,
                     "sweep_name": sweep,
                     "git_commit": _git_commit(),
                     "versions_json": json.dumps(_versions()),
@@ -289,10 +322,8 @@ def register_experiment(
         insert_rows(
             con,
             "experiment_stages",
-            [
-                {"experiment_id": plan.experiment_id, "kind": k, "stage_key": n.key}
-                for k, n in plan.nodes.items()
-            ],
+            [{"experiment_id": plan.experiment_id, "kind": k, "stage_key": n.key} for k, n in plan.nodes.items()],
+            replace=True,
         )
 
 
@@ -366,7 +397,7 @@ def _register_stage(registry: Registry, node: StageNode, forced: bool) -> None:
                     "status": "done",
                     "started_at": _ts(meta["started"]),
                     "finished_at": _ts(meta["finished"]),
-                    "artifact_dir": str(folder.resolve()),
+                    "artifact_dir": to_stored(folder, registry.path),  # relative next to the registry
                     "seconds": meta["seconds"],
                     "device": meta.get("device"),
                     "summary_json": json.dumps(meta.get("summary") or {}, default=str),
@@ -388,18 +419,12 @@ def _ts(epoch: float) -> Any:
 class StageOutcome:
     kind: str
     key: str
-    action: str  # 'done' (already), 'ran', 'registered' (recovered after a crash)
+    action: str  # 'done' (already), 'ran', 'registered' (recovered after a crash), 'waiting' (locked)
     seconds: float = 0.0
     experiments: list[str] = dataclasses.field(default_factory=list)
 
 
-def _context(
-    node: StageNode,
-    nodes_by_kind: dict[str, StageNode],
-    spec: ExperimentSpec,
-    quiet: bool,
-    registry: Registry,
-) -> StageContext:
+def _context(node: StageNode, quiet: bool, registry: Registry) -> StageContext:
     if node.tmp_dir.exists():
         shutil.rmtree(node.tmp_dir)
     node.tmp_dir.mkdir(parents=True)
@@ -407,19 +432,22 @@ def _context(
     return StageContext(
         kind=node.kind,
         key=node.key,
-        params=node.run_params,
+        # transition: the interp stages still read the section as plain data
+        params=node.spec.model_dump(mode="json") if node.spec is not None else {},
         out_dir=node.tmp_dir,
         work_dir=node.work_dir,
-        inputs={up: nodes_by_kind[up].final_dir for up in node.upstream},
+        inputs=dict(node.inputs),
         input_keys=dict(node.upstream),
         seed=node.seed,
-        experiment=spec.name,
+        experiment=node.experiment,
         quiet=quiet,
         registry_path=registry.path,
+        spec=node.spec,
     )
 
 
 def _finish(node: StageNode, registry: Registry, forced: bool) -> None:
+    make_tree_shareable(node.tmp_dir)  # umask modes, whatever library wrote the files
     if node.final_dir.exists():
         trash = node.final_dir.with_name(node.final_dir.name + ".old")
         if trash.exists():
@@ -442,77 +470,164 @@ def run_plans(
     sweep: str | None = None,
     on_event: Callable[[StageOutcome], None] | None = None,
 ) -> list[StageOutcome]:
-    """Run every missing stage of the planned experiments, stage kind by stage kind."""
+    """Run every missing stage of the planned experiments, stage kind by stage kind.
+
+    ``on_event`` sees every outcome, and a ``waiting`` event (not in the returned list) when
+    another process holds a stage's lock.
+    """
     force = force or set()
     unknown = (force | (only or set())) - set(STAGES)
     if unknown:
         raise MedsaeError(f"unknown stage '{sorted(unknown)[0]}' (stages: {', '.join(STAGES)})")
-    for plan in plans:
-        blocked = [n for n in plan.nodes.values() if n.inputs_missing and n.kind == "slices"]
+    for plan in plans:  # a stage whose own external input is missing (not an upstream one)
+        blocked = [n for n in plan.nodes.values() if n.inputs_missing and stage_def(n.kind).inputs]
         if blocked:
             raise MissingInputError(blocked[0].inputs_missing or "input missing")
+    check_write_places([p.spec for p in plans], registry, data=False)
     for plan in plans:
         register_experiment(registry, plan, spec_path, sweep)
 
     outcomes: list[StageOutcome] = []
     forced_done: set[str] = set()
-    for kind in STAGES:
-        if only and kind not in only:
+
+    def emit(outcome: StageOutcome) -> None:
+        if outcome.action != "waiting":
+            outcomes.append(outcome)
+        if on_event:
+            on_event(outcome)
+
+    for d in STAGE_TABLE:
+        if only and d.kind not in only:
             continue
         # unique nodes of this kind across the sweep
-        by_key: dict[str, tuple[StageNode, ExperimentPlan]] = {}
+        by_key: dict[str, StageNode] = {}
         users: dict[str, list[str]] = {}
         for plan in plans:
-            node = plan.nodes[kind]
-            by_key.setdefault(node.key, (node, plan))
+            node = plan.nodes[d.kind]
+            by_key.setdefault(node.key, node)
             users.setdefault(node.key, []).append(plan.spec.name)
-        done = done_keys(registry, list(by_key))
-        todo: list[tuple[StageNode, ExperimentPlan]] = []
-        for key, (node, plan) in by_key.items():
-            is_forced = kind in force and key not in forced_done
-            if key in done and not is_forced:
-                outcome = StageOutcome(kind, key, "done", experiments=users[key])
-            elif not is_forced and (node.final_dir / "_registry" / "result.json").is_file():
-                _register_stage(registry, node, forced=False)  # renamed, then killed before the rows
-                shutil.rmtree(node.work_dir, ignore_errors=True)
-                outcome = StageOutcome(kind, key, "registered", experiments=users[key])
-            else:
-                todo.append((node, plan))
-                continue
-            outcomes.append(outcome)
-            if on_event:
-                on_event(outcome)
-        if not todo:
-            continue
-        if kind == "train" and len(todo) > 1:
-            groups: dict[str, list[tuple[StageNode, ExperimentPlan]]] = {}
-            for item in todo:
-                groups.setdefault(item[0].upstream["embed"], []).append(item)
-            batches = list(groups.values())
-        else:
-            batches = [[item] for item in todo]
-        for batch in batches:
-            started = time.time()
-            t0 = time.perf_counter()
-            ctxs = [_context(node, plan.nodes, plan.spec, quiet, registry) for node, plan in batch]
-            if len(batch) > 1:
-                from medsae.sae.stage import run_train_many
 
-                results = run_train_many(ctxs)
-            else:
-                fn, _ = _load(kind)
-                results = [fn(ctxs[0])]
-            seconds = (time.perf_counter() - t0) / len(batch)
-            for (node, _plan), result in zip(batch, results, strict=False):
-                is_forced = kind in force
-                _save_result(node, result, seconds, started)
-                _finish(node, registry, forced=is_forced)
-                forced_done.add(node.key)
-                outcome = StageOutcome(kind, node.key, "ran", seconds, users[node.key])
-                outcomes.append(outcome)
-                if on_event:
-                    on_event(outcome)
+        forced = {key for key in by_key if d.kind in force and key not in forced_done}
+        todo = _settle(list(by_key.values()), registry, forced, users, emit)
+        for batch in _batches(d, todo):
+            built = _build(batch, registry, forced, users, emit, quiet=quiet, forced_rows=d.kind in force)
+            forced_done.update(built)
     return outcomes
+
+
+def run_stage(
+    node: StageNode,
+    registry: Registry,
+    *,
+    force: bool = False,
+    quiet: bool = False,
+    on_event: Callable[[StageOutcome], None] | None = None,
+) -> StageOutcome:
+    """Build one planned stage on its own, exactly as :func:`run_plans` builds it (``medsae data ingest``).
+
+    The same lock, temporary folder, rename and registry rows; no experiment is registered.
+    Returns the outcome: ``ran``, ``done`` (already) or ``registered`` (recovered after a crash).
+    """
+    if node.inputs_missing:
+        raise MissingInputError(node.inputs_missing)
+    check_writable_file(registry.path, "the registry")
+    check_writable_folder(node.final_dir.parent, f"the artifacts folder of stage '{node.kind}'")
+    outcomes: list[StageOutcome] = []
+
+    def emit(outcome: StageOutcome) -> None:
+        if outcome.action != "waiting":
+            outcomes.append(outcome)
+        if on_event:
+            on_event(outcome)
+
+    users = {node.key: [node.experiment] if node.experiment else []}
+    forced = {node.key} if force else set()
+    todo = _settle([node], registry, forced, users, emit)
+    if todo:
+        _build(todo, registry, forced, users, emit, quiet=quiet, forced_rows=force)
+    return outcomes[-1]
+
+
+def stage_summary(node: StageNode) -> dict[str, Any]:
+    """The summary a built stage returned (saved with its rows in ``_registry/result.json``)."""
+    meta = json.loads((node.final_dir / "_registry" / "result.json").read_text())
+    return dict(meta.get("summary") or {})
+
+
+def _batches(d: StageDef, todo: list[StageNode]) -> list[list[StageNode]]:
+    """Stages built by one call: each alone, or (``run_many``) grouped by their ``batch_by`` upstream."""
+    if d.run_many is None or len(todo) < 2:
+        return [[node] for node in todo]
+    groups: dict[str, list[StageNode]] = {}
+    for node in todo:
+        groups.setdefault(node.upstream.get(d.batch_by or "", ""), []).append(node)
+    return list(groups.values())
+
+
+def _build(
+    batch: list[StageNode],
+    registry: Registry,
+    forced: set[str],
+    users: dict[str, list[str]],
+    emit: Callable[[StageOutcome], None],
+    *,
+    quiet: bool,
+    forced_rows: bool,
+) -> list[str]:
+    """Build stages of one kind under their locks (one ``run_many`` call when several); their keys."""
+    with _stage_locks(batch, users, emit):
+        batch = _settle(batch, registry, forced, users, emit)  # built by another process?
+        if not batch:
+            return []
+        d = stage_def(batch[0].kind)
+        started = time.time()
+        t0 = time.perf_counter()
+        ctxs = [_context(node, quiet, registry) for node in batch]
+        run_many = d.load_many()
+        results = run_many(ctxs) if len(ctxs) > 1 and run_many is not None else [d.load()(ctxs[0])]
+        seconds = (time.perf_counter() - t0) / len(batch)
+        for node, result in zip(batch, results, strict=False):
+            _save_result(node, result, seconds, started)
+            _finish(node, registry, forced=forced_rows)
+            emit(StageOutcome(node.kind, node.key, "ran", seconds, users[node.key]))
+    return [node.key for node in batch]
+
+
+def _settle(
+    nodes: list[StageNode],
+    registry: Registry,
+    forced: set[str],
+    users: dict[str, list[str]],
+    emit: Callable[[StageOutcome], None],
+) -> list[StageNode]:
+    """Report the stages that are done (or only need registering); return the ones still to build."""
+    done = done_keys(registry, [node.key for node in nodes])
+    rest = []
+    for node in nodes:
+        if node.key in done and node.key not in forced:
+            emit(StageOutcome(node.kind, node.key, "done", experiments=users[node.key]))
+        elif node.key not in forced and (node.final_dir / "_registry" / "result.json").is_file():
+            _register_stage(registry, node, forced=False)  # renamed, then killed before the rows
+            shutil.rmtree(node.work_dir, ignore_errors=True)
+            emit(StageOutcome(node.kind, node.key, "registered", experiments=users[node.key]))
+        else:
+            rest.append(node)
+    return rest
+
+
+@contextlib.contextmanager
+def _stage_locks(
+    nodes: list[StageNode], users: dict[str, list[str]], emit: Callable[[StageOutcome], None]
+) -> Iterator[None]:
+    """Hold the lock of every node (in key order, so two processes never wait on each other)."""
+    with contextlib.ExitStack() as stack:
+        for node in sorted(nodes, key=lambda n: n.key):
+
+            def waiting(node: StageNode = node) -> None:
+                emit(StageOutcome(node.kind, node.key, "waiting", experiments=users[node.key]))
+
+            stack.enter_context(exclusive(node.lock_path, f"stage {node.kind} {node.key[:12]}", waiting))
+        yield
 
 
 def find_experiment(registry: Registry, name: str) -> dict[str, Any]:
@@ -531,7 +646,7 @@ def experiment_stage_dirs(registry: Registry, name: str) -> dict[str, Path]:
            JOIN stages s ON s.stage_key = es.stage_key WHERE es.experiment_id = ?""",
         [exp["experiment_id"]],
     )
-    return {r["kind"]: Path(r["artifact_dir"]) for r in rows}
+    return {r["kind"]: resolve_stored(r["artifact_dir"], registry.path) for r in rows if r["artifact_dir"]}
 
 
 __all__ = [
@@ -544,5 +659,8 @@ __all__ = [
     "find_experiment",
     "plan_experiment",
     "run_plans",
+    "run_stage",
+    "stage_key",
     "stage_status",
+    "stage_summary",
 ]

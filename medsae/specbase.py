@@ -1,21 +1,50 @@
-"""The base of every spec section: unknown keys are errors, values are validated on assignment."""
+"""The base of every spec section: unknown keys are errors, values are validated on assignment.
+
+Every number in a spec is finite (``allow_inf_nan=False``) and has a lower and an upper bound
+declared on its field (``ge``/``gt``/``le``/``lt``), so ``medsae exp schema`` shows each range and
+nothing validates that would then overflow or exhaust the machine. The bounded types below are
+shared by the sections.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+#: Largest seed: stages mix seeds into 32-bit generator states.
+MAX_SEED = 2**32 - 1
+#: Longest path accepted in a spec (PATH_MAX on Linux).
+MAX_PATH_CHARS = 4096
 
 
 class Section(BaseModel):
     """A spec section. Fields marked with :func:`execution_only` do not enter stage keys."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def execution_only(default: Any, description: str, **kwargs: Any) -> Any:
     """A field that changes how a stage runs but not what it computes (batch size, workers...)."""
     return Field(default, description=description, json_schema_extra={"execution_only": True}, **kwargs)
+
+
+def seed_field(default: int, description: str) -> Any:
+    """A seed: an integer in [0, 2^32 - 1]."""
+    return Field(default, ge=0, le=MAX_SEED, description=description)
+
+
+def _check_path(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    bad = next((c for c in value if not c.isprintable()), None)
+    if bad is not None:
+        raise ValueError(f"contains the control character {bad!r}")
+    return value
+
+
+#: A file or folder path: not empty, printable, at most PATH_MAX characters.
+PathStr = Annotated[str, Field(min_length=1, max_length=MAX_PATH_CHARS), AfterValidator(_check_path)]
 
 
 def key_params(section: BaseModel) -> dict[str, Any]:

@@ -2,9 +2,11 @@
 
 Serves ``POST /v1/chat/completions`` (and ``/chat/completions``) from a thread per request
 (stdlib ``http.server``), so concurrent clients really overlap. What it answers is a Python
-callable, ``handler(request_json) -> (status, body)`` where ``body`` is a dict (sent as JSON) or
-str/bytes (sent raw, e.g. garbage). Ready-made handlers and builders below cover plain text,
-token log-probabilities over "0".."10", a 429 (or 5xx) before success, and garbage.
+callable, ``handler(request_json) -> (status, body)`` or ``(status, body, headers)`` where
+``body`` is a dict (sent as JSON) or str/bytes (sent raw, e.g. garbage). Ready-made handlers and
+builders below cover plain text, token log-probabilities over "0".."10", a 429 (or 5xx) before
+success, garbage, the offline baseline's answers (:func:`baseline_handler`) and a by-turn script
+of every failure a real provider shows (:class:`TurnScript`, :func:`failure_script`).
 
 Bounded: the server stops by itself after ``lifetime_s`` seconds or ``max_requests`` requests
 (answering 503 past the limit), and every thread is a daemon.
@@ -31,7 +33,7 @@ from typing import Any
 import pytest
 
 Body = dict | str | bytes
-Handler = Callable[[dict], tuple[int, Body]]
+Handler = Callable[[dict], tuple]  # -> (status, body) or (status, body, headers)
 
 INT_TOKENS = [str(k) for k in range(11)]  # "0".."10"
 
@@ -189,6 +191,117 @@ def raw_garbage_handler() -> Handler:
     return lambda request: (200, "this is not json {{{")
 
 
+def baseline_handler(distribution: Callable[[int], dict[str, float]] = peaked) -> Handler:
+    """The offline ``medsae/baseline`` rules served over HTTP (with logprobs when asked for)."""
+    from medsae.interp import baseline_provider
+
+    return logprob_handler(lambda request: baseline_provider.handle(request["messages"], {}), distribution)
+
+
+# --------------------------------------------------------------------------- answering by turn
+
+
+def task_of(request: dict) -> str:
+    """The ``Task: ...`` line of the request's system message, lower case ('' if none)."""
+    for message in request.get("messages", []):
+        content = message.get("content")
+        if message.get("role") == "system" and isinstance(content, str):
+            m = re.search(r"^\s*Task:\s*(.+?)\.?\s*$", content, re.MULTILINE)
+            if m:
+                return m.group(1).strip().lower()
+    return ""
+
+
+class TurnScript:
+    """Answers by turn: each request gets the first scripted item not yet used that applies to it
+    (``when``; None applies to any request), else ``then``. ``served`` lists ``(name, request)``
+    in the order the items were used."""
+
+    def __init__(self, items: list[tuple[str, Handler, Callable[[dict], bool] | None]], then: Handler):
+        self.items = list(items)
+        self.then = then
+        self.served: list[tuple[str, dict]] = []
+        self._lock = threading.Lock()
+
+    @property
+    def finished(self) -> bool:
+        with self._lock:
+            return not self.items
+
+    def __call__(self, request: dict) -> tuple:
+        with self._lock:
+            item = next((it for it in self.items if it[2] is None or it[2](request)), None)
+            if item is not None:
+                self.items.remove(item)
+                self.served.append((item[0], request))
+        return item[1](request) if item is not None else self.then(request)
+
+
+def odd_digit_distribution(value: int) -> dict[str, float]:
+    """Mostly mass on look-alike digits ('³' superscript, '٣' Arabic-Indic, '３' full-width) beside ``value``."""
+    return {str(value): 0.4, "³": 0.3, "٣": 0.2, "３": 0.1}
+
+
+RUN_ON = (
+    "CT head slices with brain and skull and scalp and orbits and sinuses and ventricles and "
+    "cortex and white matter"
+)  # 20 words
+
+
+def failure_script(valid: Handler, stall_s: float, retry_after_s: int = 1) -> TurnScript:
+    """One of each failure a provider shows, by turn, between valid answers (``valid``):
+
+    valid, HTTP 500, 429 with ``Retry-After``, invalid JSON, empty ``choices``, ``None`` content,
+    logprobs with look-alike digits among the top tokens (the first request asking for logprobs),
+    a 20-word run-on explanation repeated 30 times (the first explain request), a stall of
+    ``stall_s`` seconds (past the client's timeout).
+    """
+
+    def server_error(request: dict) -> tuple:
+        return 500, error_json(500, "scripted internal error")
+
+    def rate_limited(request: dict) -> tuple:
+        return 429, error_json(429, "scripted rate limit"), {"Retry-After": str(retry_after_s)}
+
+    def invalid_json(request: dict) -> tuple:
+        return 200, "{not json at all"
+
+    def empty_choices(request: dict) -> tuple:
+        status, body = valid(request)[:2]
+        return status, {**body, "choices": []}
+
+    def none_content(request: dict) -> tuple:
+        status, body = valid(request)[:2]
+        choice = {**body["choices"][0], "message": {"role": "assistant", "content": None}, "logprobs": None}
+        return status, {**body, "choices": [choice]}
+
+    def odd_digits(request: dict) -> tuple:
+        status, body = valid(request)[:2]
+        text = body["choices"][0]["message"]["content"]
+        choice = {**body["choices"][0], "logprobs": {"content": int_logprobs(text, odd_digit_distribution)}}
+        return status, {**body, "choices": [choice]}
+
+    def run_on(request: dict) -> tuple:
+        return 200, completion_json(request, "EXPLANATION: " + " ".join([RUN_ON] * 30))
+
+    def stall(request: dict) -> tuple:
+        time.sleep(stall_s)
+        return valid(request)
+
+    items: list[tuple[str, Handler, Callable[[dict], bool] | None]] = [
+        ("valid", valid, None),
+        ("http_500", server_error, None),
+        ("rate_limit", rate_limited, None),
+        ("invalid_json", invalid_json, None),
+        ("empty_choices", empty_choices, None),
+        ("none_content", none_content, None),
+        ("odd_digit_logprobs", odd_digits, lambda r: bool(r.get("logprobs"))),
+        ("run_on_explanation", run_on, lambda r: task_of(r).startswith("explain")),
+        ("stall", stall, None),
+    ]
+    return TurnScript(items, valid)
+
+
 # --------------------------------------------------------------------------- the server
 
 
@@ -251,7 +364,11 @@ class ScriptedLLMServer:
             def do_POST(self) -> None:  # noqa: N802 (http.server naming)
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length)
-                status, body = server._answer(self.path, raw, self.headers.get("Authorization", ""))
+                answer = server._answer(self.path, raw, self.headers.get("Authorization", ""))
+                status, body = answer[0], answer[1]
+                headers = dict(answer[2]) if len(answer) > 2 else {}
+                if status == 429:
+                    headers.setdefault("Retry-After", "0")
                 if isinstance(body, dict):
                     payload, ctype = json.dumps(body).encode(), "application/json"
                 else:
@@ -261,8 +378,8 @@ class ScriptedLLMServer:
                     self.send_response(status)
                     self.send_header("Content-Type", ctype)
                     self.send_header("Content-Length", str(len(payload)))
-                    if status == 429:
-                        self.send_header("Retry-After", "0")
+                    for name, value in headers.items():
+                        self.send_header(name, value)
                     self.end_headers()
                     self.wfile.write(payload)
                 except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout test)
@@ -297,7 +414,7 @@ class ScriptedLLMServer:
 
     # -- serving
 
-    def _answer(self, path: str, raw: bytes, auth: str) -> tuple[int, Body]:
+    def _answer(self, path: str, raw: bytes, auth: str) -> tuple:
         with self._lock:
             self._count += 1
             over = self._count > self.max_requests

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from medsae.data.build import run_ingest
+from medsae.data.config import DataSpec, PhantomSpec
 from medsae.data.index import load_skipped, load_slices, load_structures, presence_matrix
 from medsae.data.phantom import write_phantom
 from medsae.data.render import iter_scan_images, render_slice, thumbnail, thumbnail_path
@@ -311,8 +312,8 @@ def test_corrupt_inputs_are_skipped_and_recorded(dataset, tmp_path):
 
 def test_stage_writes_phantom_and_missing_root_is_one_line(tmp_path):
     root = tmp_path / "gen"
-    params = {"root": str(root), "size": 32, "phantom": {"subjects": 3, "seed": 0, "shape": [16, 16, 20]}}
-    ctx = StageContext("slices", "k", params, tmp_path / "o", tmp_path / "w", {}, {}, seed=0, quiet=True)
+    data = DataSpec(root=str(root), size=32, phantom=PhantomSpec(subjects=3, seed=0, shape=(16, 16, 20)))
+    ctx = StageContext("slices", "k", {}, tmp_path / "o", tmp_path / "w", {}, {}, seed=0, quiet=True, spec=data)
     result = run_slices(ctx)
     n = len(load_slices(tmp_path / "o"))
     assert result.tables["slices"].num_rows == n > 0
@@ -320,7 +321,7 @@ def test_stage_writes_phantom_and_missing_root_is_one_line(tmp_path):
     assert {m.name for m in result.metrics} >= {"n_scans", "n_slices", "n_skipped"}
     manifest = dataset_manifest(root)
     assert manifest == dataset_manifest(root) and len(manifest) == 64  # split file written beside: unchanged
-    ctx.params = {"root": str(tmp_path / "absent"), "size": 32}
+    ctx.spec = DataSpec(root=str(tmp_path / "absent"), size=32)
     with pytest.raises(MissingInputError, match="absent: data folder not found") as err:
         run_slices(ctx)
     assert "\n" not in str(err.value)
@@ -331,18 +332,22 @@ def test_killed_ingest_resumes_to_the_same_index(dataset, tmp_path):
     from medsae.cli.data import ingest
 
     out = tmp_path / "killed"
-    parts = tmp_path / ".killed.work" / "parts"
+    parts = tmp_path / ".work" / "killed" / "parts"  # the planner's layout: <folder>/../.work/<name>/
     env = {**os.environ, "MEDSAE_INGEST_THROTTLE": "0.4", "MEDSAE_QUIET": "1"}
     cmd = [sys.executable, "-m", "medsae.cli.data", "ingest", str(dataset), "--out", str(out), "--size", "32",
            "--registry", str(tmp_path / "r1.duckdb")]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and len(list(parts.glob("*.npz"))) < 3:
+
+    def committed() -> int:  # part files; ".<name>.<pid>.tmp.npz" is one being written
+        return sum(not p.name.startswith(".") for p in parts.glob("*.npz"))
+
+    while time.monotonic() < deadline and committed() < 3:
         assert proc.poll() is None, proc.stderr.read().decode()
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done_before = len(list(parts.glob("*.npz")))
+    done_before = committed()
     assert 3 <= done_before < 12 and not out.exists()
 
     resumed = ingest(dataset, {"root": str(dataset), "size": 32}, out, tmp_path / "r1.duckdb")
@@ -352,4 +357,4 @@ def test_killed_ingest_resumes_to_the_same_index(dataset, tmp_path):
     ingest(dataset, {"root": str(dataset), "size": 32, "workers": 2}, clean, tmp_path / "r2.duckdb")
     pd.testing.assert_frame_equal(load_slices(out), load_slices(clean))
     pd.testing.assert_frame_equal(load_structures(out), load_structures(clean))
-    assert not (tmp_path / ".killed.work").exists()
+    assert not (tmp_path / ".work" / "killed").exists()

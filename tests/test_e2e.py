@@ -113,12 +113,12 @@ def test_run_records_every_stage_and_explanations(finished_run):
     metrics = eval_metrics(registry)
     names = {k[1] for k in metrics}
     assert {"fvu", "l0_mean", "dead_fraction"} <= names
-    # every artifact folder exists where the registry says, with the files it lists
+    # every artifact folder exists where the registry says (relative to its folder), with the files it lists
     for stage_key, path, size in query(
         registry,
         "SELECT a.stage_key, s.artifact_dir || '/' || a.path, a.bytes FROM artifacts a JOIN stages s USING (stage_key)",
     ):
-        assert Path(path).stat().st_size == size, (stage_key, path)
+        assert (registry.parent / path).stat().st_size == size, (stage_key, path)
     # the sql command answers, read-only
     out = medsae("sql", "SELECT count(*) AS n FROM explanations", "--format", "csv", registry=registry, cwd=tmp)
     assert int(out.stdout.strip().splitlines()[1]) == query(registry, "SELECT count(*) FROM explanations")[0][0]
@@ -244,8 +244,8 @@ def test_offline_explanations_name_enriched_structures_and_beat_shuffled(finishe
     from scipy import sparse
 
     tmp, _, registry, _ = finished_run
-    dirs = dict(query(registry, "SELECT kind, artifact_dir FROM stages"))
-    slices_dir, encode_dir = Path(dirs["slices"]), Path(dirs["encode"])
+    dirs = {kind: registry.parent / d for kind, d in query(registry, "SELECT kind, artifact_dir FROM stages")}
+    slices_dir, encode_dir = dirs["slices"], dirs["encode"]
     vocab = json.loads((slices_dir / "structures.json").read_text())
     n_slices = pq.read_metadata(slices_dir / "slices.parquet").num_rows
     areas = pq.read_table(slices_dir / "slice_structures.parquet").to_pandas()
@@ -261,7 +261,7 @@ def test_offline_explanations_name_enriched_structures_and_beat_shuffled(finishe
     ).tocsc()
     code_slices = np.load(encode_dir / "slice_ids.npy")
     # the explainer only sees the explain partition of the interpretation pool: judge it there
-    summarize_dir = Path(dirs["summarize"])
+    summarize_dir = dirs["summarize"]
     pool = json.loads((summarize_dir / "pool.json").read_text())
     partition = pq.read_table(summarize_dir / "partition.parquet").to_pandas()
     explain_scans = set(partition.loc[partition["partition"] == "explain", "scan"])

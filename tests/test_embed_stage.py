@@ -74,11 +74,11 @@ def standin_render(slices_dir: Path, slice_ids=None):
 
 def make_ctx(root: Path, out: Path, work: Path, **params) -> StageContext:
     out.mkdir(parents=True, exist_ok=True)
-    spec = EmbedSpec(**{**TINY, **params})
     return StageContext(
         kind="embed",
         key="test",
-        params=spec.model_dump(mode="json"),
+        params={},
+        spec=EmbedSpec(**{**TINY, **params}),
         out_dir=out,
         work_dir=work,
         inputs={"slices": root},
@@ -255,7 +255,8 @@ def test_run_embed_on_a_phantom_embeds_what_render_slice_shows(tmp_path):
         StageContext(
             kind="slices",
             key="s",
-            params=data.model_dump(mode="json"),
+            params={},
+            spec=data,
             out_dir=slices_dir,
             work_dir=tmp_path / "slices.work",
             inputs={},

@@ -72,7 +72,7 @@ def write_artifacts(tmp_path, n_scans: int = 24, per_scan: int = 12, d: int = 16
     shards = [write_shard(edir, i, x[order[i * 100 : (i + 1) * 100]]) for i in range((n + 99) // 100)]
     write_manifest(edir, shards=shards, slice_ids=order, d=d, dtype="float32", shard_size=100)
 
-    cfg = SAEConfig.from_spec(SAESpec(arch="topk", d_sae=40, k=5).model_dump(), d)
+    cfg = SAEConfig.from_spec(SAESpec(arch="topk", d_sae=40, k=5), d)
     sae = SAE(cfg, generator=torch.Generator().manual_seed(0)).eval()
     save_sae(sae, tmp_path / "train")
     with torch.no_grad():
@@ -84,7 +84,7 @@ def write_artifacts(tmp_path, n_scans: int = 24, per_scan: int = 12, d: int = 16
 
 def test_stage_metrics_match_direct_computations(tmp_path):
     slices, x, codes, sae = write_artifacts(tmp_path)
-    params = EvalSpec(
+    spec = EvalSpec(
         probe_max_train=200,
         probe_max_iter=200,
         recovery_ns=[1, 2, 5],
@@ -96,19 +96,20 @@ def test_stage_metrics_match_direct_computations(tmp_path):
         probe_min_positives=5,
         study_batch=64,
         plots=True,
-    ).model_dump(mode="json")
+    )
     out = tmp_path / "out"
     out.mkdir()
     ctx = StageContext(
         kind="evaluate",
         key="k" * 64,
-        params=params,
+        params={},
         out_dir=out,
         work_dir=tmp_path / "work",
         inputs={k: tmp_path / k for k in ("slices", "embed", "train", "encode")},
         input_keys={},
         seed=0,
         quiet=True,
+        spec=spec,
     )
     result = run_evaluate(ctx)
     by = {(m.split, m.name, m.target, m.n_features): m.value for m in result.metrics}

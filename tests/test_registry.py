@@ -112,3 +112,36 @@ def test_insert_keeps_columns_missing_from_the_first_row(tmp_path):
         {"name": "a", "target": None, "n_features": None},
         {"name": "b", "target": "liver", "n_features": 5},
     ]
+
+
+def test_a_reader_waits_for_a_writers_transaction_then_sees_its_rows(tmp_path):
+    """DuckDB lets one process write OR several read: a reader retries until the writer closes."""
+    from medsae.registry import db
+
+    path = tmp_path / "r.duckdb"
+    Registry(path).ensure()
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
+            import duckdb, time
+            con = duckdb.connect({str(path)!r})
+            con.execute("INSERT INTO prompts (template_hash, name, text) VALUES ('h', 'n', 't')")
+            print("writing", flush=True)
+            time.sleep(1.5)
+            con.close()
+        """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert writer.stdout.readline().strip() == "writing"
+        db.longest_wait = 0.0
+        rows = Registry(path).query("SELECT name FROM prompts")
+        assert rows == [{"name": "n"}]
+        assert db.longest_wait > 0  # it could not open the file at once: it waited, then read
+    finally:
+        writer.kill()
+        writer.wait()

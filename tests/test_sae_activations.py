@@ -23,7 +23,7 @@ def _one_thread():
 
 
 def _cfg(d_in: int = 12, **spec) -> SAEConfig:
-    return SAEConfig.from_spec(SAESpec(**spec).model_dump(mode="json"), d_in)
+    return SAEConfig.from_spec(SAESpec(**spec), d_in)
 
 
 def _sae(d_in: int = 12, seed: int = 0, **spec) -> SAE:
@@ -294,7 +294,7 @@ def test_unit_norm_projection_removes_parallel_component():
 
 
 def test_study_schedule_matches_formula():
-    p = SAESpec(preset="study", levels=[16, 64], level_k=[5, 10]).model_dump(mode="json")
+    p = SAESpec(preset="study", levels=[16, 64], level_k=[5, 10])
     total = 5000
     warm = min(1000, total // 10)
     for step in (0, 1, 250, 499, 500, 501, 2750, 4999):

@@ -1,4 +1,7 @@
-"""Checkpoints, SAELens export, CSR codes and the train/encode stages on real artifact folders."""
+"""Checkpoints, SAELens export, CSR codes and the train/encode stages on real artifact folders.
+
+The export command on a registered experiment is tested in ``test_export_saelens.py``.
+"""
 
 from __future__ import annotations
 
@@ -62,9 +65,8 @@ SPECS = {
 
 
 def _trained(name: str, x: np.ndarray):
-    params = SAESpec(**SPECS[name]).model_dump(mode="json")
     data = TrainData(ArrayStore(x), np.arange(len(x)), torch.device("cpu"), 1e9)
-    return train_many([TrainJob(params, seed=1)], data, torch.device("cpu"))[0].sae
+    return train_many([TrainJob(SAESpec(**SPECS[name]), seed=1)], data, torch.device("cpu"))[0].sae
 
 
 def _saelens_reference(folder: Path, x_raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -166,7 +168,7 @@ def _artifacts(tmp_path: Path, n: int = 300, d: int = 16) -> tuple[Path, Path, n
     return slices_dir, embed_dir, x, split
 
 
-def _ctx(tmp_path: Path, kind: str, name: str, params: dict, inputs: dict):
+def _ctx(tmp_path: Path, kind: str, name: str, spec: SAESpec | None, inputs: dict):
     from medsae.stage import StageContext
 
     out = tmp_path / kind / name
@@ -174,7 +176,8 @@ def _ctx(tmp_path: Path, kind: str, name: str, params: dict, inputs: dict):
     return StageContext(
         kind=kind,
         key=name,
-        params=params,
+        params={},
+        spec=spec,
         out_dir=out,
         work_dir=tmp_path / "work" / name,
         inputs=inputs,
@@ -191,7 +194,7 @@ def test_train_and_encode_stages(tmp_path: Path):
 
     slices_dir, embed_dir, x, split = _artifacts(tmp_path)
     inputs = {"slices": slices_dir, "embed": embed_dir}
-    params = [SAESpec(**SPECS[n]).model_dump(mode="json") for n in ("batchtopk_center", "topk_none")]
+    params = [SAESpec(**SPECS[n]) for n in ("batchtopk_center", "topk_none")]
     ctxs = [_ctx(tmp_path, "train", f"c{i}", p, inputs) for i, p in enumerate(params)]
     results = run_train_many(ctxs)
     assert [r.summary["configs_in_pass"] for r in results] == [2, 2]
@@ -206,7 +209,7 @@ def test_train_and_encode_stages(tmp_path: Path):
     alone = run_train(_ctx(tmp_path, "train", "alone", params[0], inputs))
     assert alone.metrics[1].value == pytest.approx(results[0].metrics[1].value, rel=1e-6)
 
-    enc = _ctx(tmp_path, "encode", "e0", {}, {"train": ctxs[0].out_dir, "embed": embed_dir})
+    enc = _ctx(tmp_path, "encode", "e0", None, {"train": ctxs[0].out_dir, "embed": embed_dir})
     summary = run_encode(enc).summary
     codes, slice_ids = load_codes(enc.out_dir)
     assert codes.shape == (len(x), 32) and summary["nnz"] == codes.nnz
@@ -215,33 +218,3 @@ def test_train_and_encode_stages(tmp_path: Path):
     with torch.no_grad():
         expected = sae.encode(sae.normalize(raw)).numpy()
     np.testing.assert_allclose(codes.toarray(), expected, atol=1e-6)
-
-
-def test_export_command_resolves_the_train_folder(tmp_path: Path):
-    from medsae.cli.export import export_command
-    from medsae.registry import Registry
-
-    sae = _trained("topk_none", _x())
-    save_sae(sae, tmp_path / "artifacts" / "train" / "k1")
-    reg = Registry(tmp_path / "registry.duckdb")
-    reg.insert("experiments", [{"experiment_id": "e1", "name": "exp1", "spec_json": "{}", "spec_hash": "h"}])
-    reg.insert("experiment_stages", [{"experiment_id": "e1", "kind": "train", "stage_key": "k1"}])
-    reg.insert(
-        "stages",
-        [
-            {
-                "stage_key": "k1",
-                "kind": "train",
-                "code_version": "1",
-                "params_json": "{}",
-                "status": "done",
-                "artifact_dir": str(tmp_path / "artifacts" / "train" / "k1"),
-            }
-        ],
-    )
-    export_command("exp1", tmp_path / "out", format="saelens", registry=reg.path)
-    assert json.loads((tmp_path / "out" / "cfg.json").read_text())["architecture"] == "topk"
-    with pytest.raises(MedsaeError, match="no trained SAE for experiment 'nope'"):
-        export_command("nope", tmp_path / "out2", format="saelens", registry=reg.path)
-    with pytest.raises(MedsaeError, match="--format"):
-        export_command("exp1", tmp_path / "out3", format="onnx", registry=reg.path)

@@ -66,7 +66,7 @@ def test_topk_recovers_planted_atoms_and_auxk_revives_dead_latents():
     )
     specs = [SAESpec(**common, auxk=True), SAESpec(**common, auxk=False)]
     os.environ.setdefault("MEDSAE_QUIET", "1")
-    with_aux, without = train_many([TrainJob(s.model_dump(mode="json")) for s in specs], data, torch.device("cpu"))
+    with_aux, without = train_many([TrainJob(s) for s in specs], data, torch.device("cpu"))
     rec_aux = _recovered(atoms, with_aux.sae.decoder_weight.detach().numpy())
     rec_plain = _recovered(atoms, without.sae.decoder_weight.detach().numpy())
     dead_aux, dead_plain = with_aux.metrics["dead_fraction"], without.metrics["dead_fraction"]

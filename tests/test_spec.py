@@ -80,3 +80,34 @@ def test_shipped_specs_validate():
     for path in ("experiments/demo.yaml", "experiments/dinov3_k10.yaml"):
         specs = load_specs(path)
         assert specs and all(isinstance(s, ExperimentSpec) for s in specs)
+
+
+def test_yaml_merge_keys_may_be_overridden_but_plain_duplicates_may_not(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text("base: &b {k: 4, expansion: 2}\nname: x\ndata: {root: d}\nsae:\n  <<: *b\n  k: 8\n")
+    with pytest.raises(SpecError, match="base: unknown key"):  # the anchor holder is not a section...
+        load_specs(path)
+    path.write_text("name: x\ndata: &d {root: d}\nsae:\n  <<: {k: 4, expansion: 2}\n  k: 8\n")
+    spec = load_specs(path)[0]  # ...but an explicit key overriding a merged one is fine
+    assert (spec.sae.k, spec.sae.expansion) == (8, 2)
+    path.write_text("name: x\ndata: {root: d}\nsae:\n  k: 4\n  expansion: 2\n  k: 8\n")
+    with pytest.raises(SpecError) as err:
+        load_specs(path)
+    assert str(err.value) == f"{path}:6: invalid YAML: duplicate key 'k' (first on line 4)"
+
+
+def test_utf8_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "bom.yaml"
+    path.write_bytes(b"\xef\xbb\xbfname: x\ndata: {root: d}\n")
+    assert load_specs(path)[0].name == "x"
+
+
+def test_bounds_are_in_the_schema():
+    from medsae.spec import json_schema
+
+    defs = json_schema()["$defs"]
+    epochs = defs["SAESpec"]["properties"]["epochs"]
+    assert (epochs["exclusiveMinimum"], epochs["maximum"]) == (0, 10_000)
+    subjects = defs["PhantomSpec"]["properties"]["subjects"]
+    assert (subjects["minimum"], subjects["maximum"]) == (2, 1000)
+    assert defs["DataSpec"]["properties"]["root"]["minLength"] == 1

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import shutil
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from medsae.cli.common import RegistryOption, console
+from medsae.data.config import DataSpec
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
@@ -37,106 +38,88 @@ def phantom_command(
     from medsae.data.phantom import write_phantom
     from medsae.data.totalsegmentator import discover, present_modalities
 
-    root = write_phantom(
-        out, subjects=subjects, seed=seed, mri_fraction=mri_fraction, shape=_parse_shape(shape)
-    )
+    root = write_phantom(out, subjects=subjects, seed=seed, mri_fraction=mri_fraction, shape=_parse_shape(shape))
     scans = discover(root, present_modalities(root))
     n_ct = sum(s.modality == "ct" for s in scans)
     console().print(f"phantom at {root}: {n_ct} CT and {len(scans) - n_ct} MRI scans")
 
 
+def _default(name: str) -> str:
+    """The ``data:`` section's default of a field, for help texts (the options default to it)."""
+    return str(DataSpec.model_fields[name].default)
+
+
 @app.command("ingest")
 def ingest_command(
-    root: Path = typer.Argument(
-        ..., help="TotalSegmentator folder (CT_Dataset_v201/ and/or MRI_Dataset_v200/)."
+    root: Path = typer.Argument(..., help="TotalSegmentator folder (CT_Dataset_v201/ and/or MRI_Dataset_v200/)."),
+    workers: int | None = typer.Option(
+        None, "--workers", "-w", help=f"Processes reading volumes [default: {_default('workers')}].", show_default=False
     ),
-    workers: int = typer.Option(1, "--workers", "-w", help="Processes reading volumes."),
-    out: Path | None = typer.Option(  # noqa: UP007
-        None, "--out", help="Output folder (default artifacts/slices/<key>).", show_default=False
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        help="Output folder (default artifacts/slices/<key>, where `exp run` puts it).",
+        show_default=False,
     ),
-    size: int = typer.Option(1024, "--size", help="Side of the rendered slice images (pixels)."),
-    stride: int = typer.Option(1, "--stride", help="Keep every stride-th slice."),
-    max_scans: int | None = typer.Option(None, "--max-scans", help="Read at most this many scans."),  # noqa: UP007
-    reorient: bool = typer.Option(False, "--reorient", help="Reorient volumes to RAS before slicing."),
+    size: int | None = typer.Option(
+        None,
+        "--size",
+        help=f"Side of the rendered slice images in pixels [default: {_default('size')}].",
+        show_default=False,
+    ),
+    stride: int | None = typer.Option(
+        None, "--stride", help=f"Keep every stride-th slice [default: {_default('stride')}].", show_default=False
+    ),
+    max_scans: int | None = typer.Option(None, "--max-scans", help="Read at most this many scans."),
+    reorient: bool | None = typer.Option(
+        None,
+        "--reorient/--no-reorient",
+        help=f"Reorient volumes to RAS before slicing [default: {_default('reorient')}].",
+        show_default=False,
+    ),
     registry: RegistryOption = None,
 ) -> None:
-    """Index a dataset into slices and structure areas (the `slices` stage alone) and record it."""
-    summary = ingest(
-        root,
-        {"root": str(root), "workers": workers, "size": size, "stride": stride, "max_scans": max_scans,
-         "reorient": reorient},
-        out,
-        registry,
-    )  # fmt: skip
-    print_summary(summary)
+    """Index a dataset into slices and structure areas (the `slices` stage alone) and record it.
+
+    Options left out take the defaults of a spec's `data:` section, so the stage key (and folder)
+    is the one `medsae exp run` gives a spec with the same data settings: either reuses the other's.
+    """
+    params = {"root": str(root), "workers": workers, "size": size, "stride": stride, "max_scans": max_scans,
+              "reorient": reorient}  # fmt: skip
+    print_summary(ingest(root, params, out, registry))
 
 
-def ingest(root: Path, params: dict, out: Path | None, registry_file: Path | None) -> dict:
-    """Run the slices stage on ``root`` into ``out`` (resumable) and insert its rows in the registry."""
+def ingest(root: Path, params: Mapping[str, Any], out: Path | None, registry_file: Path | None) -> dict:
+    """Build the ``slices`` stage of ``params`` (a ``data:`` section; None = default) through the planner.
+
+    The stage is planned like one of a spec (seed and artifacts folder at the spec's defaults) and
+    built by :func:`medsae.plan.run_stage`: written to a temporary folder, renamed into place, then
+    registered; a killed ingest resumes at the next volume, and a finished one is reused. ``out``
+    replaces the folder ``artifacts/slices/<key>``. Returns the stage's summary plus ``key``,
+    ``out``, ``registry`` and ``already_done``.
+    """
     from pydantic import ValidationError
 
-    from medsae.data.build import run_ingest
-    from medsae.data.config import DataSpec
-    from medsae.data.index import load_skipped, load_slices, load_structures, load_vocab
-    from medsae.data.stage import ingest_key, registry_tables
-    from medsae.data.totalsegmentator import dataset_manifest, ensure_dataset
     from medsae.errors import SpecError
-    from medsae.progress import track
-    from medsae.registry.db import Registry, insert_rows
+    from medsae.plan import plan_experiment, run_stage, stage_summary
+    from medsae.registry.db import Registry
+    from medsae.spec import ExperimentSpec
 
+    values = {k: v for k, v in params.items() if v is not None}
+    values["root"] = str(root)
     try:
-        spec = DataSpec.model_validate({k: v for k, v in params.items() if v is not None})
+        data = DataSpec.model_validate(values)
     except ValidationError as exc:
         err = exc.errors()[0]
         raise SpecError(f"medsae data ingest: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
-    data = spec.model_dump(mode="json")
-    root = ensure_dataset(data)
-    key = ingest_key(data, dataset_manifest(root))
-    out = out or Path("artifacts") / "slices" / key
-    work = out.parent / f".{out.name}.work"
-    if (out / "render.json").is_file():
-        from medsae.data.build import IngestResult, summarize
-
-        slices = load_slices(out)
-        n_scans = int(slices[["modality", "image_id"]].drop_duplicates().shape[0])
-        result = IngestResult(out, slices, load_structures(out), load_skipped(out).to_dict("records"),
-                              load_vocab(out), n_scans, 0, 0, 0, 0.0)  # fmt: skip
-        summary = summarize(result)
-        summary["already_done"] = True
-    else:
-        tmp = out.parent / f".{out.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-
-        def progress(iterable, total=None, description=""):  # noqa: ANN001, ANN202
-            return track(iterable, total=total, description=description, unit="vol")
-
-        result = run_ingest(root, data, tmp, work, progress=progress)
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
-        shutil.rmtree(work, ignore_errors=True)
-        summary = dict(result.summary)
     reg = Registry(registry_file)
-    done = (
-        reg.query("SELECT count(*) AS n FROM slices WHERE slices_key = ?", [key]) if reg.path.exists() else []
-    )
-    if not done or not done[0]["n"]:
-        tables = registry_tables(result)
-        with reg.write() as con:
-            for name, rows in tables.items():
-                rows = _with_key(rows, key)
-                insert_rows(con, name, rows)
-    summary.update(key=key, out=str(out), registry=str(reg.path))
+    reg.check_writable()  # every write place is checked before any work
+    node = plan_experiment(ExperimentSpec(name="data-ingest", data=data), only={"slices"}).nodes["slices"]
+    node.folder = out
+    outcome = run_stage(node, reg)
+    summary = stage_summary(node)
+    summary.update(key=node.key, out=str(node.final_dir), registry=str(reg.path), already_done=outcome.action != "ran")
     return summary
-
-
-def _with_key(rows, key: str):  # noqa: ANN001, ANN202
-    import pyarrow as pa
-
-    if isinstance(rows, pa.Table):
-        return rows.append_column("slices_key", pa.array([key] * rows.num_rows, pa.string()))
-    return [{**r, "slices_key": key} for r in rows]
 
 
 def print_summary(summary: dict) -> None:
@@ -164,9 +147,7 @@ def print_summary(summary: dict) -> None:
     for row in summary.get("skipped_scans", []):
         con.print(f"skipped {row['modality']}/{row['image_id']}: {row['reason']}")
     if summary["skipped"] > len(summary.get("skipped_scans", [])):
-        con.print(
-            f"... {summary['skipped'] - len(summary['skipped_scans'])} more skipped (see skipped.parquet)"
-        )
+        con.print(f"... {summary['skipped'] - len(summary['skipped_scans'])} more skipped (see skipped.parquet)")
 
 
 if __name__ == "__main__":  # `python -m medsae.cli.data ...` (used by tests that kill an ingest)

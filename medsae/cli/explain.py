@@ -38,9 +38,18 @@ def run_command(
     api_base: str | None = typer.Option(None, "--api-base", help="Explainer API base URL."),  # noqa: UP007
     scorer_api_base: str | None = typer.Option(None, "--scorer-api-base", help="Scorer API base URL."),  # noqa: UP007
     mode: str | None = typer.Option(None, "--mode", help="LLM cache mode: live, record or replay."),  # noqa: UP007
+    timeout: float | None = typer.Option(None, "--timeout", help="Seconds one LLM call may take."),  # noqa: UP007
+    max_retries: int | None = typer.Option(  # noqa: UP007
+        None, "--max-retries", help="Retries per LLM call (rate limits, timeouts, server errors)."
+    ),
     registry: RegistryOption = None,
 ) -> None:
-    """Explain and score the experiment's latents with MODEL; rows are added beside earlier ones."""
+    """Explain and score the experiment's latents with MODEL; rows are added beside earlier ones.
+
+    Rows are written as latents finish: a run stopped halfway keeps them, and the same command
+    resumes (answers already received come from the cache, with no new LLM call).
+    """
+    from medsae.interp.agent import summary_line
     from medsae.interp.runs import explain_experiment, parse_latents
 
     summary = explain_experiment(
@@ -55,12 +64,16 @@ def run_command(
         api_base=api_base,
         scorer_api_base=scorer_api_base,
         mode=mode,
+        timeout_s=timeout,
+        max_retries=max_retries,
     )
     out = console()
+    if summary.get("pool_note"):
+        out.print(f"  note: {summary['pool_note']}")
     out.print(
         f"{experiment}: {summary['explained']}/{summary['latents']} latents explained by "
         f"{summary['explainer_model']} "
-        f"(parse failures {summary['parse_failed']}, failed calls {summary['call_failures']}); "
+        f"(parse failures {summary['parse_failed']}, explain calls failed {summary['call_failures']}); "
         f"{summary['llm_calls']} LLM calls, {summary['cache_hits']} cached, ${summary['cost_usd']:.4f}, "
         f"{summary['seconds']:.1f}s"
     )
@@ -70,6 +83,12 @@ def run_command(
         )
     new = summary["new_rows"]
     out.print("  new rows: " + ", ".join(f"{t} {n}" for t, n in new.items()))
+    if summary.get("no_logprobs_batches"):
+        out.print(
+            f"  note: the scorer sent no logprobs for {summary['no_logprobs_batches']} batches: their predictions "
+            "are parsed integers (n_no_logprobs in the scores' extra_json)"
+        )
+    out.print(f"{experiment}: {summary_line(summary)}", highlight=False)
 
 
 @app.command("compare")
@@ -77,10 +96,16 @@ def compare_command(
     experiment: str = typer.Argument(..., help="Experiment name."),
     registry: RegistryOption = None,
 ) -> None:
-    """Models x score summary: every explainer and baseline, per scorer and method."""
-    from medsae.interp.runs import compare
+    """Models x score summary: every explainer and baseline, per scorer and method.
 
-    frame = compare(open_registry(registry), experiment)
+    Degenerate scores (predictions that do not depend on the explanation) are counted and left out
+    of the means; below the table, one line per scorer says whether it tells a real explanation
+    from a shuffled one (the real - shuffled pearson gap with its 95% CI).
+    """
+    from medsae.interp.runs import compare, scorer_gaps
+
+    reg = open_registry(registry)
+    frame = compare(reg, experiment)
     if frame.empty:
         console().print(f"{experiment}: no explanation scores yet (run `medsae explain run` or `exp run`)")
         return
@@ -97,10 +122,10 @@ def compare_command(
         "median",
         "≥0.5",
         "chance",
+        "degenerate",
     ):
-        table.add_column(
-            col, justify="right" if col in ("n", "null", "mean", "median", "≥0.5", "chance") else "left"
-        )
+        numeric = ("n", "null", "mean", "median", "≥0.5", "chance", "degenerate")
+        table.add_column(col, justify="right" if col in numeric else "left")
     for r in frame.to_dict("records"):
         table.add_row(
             r["method"],
@@ -114,8 +139,15 @@ def compare_command(
             _fmt(r["median"]),
             _fmt(r["share_ge_0.5"], 2),
             _fmt(r["chance"], 2),
+            str(r["n_degenerate"]),
         )
-    console().print(table)
+    out = console()
+    out.print(table)
+    gaps = scorer_gaps(reg, experiment)
+    if not gaps:
+        out.print("no shuffled baseline scored yet: nothing says whether the scorer can tell explanations apart")
+    for gap in gaps:
+        out.print(gap["words"], highlight=False, soft_wrap=True)
 
 
 @app.command("show")
@@ -136,14 +168,23 @@ def show_command(
         f"max {_fmt(s.get('max_act'))}"
     )
     table = Table(title="explanations (all versions)")
-    for col in ("explainer", "kind", "status", "text", "scores"):
+    for col in ("explainer", "kind", "status", "examples", "text", "scores"):
         table.add_column(col)
     for e in info["explanations"]:
         parts = []
         for sc in e["scores"]:
             ci = f" [{_fmt(sc['ci_low'], 2)}, {_fmt(sc['ci_high'], 2)}]" if sc["ci_low"] is not None else ""
-            parts.append(f"{sc['method']}={_fmt(sc['value'])}{ci} ({sc['scorer_model']})")
-        table.add_row(e["explainer_model"], e["kind"], e["status"], e["text"] or "-", "\n".join(parts) or "-")
+            flag = " DEGENERATE" if sc.get("degenerate") else ""
+            repaired = f", {sc['n_repaired']} repaired" if sc.get("n_repaired") else ""
+            parts.append(f"{sc['method']}={_fmt(sc['value'])}{ci} ({sc['scorer_model']}{repaired}){flag}")
+        table.add_row(
+            e["explainer_model"],
+            e["kind"],
+            e["status"],
+            _fmt(e.get("n_examples")),
+            e["text"] or "-",
+            "\n".join(parts) or "-",
+        )
     out.print(table)
     shown = Table(title="slices shown to the explainer")
     for col in ("id", "strength", "role", "slice", "metadata"):

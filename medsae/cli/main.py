@@ -24,6 +24,14 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from medsae import __version__
+
+        print(f"medsae {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     registry: Path | None = typer.Option(  # noqa: UP007
@@ -33,6 +41,9 @@ def _root(
         show_default=False,
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    version: bool = typer.Option(
+        False, "--version", help="Print medsae's version and exit.", is_eager=True, callback=_print_version
+    ),
 ) -> None:
     if registry is not None:
         os.environ["MEDSAE_REGISTRY"] = str(registry)
@@ -46,7 +57,7 @@ app.command("sql")(sql_command)
 
 def _mount_optional() -> None:
     """Command groups that live in other modules (each cheap to import: heavy imports are lazy)."""
-    from medsae.cli import data, explain, export, report, search
+    from medsae.cli import data, explain, export, gc, report, search
     from medsae.cli import eval as eval_cli
 
     app.add_typer(data.app, name="data", help="Datasets: phantom generation and TotalSegmentator ingest.")
@@ -56,6 +67,8 @@ def _mount_optional() -> None:
     app.command("report")(report.report_command)
     app.command("export")(export.export_command)
     exp.app.command("compare")(report.compare_command)
+    exp.app.command("rm")(gc.rm_command)
+    app.command("gc")(gc.gc_command)
 
 
 _mount_optional()
@@ -73,6 +86,11 @@ def main() -> None:
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
+    except OSError as exc:  # the file system refused (permissions, full disk...): name the path, no traceback
+        if exc.filename is None:
+            raise
+        print(f"error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,9 @@ def report_command(
 ) -> None:
     """Write one self-contained HTML report: spec, provenance, metrics, plots and latent cards."""
     from medsae.report.build import build_report
+    from medsae.stage import check_writable_file
 
+    check_writable_file(output, "the report")  # before any work: one line naming the path
     path = build_report(open_registry(registry), exp, output, n_latents=latents, sort_by=sort_by)
     size = path.stat().st_size / 1e6
     console().print(f"wrote {path} ({size:.1f} MB); open it in any browser, it needs no network")

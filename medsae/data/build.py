@@ -2,8 +2,10 @@
 
 ``run_ingest`` is what both the ``slices`` stage and ``medsae data ingest`` call:
 
-1. discover scans and record those that cannot be read at all (meta.csv row without a volume,
-   no segmentations folder, missing masks);
+1. discover scans and note what is wrong with them before reading anything (meta.csv row
+   without a volume, no segmentations folder, missing masks, dangling or looping links); a scan
+   with such a problem but a volume file is still read, so a corrupt volume is recorded too:
+   every scan records all of its problems, not only the first;
 2. index every remaining scan not already done in ``work_dir/parts`` (a process pool when
    ``workers > 1``), each volume committed as one part file;
 3. assemble the parts: join meta.csv, assign splits, sort by (modality, image_id, plane, idx),
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +30,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from medsae.data.anatomy import BODY_REGIONS
+from medsae.data.config import DataSpec
 from medsae.data.ingest import ScanTask, process_task, read_part
 from medsae.data.splits import age_bin, default_split_path, load_or_create_splits, normalise_sex
 from medsae.data.totalsegmentator import DATASETS, ScanRef, discover, expected_masks, present_modalities
 from medsae.data.volume import SliceOptions
 from medsae.errors import MedsaeError
+from medsae.stage import as_section
 
 Progress = Callable[..., Iterator[Any]]
 
@@ -88,23 +92,34 @@ def _plain(iterable: Iterable[Any], total: int | None = None, description: str =
     yield from iterable
 
 
+def _problems(root: Path, scan: ScanRef, expected: set[str]) -> list[str]:
+    """Everything wrong with a scan that shows without reading a file (links found by discover first)."""
+    problems = list(scan.problems)
+    if not scan.folder_ok:
+        return problems
+    # a path that is a link but not a file or folder is a bad link, already in scan.problems
+    if not scan.volume.is_file() and not scan.volume.is_symlink():
+        problems.append(f"volume missing: {scan.volume.relative_to(root).as_posix()}")
+    seg = scan.volume.parent / "segmentations"
+    if not scan.has_segmentations and not seg.is_symlink():
+        problems.append("no segmentations folder")
+    elif scan.has_segmentations:
+        missing = sorted(expected - set(scan.masks) - scan.bad_masks)
+        if missing:
+            more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+            problems.append(f"missing masks: {', '.join(missing[:5])}{more}")
+    return problems
+
+
 def _tasks(
     root: Path, scans: list[ScanRef], expected: dict[str, set[str]]
 ) -> tuple[list[ScanTask], list[dict[str, Any]]]:
-    """Readable-looking scans as tasks; the others as skip records."""
+    """Scans with a volume file as tasks (with the problems known so far); the others as skip records."""
     tasks, skips = [], []
     for s in scans:
-        reason = None
+        problems = _problems(root, s, expected.get(s.modality, set()))
         if not s.volume.is_file():
-            reason = f"volume missing: {s.volume.relative_to(root).as_posix()}"
-        elif not s.has_segmentations:
-            reason = "no segmentations folder"
-        else:
-            missing = sorted(expected.get(s.modality, set()) - set(s.masks))
-            if missing:
-                more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
-                reason = f"missing masks: {', '.join(missing[:5])}{more}"
-        if reason:
+            reason = "; ".join(problems) or "volume missing"
             skips.append({"modality": s.modality, "image_id": s.image_id, "reason": reason})
             continue
         tasks.append(
@@ -116,6 +131,7 @@ def _tasks(
                 volume=s.volume.relative_to(root).as_posix(),
                 masks={k: v.relative_to(root).as_posix() for k, v in s.masks.items()},
                 study_type=s.meta.get("study_type"),
+                problems=problems,
             )
         )
     return tasks, skips
@@ -139,24 +155,26 @@ def _run_pool(
 
 def run_ingest(
     root: str | Path,
-    params: dict[str, Any],
+    data: DataSpec | Mapping[str, Any],
     out_dir: str | Path,
     work_dir: str | Path,
     progress: Progress | None = None,
 ) -> IngestResult:
-    """Index the dataset at ``root`` with the data-section ``params``; files go to ``out_dir``.
+    """Index the dataset at ``root`` with the ``data:`` section ``data``; files go to ``out_dir``.
 
+    ``data`` may be plain data (scripts, benchmarks); it is validated as a :class:`DataSpec` first.
     Raises :class:`MedsaeError` when no slice at all could be indexed (every scan skipped).
     """
     start = time.perf_counter()
+    data = as_section(DataSpec, data)
     root = Path(root).resolve()
     out_dir, work_dir = Path(out_dir), Path(work_dir)
     progress = progress or _plain
-    opts = SliceOptions.from_params(params)
+    opts = SliceOptions.from_spec(data)
     all_scans = discover(root, present_modalities(root))
     scans = [s for s in all_scans if s.modality in opts.modalities]
-    if params.get("max_scans"):
-        scans = scans[: int(params["max_scans"])]
+    if data.max_scans:
+        scans = scans[: data.max_scans]
     tasks, skips = _tasks(
         root, scans, expected_masks([s for s in all_scans if s.modality in opts.modalities])
     )
@@ -172,7 +190,7 @@ def run_ingest(
                 done[task.part_name] = part
     todo = [t for t in tasks if t.part_name not in done]
     resumed = len(done)
-    n_volumes, n_new_slices = _run_pool(todo, opts, parts_dir, int(params.get("workers", 1) or 1), progress)
+    n_volumes, n_new_slices = _run_pool(todo, opts, parts_dir, data.workers, progress)
     parts = []
     for task in tasks:
         part = done.get(task.part_name) or read_part(parts_dir / task.part_name)
@@ -181,7 +199,7 @@ def run_ingest(
             continue
         parts.append(part)
 
-    split_table = _splits(root, all_scans, params)
+    split_table = _splits(root, all_scans, data)
     slices, structures, vocab, scan_rows = _assemble(parts, {s.key: s for s in scans}, split_table)
     for part in parts:
         info = part["info"]
@@ -215,7 +233,7 @@ def run_ingest(
     return result
 
 
-def _splits(root: Path, all_scans: list[ScanRef], params: dict[str, Any]) -> pd.DataFrame:
+def _splits(root: Path, all_scans: list[ScanRef], data: DataSpec) -> pd.DataFrame:
     """The dataset's stored split table, covering every scan of both modalities."""
     frame = pd.DataFrame(
         {
@@ -226,12 +244,8 @@ def _splits(root: Path, all_scans: list[ScanRef], params: dict[str, Any]) -> pd.
             "age": [s.meta.get("age") for s in all_scans],
         }
     )
-    test = list(params.get("test_institutes", ["A", "D", "E"]))
-    val = float(params.get("val_fraction", 0.2))
-    seed = int(params.get("split_seed", 42))
-    path = (
-        Path(params["split_file"]) if params.get("split_file") else default_split_path(root, test, val, seed)
-    )
+    test, val, seed = list(data.test_institutes), data.val_fraction, data.split_seed
+    path = Path(data.split_file) if data.split_file else default_split_path(root, test, val, seed)
     return load_or_create_splits(path, frame, test, val, seed)
 
 
@@ -389,10 +403,11 @@ def summarize(result: IngestResult) -> dict[str, Any]:
         else {}
     )
     by_split = {str(k): int(v) for k, v in s["split"].value_counts().items()} if len(s) else {}
-    reasons: dict[str, int] = {}
+    reasons: dict[str, int] = {}  # a scan with several problems counts under each
     for r in result.skips:
-        kind = str(r["reason"]).split(":")[0].split(" (")[0]
-        reasons[kind] = reasons.get(kind, 0) + 1
+        for problem in str(r["reason"]).split("; "):
+            kind = problem.split(":")[0].split(" (")[0]
+            reasons[kind] = reasons.get(kind, 0) + 1
     seconds = max(result.seconds, 1e-9)
     return {
         "scans_read": result.scans_read,

@@ -4,8 +4,10 @@
 It reads the volume once, computes its intensity mapping, then reads each mask once and counts,
 for every sliced axis, the mask pixels inside each slice's crop. The result (a "part") is written
 atomically to ``<work_dir>/parts/`` so an interrupted ingest resumes at the next volume. Any
-problem with a scan becomes a part that records the skip reason instead of an exception.
-Memory: one volume plus one mask per worker.
+problem with a scan becomes a part that records the skip reason instead of an exception; the
+reason lists every problem found ('; '-separated): problems known before reading (missing masks,
+bad links), the volume's, and each unreadable or misfitting mask's. Memory: one volume plus one
+mask per worker.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ class ScanTask:
     volume: str  # relative to root
     masks: dict[str, str] = field(default_factory=dict)  # structure -> path relative to root
     study_type: str | None = None
+    #: problems found before reading (missing masks, bad links): the scan is skipped, but its
+    #: volume is still read so that a corrupt one is recorded as well
+    problems: list[str] = field(default_factory=list)
 
     @property
     def part_name(self) -> str:
@@ -135,11 +140,22 @@ def _arrays(
 
 
 def index_scan(task: ScanTask, opts: SliceOptions) -> dict[str, Any]:
-    """Index one scan; never raises for a bad scan (returns a part with status 'skipped')."""
+    """Index one scan; never raises for a bad scan (returns a part with status 'skipped').
+
+    The skip reason names every problem: those the task carries, the volume's and each mask's.
+    """
     start = time.perf_counter()
     root = Path(task.root)
+    problems = list(task.problems)
     try:
-        array, affine = load_volume(root / task.volume)
+        try:
+            array, affine = load_volume(root / task.volume)
+        except ScanError as exc:
+            problems.insert(0, str(exc))
+            problems += _unreadable_masks(root, task)
+            return _empty_part(task, opts, "; ".join(problems))
+        if problems:  # the volume reads, but the scan is incomplete: only unreadable masks left to find
+            return _empty_part(task, opts, "; ".join(problems + _unreadable_masks(root, task)))
         codes = axis_codes(affine)
         prep = prepare(array, affine, task.modality, opts)
         del array
@@ -157,13 +173,21 @@ def index_scan(task: ScanTask, opts: SliceOptions) -> dict[str, Any]:
         strided = {a: np.arange(0, grid_shape[a], opts.stride) for a in prep.axes}
         areas = {a: np.zeros((len(strided[a]), len(names)), dtype=np.int64) for a in prep.axes}
         for j, name in enumerate(names):
-            raw, mask_affine = load_mask(root / task.masks[name])
-            mask = prepare_mask(name, raw, mask_affine, prep)
-            del raw
-            if mask.shape != grid_shape:
-                raise ScanError(f"mask {name} does not match the image grid")
+            try:
+                raw, mask_affine = load_mask(root / task.masks[name])
+                mask = prepare_mask(name, raw, mask_affine, prep)
+                del raw
+                if mask.shape != grid_shape:
+                    raise ScanError(f"mask {name} does not match the image grid")
+            except ScanError as exc:
+                problems.append(str(exc))
+                continue
+            if problems:
+                continue  # keep checking the other masks, but the scan is skipped anyway
             for a, counts in structure_counts(mask, prep.axes, opts.crop).items():
                 areas[a][:, j] = counts[strided[a]]
+        if problems:
+            return _empty_part(task, opts, "; ".join(problems))
         part = _collect(areas, strided, grid_shape, names, opts)
         info.update(
             status="ok",
@@ -182,15 +206,25 @@ def index_scan(task: ScanTask, opts: SliceOptions) -> dict[str, Any]:
         if len(part["idx"]) == 0:
             info.update(status="skipped", reason="no structure in any slice")
     except ScanError as exc:
-        return _empty_part(task, opts, str(exc))
+        return _empty_part(task, opts, "; ".join([*problems, str(exc)]))
     except MemoryError:
-        return _empty_part(task, opts, "out of memory while reading the volume")
+        return _empty_part(task, opts, "; ".join([*problems, "out of memory while reading the volume"]))
     except Exception as exc:  # an unexpected problem with this scan must not stop the ingest
-        return _empty_part(
-            task, opts, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        )
+        text = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return _empty_part(task, opts, "; ".join([*problems, text]))
     info["seconds"] = round(time.perf_counter() - start, 4)
     return {"info": info, **part}
+
+
+def _unreadable_masks(root: Path, task: ScanTask) -> list[str]:
+    """Problems of the masks that cannot be read at all (when the scan is skipped before its masks are)."""
+    problems = []
+    for name in sorted(task.masks):
+        try:
+            load_mask(root / task.masks[name])
+        except ScanError as exc:
+            problems.append(str(exc))
+    return problems
 
 
 def _collect(

@@ -18,12 +18,19 @@ Voxel sizes are given for the nominal 64 x 64 x 80 grid and scale with ``shape``
 grid is a coarser image of the same fields of view. The generator is idempotent:
 ``medsae_phantom.json`` in ``out_dir`` records the parameters; a call with the same parameters
 returns at once, other parameters regenerate the dataset.
+
+Safe under concurrent calls: generation runs under the file lock ``out_dir/.phantom.lock`` into a
+folder private to the process, which is renamed into place only when complete; a second process
+waits for the lock, then finds the marker complete and reuses the dataset.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +43,8 @@ from medsae.errors import MedsaeError
 
 PHANTOM_VERSION = 1
 MARKER = "medsae_phantom.json"
+LOCK = ".phantom.lock"
+TMP_PREFIX = ".phantom-tmp-"
 CT_DIR, MRI_DIR = "CT_Dataset_v201", "MRI_Dataset_v200"
 CT_COLUMNS = [
     "image_id", "age", "gender", "institute", "study_type", "split", "manufacturer",
@@ -137,14 +146,23 @@ def structures_for(modality: str) -> list[str]:
     return sorted({o.name for o in ORGANS if o.modality in (modality, "both")})
 
 
-def _params(subjects: int, seed: int, mri_fraction: float, shape: tuple[int, int, int]) -> dict:
-    return {
-        "subjects": int(subjects),
-        "seed": int(seed),
-        "mri_fraction": float(mri_fraction),
-        "shape": [int(s) for s in shape],
-        "version": PHANTOM_VERSION,
-    }
+@dataclass(frozen=True)
+class _Recipe:
+    """What a phantom is generated from; recorded in the marker file to tell a reusable dataset."""
+
+    subjects: int
+    seed: int
+    mri_fraction: float
+    shape: tuple[int, int, int]
+
+    @classmethod
+    def of(cls, subjects: int, seed: int, mri_fraction: float, shape: tuple[int, int, int]) -> _Recipe:
+        return cls(int(subjects), int(seed), float(mri_fraction), (int(shape[0]), int(shape[1]), int(shape[2])))
+
+    def marker(self) -> dict:
+        """The ``params`` entry of the marker file."""
+        return {"subjects": self.subjects, "seed": self.seed, "mri_fraction": self.mri_fraction,
+                "shape": list(self.shape), "version": PHANTOM_VERSION}  # fmt: skip
 
 
 def write_phantom(
@@ -160,29 +178,64 @@ def write_phantom(
         raise MedsaeError(f"{out}: a phantom needs at least one subject (got {subjects})")
     if len(shape) != 3 or min(shape) < 8:
         raise MedsaeError(f"{out}: phantom shape must be three sizes >= 8 (got {tuple(shape)})")
-    params = _params(subjects, seed, mri_fraction, tuple(shape))
+    recipe = _Recipe.of(subjects, seed, mri_fraction, tuple(shape))
+    if _is_complete(out, recipe):
+        return out
+    from medsae.stage import check_writable_folder, exclusive
+
+    check_writable_folder(out, "the phantom data folder")
+    out.mkdir(parents=True, exist_ok=True)
+    with exclusive(out / LOCK, f"phantom dataset {out}", on_wait=lambda: _say_waiting(out)):
+        if _is_complete(out, recipe):  # written by the process we waited for
+            return out
+        _write_locked(out, recipe)
+    return out
+
+
+def phantom_is_complete(
+    out_dir: str | Path,
+    subjects: int = 12,
+    seed: int = 0,
+    mri_fraction: float = 0.34,
+    shape: tuple[int, int, int] = (64, 64, 80),
+) -> bool:
+    """Whether ``out_dir`` holds a complete phantom written with these parameters."""
+    return _is_complete(Path(out_dir), _Recipe.of(subjects, seed, mri_fraction, tuple(shape)))
+
+
+def _is_complete(out: Path, recipe: _Recipe) -> bool:
+    existing = _read_marker(out / MARKER)
+    return existing is not None and existing.get("params") == recipe.marker() and bool(existing.get("complete"))
+
+
+def _say_waiting(out: Path) -> None:
+    if os.environ.get("MEDSAE_QUIET", "") in ("", "0"):
+        print(f"waiting for another medsae process writing the phantom at {out}", file=sys.stderr)
+
+
+def _write_locked(out: Path, recipe: _Recipe) -> None:
+    """Generate into a private folder, then swap it in (the caller holds the lock)."""
     marker = out / MARKER
     existing = _read_marker(marker)
-    if existing is not None and existing.get("params") == params and existing.get("complete"):
-        return out
     owned = [out / CT_DIR, out / MRI_DIR, out / ".medsae"]
     if existing is None and any(p.exists() for p in owned[:2]):
         raise MedsaeError(
             f"{out}: holds a dataset not written by `medsae data phantom`; refusing to overwrite it"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    _write_marker(marker, params, complete=False)
-    for p in owned:
-        shutil.rmtree(p, ignore_errors=True)
-    tmp = out / ".phantom-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    _generate(tmp, params)
-    for name in (CT_DIR, MRI_DIR):
-        if (tmp / name).exists():
-            (tmp / name).rename(out / name)
-    shutil.rmtree(tmp, ignore_errors=True)
-    _write_marker(marker, params, complete=True)
-    return out
+    for stale in out.glob(f"{TMP_PREFIX}*"):  # left by a killed run: nobody else holds the lock
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=out))
+    try:
+        _generate(tmp, recipe)
+        _write_marker(marker, recipe, complete=False)
+        for p in owned:
+            shutil.rmtree(p, ignore_errors=True)
+        for name in (CT_DIR, MRI_DIR):
+            if (tmp / name).exists():
+                (tmp / name).rename(out / name)
+        _write_marker(marker, recipe, complete=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _read_marker(path: Path) -> dict | None:
@@ -192,9 +245,9 @@ def _read_marker(path: Path) -> dict | None:
         return None
 
 
-def _write_marker(path: Path, params: dict, complete: bool) -> None:
+def _write_marker(path: Path, recipe: _Recipe, complete: bool) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"generator": "medsae.data.phantom", "params": params, "complete": complete}))
+    tmp.write_text(json.dumps({"generator": "medsae.data.phantom", "params": recipe.marker(), "complete": complete}))
     tmp.replace(path)
 
 
@@ -208,11 +261,11 @@ def _modalities(subjects: int, mri_fraction: float) -> list[str]:
     return ["mri" if i in mri else "ct" for i in range(subjects)]
 
 
-def _generate(root: Path, params: dict) -> None:
-    rng = np.random.default_rng(params["seed"])
-    shape = tuple(params["shape"])
-    modalities = _modalities(params["subjects"], params["mri_fraction"])
-    sexes = np.where(rng.permutation(params["subjects"]) % 2 == 0, "m", "f")
+def _generate(root: Path, recipe: _Recipe) -> None:
+    rng = np.random.default_rng(recipe.seed)
+    shape = recipe.shape
+    modalities = _modalities(recipe.subjects, recipe.mri_fraction)
+    sexes = np.where(rng.permutation(recipe.subjects) % 2 == 0, "m", "f")
     bins = [(18, 40), (41, 60), (61, 80), (81, 94)]
     rows: dict[str, list[dict]] = {"ct": [], "mri": []}
     counters = {"ct": 0, "mri": 0}

@@ -63,7 +63,7 @@ def _load_index(slices_dir: str, stamp: float) -> RenderIndex:
     root = Path(os.environ.get("MEDSAE_DATA_ROOT") or spec["root"])
     return RenderIndex(
         root=root,
-        options=SliceOptions.from_params(spec["options"]),
+        options=SliceOptions.from_json(spec["options"]),
         scans=scans,
         scan_of_slice=scan_of_slice,
         axis=slices["axis"].to_numpy(np.int8),

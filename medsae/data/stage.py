@@ -8,13 +8,12 @@ registry tables ``slices``, ``slice_structures`` and ``ingest_skips`` plus count
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any
 
 import pyarrow as pa
 
 from medsae.data.build import REGISTRY_SLICE_COLUMNS, IngestResult, run_ingest, slice_table
+from medsae.data.config import DataSpec
 from medsae.data.totalsegmentator import ensure_dataset
 from medsae.stage import Metric, StageContext, StageResult
 
@@ -23,8 +22,9 @@ CODE_VERSION = "1"
 
 def run_slices(ctx: StageContext) -> StageResult:
     """Stage entry point (see module docstring)."""
-    root = ensure_dataset(ctx.params)
-    result = run_ingest(root, ctx.params, ctx.out_dir, ctx.work_dir, progress=ctx.progress)
+    data = ctx.section(DataSpec)
+    root = ensure_dataset(data)
+    result = run_ingest(root, data, ctx.out_dir, ctx.work_dir, progress=ctx.progress)
     return StageResult(
         metrics=ingest_metrics(result),
         tables=registry_tables(result),
@@ -66,13 +66,3 @@ def ingest_metrics(result: IngestResult) -> list[Metric]:
     for split, count in s["slices_by_split"].items():
         metrics.append(Metric("n_slices", float(count), split=split))
     return metrics
-
-
-def ingest_key(params: dict[str, Any], manifest: str) -> str:
-    """Key of a standalone ``medsae data ingest`` run (params without execution-only fields)."""
-    from medsae.data.config import DataSpec
-    from medsae.specbase import key_params
-
-    keyed = key_params(DataSpec.model_validate(params))
-    payload = {"kind": "slices", "code_version": CODE_VERSION, "params": keyed, "dataset": manifest}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

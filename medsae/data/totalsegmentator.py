@@ -10,19 +10,27 @@ Layout (study-method.md §1.1)::
 Either dataset folder may be absent. The scan key is ``(modality, image_id)``: the same ``sNNNN``
 exists in both sets and names different patients. Every sub-folder is a scan (meta is joined by
 ``image_id``, missing meta gives nulls); a meta.csv row without a volume becomes a recorded skip.
+
+Symbolic links are followed (datasets often live elsewhere), but never into a loop: a link that
+dangles, cycles or points at a folder containing it becomes a recorded problem of its scan (or a
+one-line error for a whole dataset folder), and the manifest walk visits each folder once.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from medsae.data.config import DataSpec, PhantomSpec
 from medsae.errors import MedsaeError, MissingInputError
+from medsae.stage import as_section, check_writable_folder
 
 DATASETS = {"ct": "CT_Dataset_v201", "mri": "MRI_Dataset_v200"}
 VOLUME_FILE = {"ct": "ct.nii.gz", "mri": "mri.nii.gz"}
@@ -40,6 +48,12 @@ class ScanRef:
     meta: dict[str, Any] = field(default_factory=dict)
     masks: dict[str, Path] = field(default_factory=dict)  # structure -> file
     has_segmentations: bool = False
+    #: problems found without reading any file (bad symbolic links), in the order found
+    problems: list[str] = field(default_factory=list)
+    #: structures whose mask file is a bad link (recorded in ``problems``, not counted as missing)
+    bad_masks: set[str] = field(default_factory=set)
+    #: False when the scan folder itself is a bad link: nothing inside it was looked at
+    folder_ok: bool = True
 
     @property
     def key(self) -> tuple[str, str]:
@@ -62,6 +76,36 @@ def read_meta(path: Path) -> pd.DataFrame:
     return frame.drop_duplicates("image_id", keep="first")
 
 
+def link_problem(path: str | Path) -> str | None:
+    """Why the symbolic link ``path`` cannot be followed, or None (not a link, or a sound one).
+
+    'dangling symlink' (target missing), 'symlink loop' (links that cycle) or 'symlink loop
+    (points to its own folder X)' for a folder link to itself or to one of its ancestors, which
+    would make any walk below it endless.
+    """
+    path = Path(path)
+    if not path.is_symlink():
+        return None
+    try:
+        target = path.resolve(strict=True)
+    except FileNotFoundError:
+        return "dangling symlink"
+    except RuntimeError:  # Python < 3.13 reports a link cycle this way
+        return "symlink loop"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symlink loop"
+        return f"unreadable symlink ({os.strerror(exc.errno) if exc.errno else exc})"
+    if target.is_dir():
+        try:
+            here = path.parent.resolve(strict=True)
+        except (OSError, RuntimeError):
+            return None
+        if target == here or target in here.parents:
+            return f"symlink loop (points to its own folder {target.name or target})"
+    return None
+
+
 def present_modalities(root: Path) -> list[str]:
     """Modalities whose dataset folder exists under ``root``."""
     return [m for m, name in DATASETS.items() if (root / name).is_dir()]
@@ -82,19 +126,65 @@ def discover(root: str | Path, modalities: list[str] | tuple[str, ...] = ("ct", 
             continue
         meta = read_meta(folder / "meta.csv")
         rows = {r["image_id"]: r for r in meta.to_dict("records")}
-        ids = {e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".")}
-        for image_id in sorted(ids | set(rows)):
+        ids: set[str] = set()
+        bad_folders: dict[str, str] = {}
+        for e in _entries(folder):
+            if e.is_symlink() and (problem := link_problem(e.path)):
+                bad_folders[e.name] = f"scan folder {e.name}: {problem}"
+            elif _is_dir(e):
+                ids.add(e.name)
+        for image_id in sorted(ids | set(rows) | set(bad_folders)):
             scan_dir = folder / image_id
             row = {k: v for k, v in rows.get(image_id, {}).items() if k != "image_id" and not pd.isna(v)}
             ref = ScanRef(modality, image_id, name, scan_dir / VOLUME_FILE[modality], row)
-            seg = scan_dir / "segmentations"
-            if seg.is_dir():
-                ref.has_segmentations = True
-                for e in os.scandir(seg):
-                    if e.name.endswith(MASK_SUFFIX) and not e.name.startswith("."):
-                        ref.masks[e.name[: -len(MASK_SUFFIX)]] = Path(e.path)
+            if image_id in bad_folders:
+                ref.problems.append(bad_folders[image_id])
+                ref.folder_ok = False
+            else:
+                _find_files(ref, scan_dir)
             scans.append(ref)
     return scans
+
+
+def _entries(folder: Path) -> list[os.DirEntry]:
+    """Visible entries of a folder by name; an unreadable folder has none."""
+    try:
+        with os.scandir(folder) as it:
+            return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    except OSError:
+        return []
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _find_files(ref: ScanRef, scan_dir: Path) -> None:
+    """Fill the masks of one scan and record its bad links (volume, segmentations folder, masks)."""
+    problem = link_problem(ref.volume)
+    if problem:
+        ref.problems.append(f"volume {ref.volume.name}: {problem}")
+    seg = scan_dir / "segmentations"
+    problem = link_problem(seg)
+    if problem:
+        ref.problems.append(f"segmentations folder: {problem}")
+        return
+    if not seg.is_dir():
+        return
+    ref.has_segmentations = True
+    for e in _entries(seg):
+        if not e.name.endswith(MASK_SUFFIX):
+            continue
+        structure = e.name[: -len(MASK_SUFFIX)]
+        problem = link_problem(e.path) if e.is_symlink() else None
+        if problem:
+            ref.problems.append(f"mask {e.name}: {problem}")
+            ref.bad_masks.add(structure)
+        else:
+            ref.masks[structure] = Path(e.path)
 
 
 def expected_masks(scans: list[ScanRef]) -> dict[str, set[str]]:
@@ -114,29 +204,51 @@ def expected_masks(scans: list[ScanRef]) -> dict[str, set[str]]:
     return out
 
 
-def ensure_dataset(params: dict[str, Any]) -> Path:
-    """The dataset root of a data section; writes the phantom first when ``params['phantom']`` is set.
+def _phantom_args(phantom: PhantomSpec) -> dict[str, Any]:
+    """Keyword arguments of :func:`medsae.data.phantom.write_phantom` for a ``data.phantom`` section."""
+    return dict(subjects=phantom.subjects, seed=phantom.seed, mri_fraction=phantom.mri_fraction, shape=phantom.shape)
 
-    Raises :class:`MissingInputError` naming the folder and what was expected in it.
+
+def check_dataset_writable(data: DataSpec | Mapping[str, Any]) -> None:
+    """One line naming the folder when the data section generates a phantom that it could not write.
+
+    A complete phantom with the same parameters is reused and needs no write access.
     """
-    root = Path(str(params.get("root", ""))).expanduser()
-    phantom = params.get("phantom")
-    if phantom:
+    data = as_section(DataSpec, data)
+    if data.phantom is None:
+        return
+    from medsae.data.phantom import phantom_is_complete
+
+    root = Path(data.root).expanduser()
+    if not phantom_is_complete(root, **_phantom_args(data.phantom)):
+        check_writable_folder(root, "the phantom data folder")
+
+
+def ensure_dataset(data: DataSpec | Mapping[str, Any]) -> Path:
+    """The dataset root of a ``data:`` section; writes the phantom first when the section asks for one.
+
+    ``data`` may be plain data (scripts); it is validated as a :class:`DataSpec` first. Raises
+    :class:`MissingInputError` naming the folder and what was expected in it.
+    """
+    data = as_section(DataSpec, data)
+    root = Path(data.root).expanduser()
+    if data.phantom is not None:
         from medsae.data.phantom import write_phantom
 
-        write_phantom(
-            root,
-            subjects=int(phantom.get("subjects", 12)),
-            seed=int(phantom.get("seed", 0)),
-            mri_fraction=float(phantom.get("mri_fraction", 0.34)),
-            shape=tuple(phantom.get("shape", (64, 64, 80))),
-        )
+        write_phantom(root, **_phantom_args(data.phantom))  # probes the folder first: one line if not writable
     if not root.is_dir():
+        problem = link_problem(root)
         raise MissingInputError(
-            f"{root}: data folder not found (expected a TotalSegmentator folder with "
+            f"{root}: data folder is a {problem}"
+            if problem
+            else f"{root}: data folder not found (expected a TotalSegmentator folder with "
             f"{DATASETS['ct']}/ and/or {DATASETS['mri']}/, or set data.phantom to generate one)"
         )
-    wanted = [m for m in params.get("modalities", ["ct", "mri"]) if m in DATASETS]
+    wanted = [m for m in data.modalities if m in DATASETS]
+    for m in wanted:
+        problem = link_problem(root / DATASETS[m])
+        if problem:
+            raise MissingInputError(f"{root / DATASETS[m]}: dataset folder is a {problem}")
     if not any((root / DATASETS[m]).is_dir() for m in wanted):
         expected = " and/or ".join(f"{DATASETS[m]}/" for m in wanted)
         raise MissingInputError(
@@ -149,26 +261,50 @@ def dataset_manifest(root: str | Path) -> str:
     """sha256 over the sorted relative paths and sizes of the dataset files (stat only, no reads).
 
     Only the two dataset folders count (hidden files and medsae's own ``.medsae/`` are ignored),
-    so writing split tables or caches next to the data does not change the digest.
+    so writing split tables or caches next to the data does not change the digest. Links are
+    followed, each folder is walked once (by device and inode), and a link that dangles or loops
+    enters the digest as its path and problem instead of a size: the walk always ends and never
+    raises for what it finds on disk.
     """
     root = Path(root)
     entries: list[str] = []
     for name in sorted(DATASETS.values()):
         base = root / name
+        problem = link_problem(base)
+        if problem:
+            entries.append(f"{name}\t{problem}")
+            continue
         if not base.is_dir():
             continue
+        visited: set[tuple[int, int]] = set()
         stack = [base]
         while stack:
             folder = stack.pop()
-            with os.scandir(folder) as it:
-                for e in it:
-                    if e.name.startswith("."):
-                        continue
-                    if e.is_dir(follow_symlinks=True):
+            rel_folder = folder.relative_to(root).as_posix()
+            try:
+                st = folder.stat()
+            except OSError as exc:
+                entries.append(f"{rel_folder}\tunreadable ({exc.strerror})")
+                continue
+            if (st.st_dev, st.st_ino) in visited:
+                entries.append(f"{rel_folder}\tlink to a folder listed already")
+                continue
+            visited.add((st.st_dev, st.st_ino))
+            for e in _entries(folder):
+                rel = Path(e.path).relative_to(root).as_posix()
+                problem = link_problem(e.path) if e.is_symlink() else None
+                if problem:
+                    entries.append(f"{rel}\t{problem}")
+                    continue
+                try:
+                    if e.is_dir():
                         stack.append(Path(e.path))
-                    else:
-                        rel = Path(e.path).relative_to(root).as_posix()
-                        entries.append(f"{rel}\t{e.stat().st_size}")
+                        continue
+                    size = e.stat().st_size
+                except OSError as exc:
+                    entries.append(f"{rel}\tunreadable ({exc.strerror})")
+                    continue
+                entries.append(f"{rel}\t{size}")
     digest = hashlib.sha256()
     for line in sorted(entries):
         digest.update(line.encode("utf-8") + b"\n")

@@ -19,7 +19,7 @@ import json
 import zlib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
@@ -33,6 +33,9 @@ from medsae.data.slicing import (
     resample_axes,
     spacing_of,
 )
+
+if TYPE_CHECKING:
+    from medsae.data.config import DataSpec
 
 
 class ScanError(Exception):
@@ -59,12 +62,32 @@ class SliceOptions:
     anatomy_filter: bool = True
 
     @classmethod
-    def from_params(cls, params: dict[str, Any]) -> SliceOptions:
-        """Options from a data-section dict (unknown keys ignored; lists become tuples)."""
+    def from_spec(cls, data: DataSpec) -> SliceOptions:
+        """The options of a ``data:`` section."""
+        return cls(
+            modalities=tuple(data.modalities),
+            ct_planes=tuple(data.ct_planes),
+            mri_plane=data.mri_plane,
+            reorient=data.reorient,
+            stride=data.stride,
+            size=data.size,
+            crop=data.crop,
+            resize=data.resize,
+            ct_default_window=data.ct_default_window,
+            ct_scaling=data.ct_scaling,
+            mri_percentiles=data.mri_percentiles,
+            resample_mri=data.resample_mri,
+            presence_threshold=data.presence_threshold,
+            anatomy_filter=data.anatomy_filter,
+        )
+
+    @classmethod
+    def from_json(cls, stored: dict[str, Any]) -> SliceOptions:
+        """Options as :meth:`to_json` stored them (``render.json``); lists become tuples."""
         values = {}
         for f in fields(cls):
-            if f.name in params and params[f.name] is not None:
-                v = params[f.name]
+            if stored.get(f.name) is not None:
+                v = stored[f.name]
                 values[f.name] = tuple(v) if isinstance(v, list) else v
         return cls(**values)
 

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import math
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from medsae.specbase import Section, execution_only
+from medsae.specbase import PathStr, Section, execution_only, seed_field
 
 #: ``model`` used when a spec names a source but no model (the source's canonical network).
 DEFAULT_MODELS = {"efficientnet_lite0": "efficientnet_lite0", "biomedparse": "microsoft/BiomedParse"}
+
+#: Pixels fed to the backbone per batch (batch_size x input_size^2), at most 2^30 (12 GiB of fp32 input).
+MAX_BATCH_PIXELS = 2**30
+#: Bound on any number inside ``model_kwargs`` (an open dict, so the bound is generic).
+MAX_KWARG_NUMBER = 1e9
+
+UnitInterval = Annotated[float, Field(ge=0, le=1)]
+PositiveStd = Annotated[float, Field(gt=0, le=1)]
 
 
 class EmbedSpec(Section):
@@ -29,16 +38,17 @@ class EmbedSpec(Section):
     model_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="Architecture overrides: timm create_model keyword arguments, transformers config "
-        "fields, or BiomedParse FocalNet arguments (e.g. a tiny network for tests).",
+        "fields, or BiomedParse FocalNet arguments (e.g. a tiny network for tests). Numbers in it must be finite "
+        "and within +-1e9.",
     )
     pretrained: bool = Field(True, description="Load trained weights; false = the random-init control.")
-    weights: str | None = Field(None, description="Local checkpoint file (safetensors / state dict) to load.")
+    weights: PathStr | None = Field(None, description="Local checkpoint file (safetensors / state dict) to load.")
     init: Literal["default", "trunc_normal"] = Field(
         "default",
         description="Random init when pretrained is false: the library's, or the study's "
         "truncated normal (std 0.02, biases 0, norms 1/0).",
     )
-    init_seed: int = Field(42, description="Seed of the random initialisation.")
+    init_seed: int = seed_field(42, "Seed of the random initialisation.")
     pooling: Literal["pooler", "cls", "mean_patch", "cls+mean", "mean"] = Field(
         "pooler",
         description="How tokens become one vector: pooler (the model's own pooled output; transformers "
@@ -46,15 +56,21 @@ class EmbedSpec(Section):
         "CLS/registers), cls+mean (concatenated, 2d), mean (all tokens; spatial mean for CNN feature maps; "
         "BiomedParse: mean of the last stage).",
     )
-    input_size: int = Field(224, ge=16, description="Square input side fed to the backbone.")
-    mean: tuple[float, float, float] = Field((0.485, 0.456, 0.406), description="Normalisation mean (0-1 scale).")
-    std: tuple[float, float, float] = Field((0.229, 0.224, 0.225), description="Normalisation std (0-1 scale).")
+    input_size: int = Field(224, ge=16, le=4096, description="Square input side fed to the backbone.")
+    mean: tuple[UnitInterval, UnitInterval, UnitInterval] = Field(
+        (0.485, 0.456, 0.406), description="Normalisation mean (0-1 scale)."
+    )
+    std: tuple[PositiveStd, PositiveStd, PositiveStd] = Field(
+        (0.229, 0.224, 0.225), description="Normalisation std (0-1 scale)."
+    )
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Autocast precision.")
     dtype: Literal["float32", "float16"] = Field("float32", description="dtype of the stored embedding shards.")
-    shard_size: int = Field(4096, ge=1, description="Rows per embedding shard file.")
+    shard_size: int = Field(4096, ge=1, le=262_144, description="Rows per embedding shard file.")
     device: str = execution_only("auto", "auto = cuda, then mps, then cpu; or an explicit torch device.")
-    batch_size: int = execution_only(32, "Images per forward pass.", ge=1)
-    num_workers: int = execution_only(0, "DataLoader worker processes rendering slices.", ge=0)
+    batch_size: int = execution_only(
+        32, "Images per forward pass (batch_size x input_size^2 is at most 2^30 pixels).", ge=1, le=4096
+    )
+    num_workers: int = execution_only(0, "DataLoader worker processes rendering slices.", ge=0, le=256)
 
     @model_validator(mode="before")
     @classmethod
@@ -63,6 +79,12 @@ class EmbedSpec(Section):
         if isinstance(data, dict) and "model" not in data and data.get("source") in DEFAULT_MODELS:
             data = {**data, "model": DEFAULT_MODELS[data["source"]]}
         return data
+
+    @field_validator("model_kwargs")
+    @classmethod
+    def _bounded_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
+        _check_numbers(value, "model_kwargs")
+        return value
 
     @model_validator(mode="after")
     def _weights_need_pretrained(self) -> EmbedSpec:
@@ -73,4 +95,25 @@ class EmbedSpec(Section):
             "tf_efficientnet_lite0",
         ):
             raise ValueError("source efficientnet_lite0 needs model efficientnet_lite0 or tf_efficientnet_lite0")
+        pixels = self.batch_size * self.input_size**2
+        if pixels > MAX_BATCH_PIXELS:
+            raise ValueError(
+                f"batch_size x input_size^2 is {pixels:,} pixels per batch, more than {MAX_BATCH_PIXELS:,} "
+                "(lower batch_size or input_size)"
+            )
         return self
+
+
+def _check_numbers(value: Any, where: str) -> None:
+    """Every number inside ``value`` (nested lists and dicts) is finite and within +-MAX_KWARG_NUMBER."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int | float):
+        if (isinstance(value, float) and not math.isfinite(value)) or abs(value) > MAX_KWARG_NUMBER:
+            raise ValueError(f"{where}: {value!r:.40} is not a finite number within +-{MAX_KWARG_NUMBER:g}")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_numbers(item, f"{where}.{key}")
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check_numbers(item, f"{where}[{i}]")

@@ -25,6 +25,8 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from medsae.data.index import load_slices
+from medsae.data.render import iter_scan_images
 from medsae.embed.backbones import Backbone, load_backbone
 from medsae.embed.config import EmbedSpec
 from medsae.embed.store import sha256_file, shard_name, write_manifest, write_shard
@@ -43,9 +45,6 @@ _RECORD = "shards.jsonl"
 
 def run_embed(ctx: StageContext) -> StageResult:
     """Stage entry point: embed every slice of ``ctx.inputs['slices']`` with the spec's backbone."""
-    from medsae.data.index import load_slices
-    from medsae.data.render import iter_scan_images
-
     slices_dir = Path(ctx.inputs["slices"])
     return embed_stage(ctx, load_slices(slices_dir), render=iter_scan_images)
 
@@ -54,7 +53,7 @@ def embed_stage(
     ctx: StageContext, table: pd.DataFrame, render: RenderFn, backbone: Backbone | None = None
 ) -> StageResult:
     """:func:`run_embed` with the slice table and renderer given (tests pass their own)."""
-    spec = EmbedSpec.model_validate(ctx.params)
+    spec = ctx.section(EmbedSpec)
     slices_dir = Path(ctx.inputs["slices"])
     table = table.sort_values("slice_id", kind="stable")
     slice_ids = table["slice_id"].to_numpy(np.int64)

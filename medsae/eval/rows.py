@@ -3,6 +3,11 @@
 Columns: T = ``target``, N = ``n_features`` ("-" = NULL). All rows carry their ``split``
 (timings: NULL).
 
+Dead latents are counted in three places, always as "never fires on any slice of a set", and the
+set is the row's ``split``: the train stage's ``dead_fraction`` (split ``train``), this stage's
+``dead_fraction`` (``val``, ``test``) and the summarize stage's ``latents_dead`` (the explanation
+pool, e.g. ``test+val``). Show them with their split (``medsae.report.names.metric_label``).
+
 =================================  ======  ====  ===============================================
 name                               T       N     meaning
 =================================  ======  ====  ===============================================
@@ -13,9 +18,12 @@ mse, cosine_sim                    -       -     reconstruction MSE, mean cosine
 l0_mean, l0_std, l0_min, l0_max,   -       -     L0 distribution (pQ: quantile Q %,
 l0_p1, l0_p10, l0_p50, l0_p90,                   Q = 1, 10, 50, 90, 99)
 l0_p99
-dead_fraction, n_dead              -       -     latents never firing on the split
+dead_fraction, n_dead              -       -     share / number of latents that never fire
+                                                 (activation > 1e-8) on any slice of the split
 dense_fraction, n_dense            -       -     latents firing on > 10 % of it
-alive_per_batch_study              -       -     the study's alive count per 2048-batch
+alive_per_batch_study              -       -     the study's alive count: latents firing in a
+                                                 2048-slice batch, mean over batches (a count,
+                                                 not a dead-latent measure)
 probe_auc_dense, probe_auc_sparse  target  -     ROC-AUC; multiclass: macro one-vs-rest, and
                                                  ``name=class`` rows per class
 probe_auc_{dense,sparse}_mean      -       -     mean over leaf tasks with dense AUC > 0.6

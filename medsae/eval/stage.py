@@ -25,11 +25,15 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from medsae.data.index import load_slices, presence_matrix
+from medsae.embed.store import open_embeddings
 from medsae.errors import MissingInputError
 from medsae.eval import metrics as M
 from medsae.eval import mono, plots, probes, recovery, retrieval, rows
 from medsae.eval.config import EvalSpec
 from medsae.eval.logreg import resolve_device
+from medsae.sae.checkpoint import load_sae
+from medsae.sae.codes import load_codes
 from medsae.sparse import torch_csr
 from medsae.stage import Metric, StageContext, StageResult
 
@@ -77,12 +81,7 @@ class _Data:
     scan: np.ndarray  # scan key per slice ('ct/s0001')
 
 
-def _load(ctx: StageContext) -> _Data:
-    from medsae.data.index import load_slices, presence_matrix
-    from medsae.embed.store import open_embeddings
-    from medsae.sae.checkpoint import load_sae
-    from medsae.sae.codes import load_codes
-
+def _load(ctx: StageContext, device: str) -> _Data:
     for kind in ("slices", "embed", "train", "encode"):
         if kind not in ctx.inputs:
             raise MissingInputError(f"evaluate stage {ctx.key[:12]}: missing upstream input '{kind}'")
@@ -98,7 +97,7 @@ def _load(ctx: StageContext) -> _Data:
     codes = sp.csr_matrix(codes, dtype=np.float32)
     if not np.array_equal(code_pos, np.arange(n)):
         codes = codes[code_pos]
-    sae = load_sae(ctx.inputs["train"], device=resolve_device(ctx.params.get("device", "auto")))
+    sae = load_sae(ctx.inputs["train"], device=device)
     scan = (slices["modality"].astype(str) + "/" + slices["image_id"].astype(str)).to_numpy()
     return _Data(slices, sp.csr_matrix(presence), list(vocab), store, emb_pos, codes, sae, scan)
 
@@ -154,11 +153,11 @@ def _retrieval(data: _Data, split: str, split_rows: np.ndarray, spec: EvalSpec) 
 
 def run_evaluate(ctx: StageContext) -> StageResult:
     """Compute every evaluation metric of one SAE; see the module docstring."""
-    spec = EvalSpec(**ctx.params)
+    spec = ctx.section(EvalSpec)
     device = resolve_device(spec.device)
     timer = _Timer()
     with timer.part("load"):
-        data = _load(ctx)
+        data = _load(ctx, device)
     out_dir = Path(ctx.out_dir)
     plot_dir = out_dir / "plots"
     split_col = data.slices["split"].to_numpy()

@@ -1,18 +1,22 @@
 """The auto-interpretation agent: explain, simulate, score and version every eligible latent.
 
-Three rounds of LLM calls, each sent concurrently through the gateway (cached, retried, logged):
+Two phases of LLM calls, each sent concurrently through the gateway (cached, retried, logged):
 
-1. **explain** — one call per latent with its explain set (explainer model);
-2. **score** — simulation batches of the held-out set for every explanation and for the shuffled
-   baseline, detection batches, and the study's 5-way ranking (all with the reference scorer);
-3. **repair** — one re-ask for each malformed batch.
+1. **explain** — one call per latent with its explain set (explainer model), each prompt fitted
+   to the model's context window (:mod:`medsae.interp.budget`). Every parsed explanation gets a
+   hygiene status (:mod:`medsae.interp.hygiene`); only ``ok`` ones go on.
+2. **score**, latent by latent (:mod:`medsae.interp.pipeline`) — simulation batches of the
+   held-out set for the explanation and for the shuffled baseline, detection batches and the
+   study's 5-way ranking (reference scorer), then one repair re-ask per malformed batch. Each
+   finished latent is scored (:mod:`medsae.interp.scoring`), checked for degenerate predictions
+   (:mod:`medsae.interp.sanity`) and its rows go to a sink at once (:mod:`medsae.interp.journal`):
+   the registry for ``explain run``, the stage's work folder for the ``interpret`` stage.
 
-Every row is content-addressed: an explanation's id hashes (latent, SAE key, explainer model, API
-base, template hash, explainer params, example set); a score's id hashes (explanation id, method,
-the scorer's identity: model, template hash, mode, scale, batch size ... and the example set). So
-a rerun yields the same ids (inserted with INSERT OR IGNORE: nothing new), and a new explainer or
-scorer adds rows beside the old ones. Calls that failed (provider errors, budget) produce no row,
-so a later run can fill them in; a parse failure is deterministic and is stored as such.
+Rows are content-addressed (:mod:`medsae.interp.rows`): a rerun yields the same ids and adds
+nothing, a new explainer or scorer adds rows beside the old ones. Calls that failed (provider
+errors, budget) produce no explanation or score row, only ``llm_calls`` rows with the error, so
+a later run can fill them in; an answer that could not be used (parse failure, rejected
+explanation, missing predictions) is deterministic and is stored as such.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,17 +34,32 @@ import numpy as np
 import pandas as pd
 
 from medsae.errors import MedsaeError, MissingInputError
-from medsae.interp import baselines, explainer, scoring, simulator
+from medsae.interp import baselines, budget, explainer, hygiene, sanity, scoring, simulator
+from medsae.interp.journal import RowSink, Tables, empty_tables
 from medsae.interp.metadata import Term, format_lines, legend_lines, slice_attributes
+from medsae.interp.pipeline import LatentWork, run_latents
 from medsae.interp.prompts import Template, load_template
+from medsae.interp.rows import (
+    BEST_ATTRIBUTE,
+    EXPLANATION,
+    SHUFFLED,
+    best_attribute_row,
+    explanation_row,
+    ranking_score,
+    score_row,
+    shuffled_row,
+)
 from medsae.interp.sampling import DETECT, EXPLAIN, SIMULATE, purpose_seed, sha256_json
 from medsae.stage import Metric
 
 log = logging.getLogger("medsae")
 
-EXPLANATION, SHUFFLED, BEST_ATTRIBUTE = "explanation", "shuffled", "best_attribute"
+__all__ = ["BEST_ATTRIBUTE", "EXPLANATION", "SHUFFLED", "Agent", "AgentInputs", "AgentResult"]
+
 N_RANKING_SAMPLES, N_DISTRACTORS = 5, 4
-_LETTER = re.compile(r"\b([A-E])\b")
+#: Id columns used to drop duplicates when rows of an interrupted run are merged back.
+_ID_COLUMNS = {"explanations": "explanation_id", "explanation_scores": "score_id", "prompts": "template_hash"}
+_JOB_METHODS = ("pearson", "detection_bacc")  # one row per simulation / detection job
 
 
 @dataclass
@@ -71,10 +89,6 @@ def cache_dir_for(artifacts_root: Path | None) -> Path:
     if artifacts_root is None:
         raise MedsaeError("no LLM cache folder: set MEDSAE_LLM_CACHE")
     return Path(artifacts_root) / "llm_cache"
-
-
-def _json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -120,9 +134,7 @@ def select_latents(
         eligible = set(chosen)
         skipped = [x for x in wanted if x not in eligible]
         if skipped:
-            log.warning(
-                "latents not eligible for explanation (dead, too rare or no example sets): %s", skipped
-            )
+            log.warning("latents not eligible for explanation (dead, too rare or no example sets): %s", skipped)
         chosen = [x for x in wanted if x in eligible]
     if max_latents is not None:
         chosen = chosen[:max_latents]
@@ -135,6 +147,20 @@ def load_slice_tables(slices_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, lis
 
     slices = load_slices(slices_dir).set_index("slice_id", drop=False)
     return slices, load_structures(slices_dir), load_vocab(slices_dir)
+
+
+def pool_note(summarize_dir: Path) -> str | None:
+    """A sentence when the summarize stage had to widen the interpretation pool (else None)."""
+    try:
+        info = json.loads((summarize_dir / "pool.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not info.get("widened"):
+        return None
+    return (
+        f"the interpretation pool was widened to the split(s) {'+'.join(info.get('splits') or [])} "
+        f"({info.get('scans')} scans): too few scans in the splits the spec names"
+    )
 
 
 # --------------------------------------------------------------------------- the run
@@ -160,16 +186,22 @@ class Agent:
         self.scorer_model = str(params["scorer_model"])
         self.explainer_api_base = params.get("explainer_api_base") or None
         self.scorer_api_base = params.get("scorer_api_base") or None
+        self.concurrency = int(params.get("concurrency", 8))
         self.gateway = LLMGateway(
             cache_dir,
             mode=params.get("llm_mode", "record"),
-            concurrency=int(params.get("concurrency", 8)),
+            concurrency=self.concurrency,
             max_retries=int(params.get("max_retries", 4)),
             timeout_s=float(params.get("timeout_s", 120.0)),
             max_cost_usd=params.get("max_cost_usd"),
+            backoff_s=float(params.get("retry_backoff_s", 0.5)),
         )
         self.progress = progress
         self.templates: dict[str, Template] = {}
+        self._tables: Tables = empty_tables()
+        self._sink = RowSink()
+        self._finished: set[int] = set()
+        self._n_repairs = 0
 
     # ---------------------------------------------------------------- helpers
 
@@ -182,71 +214,143 @@ class Agent:
         quiet = os.environ.get("MEDSAE_QUIET", "") not in ("", "0")
         return None if quiet else text
 
-    # ---------------------------------------------------------------- main
+    def _emit(self, tables: Tables, latent: int | None = None) -> None:
+        """Keep ``tables`` (plus the calls made since the last emit) and hand them to the sink.
 
-    def run(self, latents_wanted: Sequence[int] | None = None) -> AgentResult:
-        t0 = time.perf_counter()
-        p = self.params
+        ``latent``: the latent these rows finish (it is then skipped by a resumed stage).
+        """
+        calls = [r for r in self.gateway.drain_call_rows() if not r.get("cached")]
+        tables = {**tables, "llm_calls": list(tables.get("llm_calls", [])) + calls}
+        for table, rows in tables.items():
+            self._tables.setdefault(table, []).extend(rows)
+        if latent is not None:
+            self._finished.add(int(latent))
+        self._sink.add(tables, latent)
+
+    def _check_models(self) -> None:
+        """Fail fast: unknown provider, unregistered offline model or missing key, before any work."""
+        self.gateway.check_model(self.explainer_model, self.explainer_api_base)
+        self.gateway.check_model(self.scorer_model, self.scorer_api_base)
         if self.explainer_model == self.scorer_model and not self.scorer_model.startswith("medsae/"):
             log.warning(
                 "explainer and reference scorer are the same model (%s): scores may be self-consistent "
                 "rather than faithful; choose --scorer",
                 self.scorer_model,
             )
+
+    # ---------------------------------------------------------------- main
+
+    def run(self, latents_wanted: Sequence[int] | None = None, sink: RowSink | None = None) -> AgentResult:
+        """Explain and score; finished latents go to ``sink`` as they finish (and are skipped when the
+        sink already holds them from an interrupted run)."""
+        t0 = time.perf_counter()
+        self._tables, self._finished, self._n_repairs = empty_tables(), set(), 0
+        self._sink = sink or RowSink()
+        self._check_models()
         latents_df, sets = _read_summary(self.inputs.summarize_dir)
-        chosen = select_latents(latents_df, sets, latents_wanted, p.get("max_latents"))
+        chosen = select_latents(latents_df, sets, latents_wanted, self.params.get("max_latents"))
         if not chosen:
             raise MedsaeError(f"{self.inputs.summarize_dir}: no latent is eligible for explanation")
+        note = pool_note(self.inputs.summarize_dir)
+        if note:
+            log.warning("%s", note)
+        try:
+            self._run(chosen, sets, latents_df)
+        finally:
+            self._emit({})
+            self._sink.flush()
+        tables = _deduplicated(self._tables)
+        summary = self._summary(chosen, tables, time.perf_counter() - t0) | {"pool_note": note}
+        return AgentResult(tables=tables, summary=summary, metrics=self._metrics(tables))
+
+    def _run(self, chosen: list[int], sets: dict, latents_df: pd.DataFrame) -> None:
         slices, structures, vocab = load_slice_tables(self.inputs.slices_dir)
         attrs = slice_attributes(slices)
         legend = legend_lines(attrs, vocab)
         chosen_set = set(chosen)
-        needed = np.unique(
-            np.concatenate([s["slice_ids"] for (lat, _), s in sets.items() if lat in chosen_set])
-        )
+        needed = np.unique(np.concatenate([s["slice_ids"] for (lat, _), s in sets.items() if lat in chosen_set]))
         lines = format_lines(slices, structures, needed)
+        done, earlier = self._sink.finished()
+        done &= chosen_set
+        if done:
+            log.warning("resuming: %d of %d latents were finished by an interrupted run", len(done), len(chosen))
+            for table, rows in earlier.items():
+                self._tables.setdefault(table, []).extend(rows)
+            self._finished |= done
+        explanations = {
+            int(r["latent"]): r for r in earlier["explanations"] if r["kind"] == EXPLANATION and r["latent"] in done
+        }
+        todo = [lat for lat in chosen if lat not in done]
+        explanations |= self._explain(todo, sets, lines)
 
-        rows_expl, rows_score = [], []
-        explanations = self._explain(chosen, sets, lines, rows_expl)
-        self._score(
-            chosen, sets, lines, legend, explanations, latents_df, attrs, structures, rows_expl, rows_score
-        )
+        sim, det = self._simulators(legend)
+        self._check_scorer_prompts(sim, det, lines, needed)
+        ok = {lat: e for lat, e in explanations.items() if e["status"] == hygiene.OK}
+        summaries = dict(zip(latents_df["latent"].astype(int), latents_df["top_structures"], strict=True))
+        context = {"sets": sets, "attrs": attrs, "structures": structures, "summaries": summaries}
+        works = []
+        for latent in todo:
+            expl = explanations.get(latent)
+            if expl is not None and expl["status"] == hygiene.OK:
+                works.append(self._work(latent, expl, ok, sets, lines, legend, sim, det))
+                continue
+            rows = self._best_attribute(latent, context)
+            if expl is not None:  # rejected or unparsed: finished; no row (failed call): a rerun retries
+                rows["explanations"].insert(0, expl)
+            self._emit(rows, latent if expl is not None else None)
+        self._emit_prompts()
 
-        call_rows = [r for r in self.gateway.drain_call_rows() if not r.get("cached")]
-        prompts = [t.prompt_row() for t in self.templates.values()]
-        summary = self._summary(chosen, rows_expl, rows_score, time.perf_counter() - t0)
-        return AgentResult(
-            tables={
-                "explanations": rows_expl,
-                "explanation_scores": rows_score,
-                "llm_calls": call_rows,
-                "prompts": prompts,
-            },
-            summary=summary,
-            metrics=self._metrics(rows_expl, rows_score),
-        )
+        description = self._describe("score")
+        finished = run_latents(self.gateway, works, lines, workers=max(2, self.concurrency))
+        if description is not None:
+            from medsae.progress import track
 
-    # ---------------------------------------------------------------- round 1: explain
+            finished = track(finished, total=len(works), description=description, unit="latent")
+        for work in finished:
+            self._n_repairs += work.n_repairs
+            try:
+                rows, complete = self._latent_rows(work, context)
+            except Exception as exc:  # one latent's failure never stops the others
+                log.warning("latent %d: %s: %s; not scored", work.latent, type(exc).__name__, exc)
+                rows, complete = {"explanations": [work.context["explanation"]]}, False
+            self._emit(rows, work.latent if complete else None)
+        self._emit_prompts()
 
-    def _explain(
-        self, chosen: list[int], sets: dict, lines: dict[int, str], rows: list[dict]
-    ) -> dict[int, dict]:
+    def _emit_prompts(self) -> None:
+        """The templates used so far that were not emitted yet (registry table ``prompts``)."""
+        emitted = {r["template_hash"] for r in self._tables.get("prompts", [])}
+        new = [t.prompt_row() for t in self.templates.values() if t.hash not in emitted]
+        if new:
+            self._emit({"prompts": new})
+
+    # ---------------------------------------------------------------- phase 1: explain
+
+    def _explain(self, todo: list[int], sets: dict, lines: dict[int, str]) -> dict[int, dict]:
         from medsae.interp.llm import LLMRequest
 
         p = self.params
         vision = bool(p["vision"]) and explainer.supports_vision(self.explainer_model)
         if bool(p["vision"]) and not vision:
-            log.warning(
-                "vision is on but %s does not accept images: using the text explainer", self.explainer_model
-            )
+            log.warning("vision is on but %s does not accept images: using the text explainer", self.explainer_model)
         template = self._template(p["vision_template"] if vision else p["explainer_template"])
+        if not todo:
+            return {}
         settings = explainer.request_params(p) | {"vision": vision}
+        limit = budget.prompt_budget(
+            self.explainer_model, int(p["explainer_max_tokens"]), p.get("max_prompt_tokens"), "explainer"
+        )
         requests, meta = [], []
-        for latent in chosen:
+        n_fewer = 0
+        for latent in todo:
             eset = sets[(latent, EXPLAIN)]
             examples = explainer.explain_examples(eset["slice_ids"], eset["activations"], lines)
-            image = explainer.montage(self.inputs.slices_dir, examples) if vision else None
-            messages = explainer.render_explainer(template, examples, image)
+
+            def render(shown: list[dict]) -> list[dict]:
+                image = explainer.montage(self.inputs.slices_dir, shown) if vision else None
+                return explainer.render_explainer(template, shown, image)
+
+            messages, shown = budget.fit_examples(render, examples, self.explainer_model, limit)
+            n_fewer += len(shown) < len(examples)
             requests.append(
                 LLMRequest(
                     model=self.explainer_model,
@@ -258,43 +362,39 @@ class Agent:
                     api_base=self.explainer_api_base,
                 )
             )
-            meta.append((latent, eset["set_id"]))
+            meta.append((latent, eset["set_id"], len(shown)))
+        if n_fewer:
+            log.warning(
+                "%d of %d explainer prompts show fewer examples to fit %s's context (%d tokens)",
+                n_fewer,
+                len(todo),
+                self.explainer_model,
+                limit,
+            )
         responses = self.gateway.complete_many(requests, description=self._describe("explain"))
         out: dict[int, dict] = {}
-        for (latent, set_id), resp in zip(meta, responses, strict=True):
+        for (latent, set_id, n_shown), resp in zip(meta, responses, strict=True):
             if resp.error:
-                continue  # no row: a later run can fill it in
+                continue  # no row: a later run can fill it in (the failure is an llm_calls row)
             text = explainer.parse_explanation(resp.text)
-            ident = {
-                "latent": latent,
-                "sae_key": self.sae_key,
-                "explainer_model": self.explainer_model,
-                "api_base": self.explainer_api_base,
-                "template_hash": template.hash,
-                "params": settings,
-                "example_set_id": set_id,
-                "candidate": 0,
-                "request_hash": resp.request_hash,  # everything the request held, incl. rendered examples
-            }
-            row = {
-                "explanation_id": sha256_json(ident),
-                "stage_key": self.inputs.summarize_key,
-                "sae_key": self.sae_key,
-                "latent": latent,
-                "explainer_model": self.explainer_model,
-                "template_hash": template.hash,
-                "params_json": _json(settings | {"api_base": self.explainer_api_base}),
-                "example_set_id": set_id,
-                "text": text,
-                "status": "ok" if text else "parse_failed",
-                "kind": EXPLANATION,
-                "request_hash": resp.request_hash,
-            }
-            rows.append(row)
-            out[latent] = row
+            status = hygiene.explanation_status(text, int(p["explanation_max_words"]), int(p["explanation_max_chars"]))
+            out[latent] = explanation_row(
+                latent=latent,
+                sae_key=self.sae_key,
+                summarize_key=self.inputs.summarize_key,
+                model=self.explainer_model,
+                api_base=self.explainer_api_base,
+                template_hash=template.hash,
+                settings=settings,
+                set_id=set_id,
+                request_hash=resp.request_hash,
+                text=text,
+                status=status,
+                n_examples=n_shown,
+            )
         return out
 
-    # ---------------------------------------------------------------- round 2+3: score
+    # ---------------------------------------------------------------- phase 2: score
 
     def _simulators(self, legend: list[str]) -> tuple[simulator.Simulator, simulator.Simulator]:
         p = self.params
@@ -312,52 +412,20 @@ class Agent:
         det = simulator.Simulator(template=self._template(p["detector_template"]), scale=1, **common)
         return sim, det
 
-    def _score(
-        self,
-        chosen: list[int],
-        sets: dict,
-        lines: dict[int, str],
-        legend: list[str],
-        explanations: dict[int, dict],
-        latents_df: pd.DataFrame,
-        attrs: pd.DataFrame,
-        structures: pd.DataFrame,
-        rows_expl: list[dict],
-        rows_score: list[dict],
+    def _check_scorer_prompts(
+        self, sim: simulator.Simulator, det: simulator.Simulator, lines: dict[int, str], needed: np.ndarray
     ) -> None:
-        p = self.params
-        sim, det = self._simulators(legend)
-        ok = {lat: e for lat, e in explanations.items() if e["status"] == "ok"}
-        sim_jobs, det_jobs = [], []
-        for latent, expl in ok.items():
-            sim_jobs.append(self._job(latent, expl, sets[(latent, SIMULATE)], SIMULATE))
-            if p["detect"] and (latent, DETECT) in sets:
-                det_jobs.append(self._job(latent, expl, sets[(latent, DETECT)], DETECT))
-        targets = baselines.shuffled_targets(
-            list(ok), float(p["shuffled_fraction"]), int(p["shuffled_min"]), self.seed, self.sae_key
-        )
-        for latent in targets:
-            donor = baselines.shuffled_donor(latent, list(ok), self.seed, self.sae_key)
-            if donor is None:
-                continue
-            row = self._shuffled_row(latent, ok[donor], donor)
-            rows_expl.append(row)
-            sim_jobs.append(self._job(latent, row, sets[(latent, SIMULATE)], SIMULATE))
-        rank_reqs, rank_meta = self._ranking_requests(ok, sets, lines, legend) if p["ranking"] else ([], [])
-
-        # one concurrent round for everything, then one round of repairs
-        rank_responses = simulator.run_jobs(
-            self.gateway, [(sim, sim_jobs), (det, det_jobs)], lines, rank_reqs, self._describe("score")
-        )
-        for job in sim_jobs:
-            self._score_rows(job, sim, sets, rows_score, detection=False)
-        for job in det_jobs:
-            self._score_rows(job, det, sets, rows_score, detection=True)
-        for (latent, expl, truth_letter), resp in zip(rank_meta, rank_responses, strict=True):
-            if resp.error:
-                continue
-            rows_score.append(self._ranking_row(latent, expl, truth_letter, resp, sets))
-        self._best_attribute(chosen, sets, latents_df, attrs, structures, rows_expl, rows_score)
+        """One-line error before any scoring call when a batch of the longest lines cannot fit."""
+        n = int(self.params["simulate_batch"])
+        limit = budget.prompt_budget(self.scorer_model, 8 * n + 16, self.params.get("max_prompt_tokens"), "scorer")
+        if limit is None:
+            return
+        longest = sorted((lines[int(s)] for s in needed), key=len, reverse=True)[:n]
+        rows = [{"id": i, "line": line} for i, line in zip(simulator.labels(len(longest)), longest, strict=True)]
+        words = "x" * int(self.params["explanation_max_chars"])
+        for s in (sim, det):
+            messages = s.template.render(explanation=words, slices=rows, legend=s.legend)
+            budget.check_batch_prompt(self.scorer_model, messages, limit, n)
 
     def _job(self, latent: int, expl: dict, eset: dict, purpose: str) -> simulator.SimJob:
         order_seed = purpose_seed(self.seed, self.sae_key, latent, f"{purpose}-order")
@@ -368,258 +436,324 @@ class Agent:
             order_seed=order_seed,
         )
 
-    def _shuffled_row(self, latent: int, donor_row: dict, donor: int) -> dict:
-        ident = {
-            "kind": SHUFFLED,
-            "latent": latent,
-            "sae_key": self.sae_key,
-            "donor": donor_row["explanation_id"],
-        }
-        return {
-            "explanation_id": sha256_json(ident),
-            "stage_key": self.inputs.summarize_key,
-            "sae_key": self.sae_key,
-            "latent": latent,
-            "explainer_model": donor_row["explainer_model"],
-            "template_hash": donor_row["template_hash"],
-            "params_json": _json(
-                {"donor_latent": donor, "donor_explanation_id": donor_row["explanation_id"]}
-            ),
-            "example_set_id": donor_row["example_set_id"],
-            "text": donor_row["text"],
-            "status": "baseline",
-            "kind": SHUFFLED,
-            "request_hash": donor_row["request_hash"],
-        }
+    def _work(
+        self,
+        latent: int,
+        expl: dict,
+        ok: dict[int, dict],
+        sets: dict,
+        lines: dict[int, str],
+        legend: list[str],
+        sim: simulator.Simulator,
+        det: simulator.Simulator,
+    ) -> LatentWork:
+        """Every scoring call of one latent (explanation, shuffled baseline, detection, ranking)."""
+        p = self.params
+        work = LatentWork(latent, context={"explanation": expl, "roles": []})
+        work.jobs.append((sim, self._job(latent, expl, sets[(latent, SIMULATE)], SIMULATE)))
+        work.context["roles"].append("simulate")
+        if p["detect"] and (latent, DETECT) in sets:
+            work.jobs.append((det, self._job(latent, expl, sets[(latent, DETECT)], DETECT)))
+            work.context["roles"].append("detect")
+        targets = self._shuffled_targets(ok)
+        if latent in targets:
+            donor = baselines.shuffled_donor(latent, list(ok), self.seed, self.sae_key)
+            if donor is not None:
+                row = shuffled_row(latent, ok[donor], donor, self.sae_key, self.inputs.summarize_key)
+                work.context["shuffled"] = row
+                work.jobs.append((sim, self._job(latent, row, sets[(latent, SIMULATE)], SIMULATE)))
+                work.context["roles"].append("shuffled")
+        if p["ranking"]:
+            ranking = self._ranking_request(latent, expl, ok, sets, lines, legend)
+            if ranking is not None:
+                request, truth, others = ranking
+                work.extra.append(request)
+                work.context["ranking"] = (truth, others)
+        return work
 
-    def _score_row(
-        self, expl_id: str, set_id: str, score: scoring.Score, scorer: dict, extra: dict, requests: str = ""
-    ) -> dict:
-        ident = {
-            "requests": requests,  # digest of the scorer's request hashes (empty for rule scores)
-            "explanation_id": expl_id,
-            "method": score.method,
-            "scorer": scorer,
-            "example_set_id": set_id,
-            "bootstrap": int(self.params["bootstrap"]),
-            "permutations": int(self.params["permutations"]),
-        }
-        return {
-            "score_id": sha256_json(ident),
-            "explanation_id": expl_id,
-            "method": score.method,
-            "scorer_model": scorer["model"],
-            "scorer_mode": scorer["mode"],
-            "example_set_id": set_id,
-            "value": score.value,
-            "n": score.n,
-            "n_missing": score.n_missing,
-            "chance": score.chance,
-            "ci_low": score.ci_low,
-            "ci_high": score.ci_high,
-            "p_value": score.p_value,
-            "extra_json": _json(score.extra | extra) if (score.extra or extra) else None,
-        }
-
-    def _score_rows(
-        self, job: simulator.SimJob, sim: simulator.Simulator, sets: dict, rows: list[dict], detection: bool
-    ) -> None:
-        latent, expl_id, set_id, purpose = job.key
-        if job.errors:
-            log.warning(
-                "latent %d: %d %s call(s) failed (%s); not scored",
-                latent,
-                len(job.errors),
-                purpose,
-                job.errors[0],
+    def _shuffled_targets(self, ok: dict[int, dict]) -> set[int]:
+        key = tuple(sorted(ok))
+        if getattr(self, "_targets_key", None) != key:
+            p = self.params
+            self._targets = set(
+                baselines.shuffled_targets(
+                    list(ok), float(p["shuffled_fraction"]), int(p["shuffled_min"]), self.seed, self.sae_key
+                )
             )
-            return
+            self._targets_key = key
+        return self._targets
+
+    def _ranking_request(
+        self, latent: int, expl: dict, ok: dict[int, dict], sets: dict, lines: dict[int, str], legend: list[str]
+    ) -> tuple[Any, str, list[int]] | None:
+        from medsae.interp.llm import LLMRequest
+
+        template = self._template(self.params["ranking_template"])
+        others = baselines.distractors(latent, list(ok), N_DISTRACTORS, self.seed, self.sae_key)
+        if not others:
+            return None
+        eset = sets[(latent, SIMULATE)]
+        top = np.argsort(-eset["activations"], kind="stable")[:N_RANKING_SAMPLES]
+        top = top[eset["activations"][top] > 0]
+        samples = [{"id": f"X{i + 1:02d}", "line": lines[int(eset["slice_ids"][j])]} for i, j in enumerate(top)]
+        texts = [expl["text"]] + [ok[o]["text"] for o in others]
+        order = np.random.default_rng(purpose_seed(self.seed, self.sae_key, latent, "ranking-order")).permutation(5)
+        letters = "ABCDE"
+        candidates = [{"letter": letters[i], "text": texts[k]} for i, k in enumerate(order)]
+        truth = letters[int(np.flatnonzero(order == 0)[0])]
+        messages = template.render(samples=samples, candidates=candidates, legend=legend)
+        request = LLMRequest(
+            model=self.scorer_model,
+            messages=messages,
+            temperature=float(self.params["temperature"]),
+            max_tokens=50,
+            seed=0,
+            template_hash=template.hash,
+            api_base=self.scorer_api_base,
+        )
+        return request, truth, others
+
+    def _latent_rows(self, work: LatentWork, context: dict) -> tuple[Tables, bool]:
+        """Rows of one finished latent, and whether it is complete (no failed call, no error)."""
+        latent, expl = work.latent, work.context["explanation"]
+        rows = self._best_attribute(latent, context)
+        rows["explanations"].insert(0, expl)
+        if work.failure:
+            log.warning("latent %d: %s; not scored", latent, work.failure)
+            return rows, False
+        complete = True
+        shuffled = work.context.get("shuffled")
+        if shuffled is not None:
+            rows["explanations"].append(shuffled)
+        by_role = dict(zip(work.context["roles"], work.jobs, strict=True))
+        twins: dict[str, np.ndarray | None] = {"simulate": None, "shuffled": None}
+        if shuffled is not None and _norm(shuffled["text"]) != _norm(expl["text"]):
+            twins = {"simulate": by_role["shuffled"][1].values, "shuffled": by_role["simulate"][1].values}
+        for role, (sim, job) in by_role.items():
+            if job.errors:
+                log.warning(
+                    "latent %d: %d %s call(s) failed (%s); not scored", latent, len(job.errors), role, job.errors[0]
+                )
+                complete = False
+                continue
+            rows["explanation_scores"] += self._job_scores(job, sim, context["sets"], role, twins.get(role))
+        if "ranking" in work.context:
+            response = work.extra_responses[0]
+            if response.error:
+                complete = False
+            else:
+                truth, others = work.context["ranking"]
+                rows["explanation_scores"].append(self._ranking_row(latent, expl, truth, others, response, context))
+        return rows, complete
+
+    def _job_scores(
+        self, job: simulator.SimJob, sim: simulator.Simulator, sets: dict, role: str, twin: np.ndarray | None
+    ) -> list[dict]:
+        latent, expl_id, set_id, purpose = job.key
         truth = sets[(latent, purpose)]["activations"]
-        if detection:
+        if role == "detect":
             scores = scoring.score_detection(job.values, truth, scale=sim.scale)
         else:
             seed = purpose_seed(self.seed, self.sae_key, latent, "bootstrap")
             scores = scoring.score_simulation(
                 job.values, truth, int(self.params["bootstrap"]), int(self.params["permutations"]), seed
             )
-        extra = (
-            {"n_repaired": job.n_repaired, "n_ev_fallback": job.n_fallback}
-            if (job.n_repaired or job.n_fallback)
-            else {}
-        )
+        reason, r2 = sanity.degenerate_reason(job.values, job.batch_positions, twin)
+        extra: dict[str, Any] = {}
+        if job.n_repaired or job.n_fallback:
+            extra |= {"n_repaired": job.n_repaired, "n_ev_fallback": job.n_fallback}
+        if job.n_no_logprobs:
+            extra["n_no_logprobs"] = job.n_no_logprobs  # logprobs ignored: parsed integers instead
+        if reason:
+            extra["degenerate"] = reason
         digest = sha256_json(job.request_hashes)
-        for score in scores:
-            rows.append(self._score_row(expl_id, set_id, score, sim.identity(), extra, digest))
-
-    # ---------------------------------------------------------------- ranking (study 7.4)
-
-    def _ranking_requests(
-        self, ok: dict[int, dict], sets: dict, lines: dict[int, str], legend: list[str]
-    ) -> tuple[list, list]:
-        from medsae.interp.llm import LLMRequest
-
-        template = self._template(self.params["ranking_template"])
-        requests, meta = [], []
-        for latent, expl in ok.items():
-            others = baselines.distractors(latent, list(ok), N_DISTRACTORS, self.seed, self.sae_key)
-            if not others:
-                continue
-            eset = sets[(latent, SIMULATE)]
-            top = np.argsort(-eset["activations"], kind="stable")[:N_RANKING_SAMPLES]
-            top = top[eset["activations"][top] > 0]
-            samples = [
-                {"id": f"X{i + 1:02d}", "line": lines[int(eset["slice_ids"][j])]} for i, j in enumerate(top)
-            ]
-            texts = [expl["text"]] + [ok[o]["text"] for o in others]
-            order = np.random.default_rng(
-                purpose_seed(self.seed, self.sae_key, latent, "ranking-order")
-            ).permutation(5)
-            letters = "ABCDE"
-            candidates = [{"letter": letters[i], "text": texts[k]} for i, k in enumerate(order)]
-            truth = letters[int(np.flatnonzero(order == 0)[0])]
-            messages = template.render(samples=samples, candidates=candidates, legend=legend)
-            requests.append(
-                LLMRequest(
-                    model=self.scorer_model,
-                    messages=messages,
-                    temperature=float(self.params["temperature"]),
-                    max_tokens=50,
-                    seed=0,
-                    template_hash=template.hash,
-                    api_base=self.scorer_api_base,
-                )
+        return [
+            score_row(
+                expl_id,
+                set_id,
+                score,
+                sim.identity(),
+                self.params,
+                extra,
+                digest,
+                n_repaired=job.n_repaired,
+                degenerate=reason is not None,
             )
-            meta.append((latent, expl | {"_distractors": others}, truth))
-        self._ranking_template = template
-        return requests, meta
+            for score in scores
+        ]
 
-    def _ranking_row(self, latent: int, expl: dict, truth: str, resp: Any, sets: dict) -> dict:
-        """The study's score: 1 when the true explanation is ranked first or second of five."""
-        text = resp.text
-        found = _LETTER.findall((text or "").upper())
-        ranking = list(dict.fromkeys(found))
-        ok = len(found) == 5 and len(ranking) == 5
-        rank = ranking.index(truth) + 1 if ok else None
-        score = scoring.Score(
-            "ranking_top2",
-            None if rank is None else float(rank <= 2),
-            1 if ok else 0,
-            0 if ok else 1,
-            extra={"rank": rank, "distractors": expl["_distractors"]}
-            | ({} if ok else {"reason": "parse_failed"}),
-        )
+    def _ranking_row(self, latent: int, expl: dict, truth: str, others: list[int], resp: Any, context: dict) -> dict:
         scorer = {
             "model": self.scorer_model,
             "mode": "ranking",
             "api_base": self.scorer_api_base,
-            "template_hash": self._ranking_template.hash,
+            "template_hash": self._template(self.params["ranking_template"]).hash,
             "temperature": float(self.params["temperature"]),
         }
-        set_id = sets[(latent, SIMULATE)]["set_id"]
-        return self._score_row(expl["explanation_id"], set_id, score, scorer, {}, resp.request_hash)
+        set_id = context["sets"][(latent, SIMULATE)]["set_id"]
+        score = ranking_score(resp.text, truth, others)
+        return score_row(expl["explanation_id"], set_id, score, scorer, self.params, None, resp.request_hash)
 
     # ---------------------------------------------------------------- best single attribute
 
-    def _best_attribute(
-        self,
-        chosen: list[int],
-        sets: dict,
-        latents_df: pd.DataFrame,
-        attrs: pd.DataFrame,
-        structures: pd.DataFrame,
-        rows_expl: list[dict],
-        rows_score: list[dict],
-    ) -> None:
-        summaries = dict(zip(latents_df["latent"].astype(int), latents_df["top_structures"], strict=True))
-        scorer = {
-            "model": baselines.RULE_MODEL,
-            "mode": simulator.RULE,
-            "template_hash": baselines.RULE_TEMPLATE,
-        }
-        for latent in chosen:
-            info = json.loads(summaries.get(latent) or "{}").get("best_attribute")
-            if not info:
-                continue
-            term = Term.from_key(info["term"])
-            eset = sets[(latent, SIMULATE)]
-            ident = {
-                "kind": BEST_ATTRIBUTE,
-                "latent": latent,
-                "sae_key": self.sae_key,
-                "term": term.key,
-                "example_set_id": sets[(latent, EXPLAIN)]["set_id"],
-            }
-            expl_id = sha256_json(ident)
-            rows_expl.append(
-                {
-                    "explanation_id": expl_id,
-                    "stage_key": self.inputs.summarize_key,
-                    "sae_key": self.sae_key,
-                    "latent": latent,
-                    "explainer_model": baselines.RULE_MODEL,
-                    "template_hash": baselines.RULE_TEMPLATE,
-                    "params_json": _json({"term": term.key, "r_explain": info.get("r_explain")}),
-                    "example_set_id": sets[(latent, EXPLAIN)]["set_id"],
-                    "text": term.key,
-                    "status": "baseline",
-                    "kind": BEST_ATTRIBUTE,
-                    "request_hash": None,
-                }
+    def _best_attribute(self, latent: int, context: dict) -> Tables:
+        """The best-attribute baseline of one latent (explanation row and its scores; no LLM)."""
+        rows: Tables = {"explanations": [], "explanation_scores": []}
+        info = json.loads(context["summaries"].get(latent) or "{}").get("best_attribute")
+        if not info:
+            return rows
+        sets = context["sets"]
+        term = Term.from_key(info["term"])
+        eset = sets[(latent, SIMULATE)]
+        row = best_attribute_row(
+            latent,
+            term.key,
+            info.get("r_explain"),
+            sets[(latent, EXPLAIN)]["set_id"],
+            self.sae_key,
+            self.inputs.summarize_key,
+        )
+        rows["explanations"].append(row)
+        scorer = {"model": baselines.RULE_MODEL, "mode": simulator.RULE, "template_hash": baselines.RULE_TEMPLATE}
+        pred = baselines.rule_predictions(term, eset["slice_ids"], context["attrs"], context["structures"])
+        seed = purpose_seed(self.seed, self.sae_key, latent, "bootstrap")
+        for score in scoring.score_simulation(
+            pred, eset["activations"], int(self.params["bootstrap"]), int(self.params["permutations"]), seed
+        ):
+            rows["explanation_scores"].append(
+                score_row(row["explanation_id"], eset["set_id"], score, scorer, self.params)
             )
-            pred = baselines.rule_predictions(term, eset["slice_ids"], attrs, structures)
-            seed = purpose_seed(self.seed, self.sae_key, latent, "bootstrap")
-            for score in scoring.score_simulation(
-                pred,
-                eset["activations"],
-                int(self.params["bootstrap"]),
-                int(self.params["permutations"]),
-                seed,
-            ):
-                rows_score.append(self._score_row(expl_id, eset["set_id"], score, scorer, {}))
+        return rows
 
     # ---------------------------------------------------------------- reporting
 
-    def _summary(
-        self, chosen: list[int], rows_expl: list[dict], rows_score: list[dict], seconds: float
-    ) -> dict:
-        kinds = {r["explanation_id"]: r["kind"] for r in rows_expl}
+    def _summary(self, chosen: list[int], tables: Tables, seconds: float) -> dict:
+        kinds = {r["explanation_id"]: r["kind"] for r in tables["explanations"]}
         by_kind: dict[str, list[float | None]] = {}
-        for r in rows_score:
-            if r["method"] == "pearson":
+        jobs = [
+            r
+            for r in tables["explanation_scores"]
+            if r["method"] in _JOB_METHODS and r["scorer_mode"] != simulator.RULE
+        ]
+        for r in tables["explanation_scores"]:
+            if r["method"] == "pearson" and not r.get("degenerate"):
                 by_kind.setdefault(kinds.get(r["explanation_id"], "?"), []).append(r["value"])
-        explained = [r for r in rows_expl if r["kind"] == EXPLANATION]
+        wanted = set(chosen)
+        explained = [r for r in tables["explanations"] if r["kind"] == EXPLANATION and r["latent"] in wanted]
+        status = [r["status"] for r in explained]
         return {
             "explainer_model": self.explainer_model,
             "scorer_model": self.scorer_model,
             "latents": len(chosen),
-            "explained": sum(r["status"] == "ok" for r in explained),
-            "parse_failed": sum(r["status"] == "parse_failed" for r in explained),
-            "call_failures": len(chosen) - len(explained),
+            "done": len(self._finished & wanted),
+            "explained": status.count(hygiene.OK),
+            "parse_failed": status.count(hygiene.PARSE_FAILED),
+            "too_long": status.count(hygiene.TOO_LONG),
+            "repetitive": status.count(hygiene.REPETITIVE),
+            "call_failures": len(chosen) - len(explained),  # latents whose explain call failed
+            "failed_calls": self.gateway.n_failed,
+            "failed_attempts": self.gateway.n_failed_attempts,
+            "missing_predictions": int(sum(r["n_missing"] or 0 for r in jobs)),
+            "repaired_predictions": int(sum(r.get("n_repaired") or 0 for r in jobs)),
+            "repair_calls": self._n_repairs,
+            "degenerate_scores": int(sum(bool(r.get("degenerate")) for r in jobs)),
+            "no_logprobs_batches": int(sum(json.loads(r["extra_json"] or "{}").get("n_no_logprobs", 0) for r in jobs)),
+            "scores": len(jobs),
             "llm_calls": self.gateway.n_calls,
             "cache_hits": self.gateway.n_cache_hits,
             "cost_usd": round(self.gateway.total_cost_usd, 6),
-            "pearson": {
-                k: scoring.summarize_values(np.array(v, dtype=float)) for k, v in sorted(by_kind.items())
-            },
+            "pearson": {k: scoring.summarize_values(np.array(v, dtype=float)) for k, v in sorted(by_kind.items())},
             "seconds": round(seconds, 2),
         }
 
-    def _metrics(self, rows_expl: list[dict], rows_score: list[dict]) -> list[Metric]:
-        kinds = {r["explanation_id"]: (r["kind"], r["explainer_model"]) for r in rows_expl}
+    def _metrics(self, tables: Tables) -> list[Metric]:
+        kinds = {r["explanation_id"]: (r["kind"], r["explainer_model"]) for r in tables["explanations"]}
         groups: dict[tuple[str, str, str], list[float | None]] = {}
-        for r in rows_score:
+        degenerate: dict[tuple[str, str, str], int] = {}
+        for r in tables["explanation_scores"]:
             kind, model = kinds.get(r["explanation_id"], ("?", "?"))
-            groups.setdefault((r["method"], kind, model), []).append(r["value"])
+            key = (r["method"], kind, model)
+            groups.setdefault(key, [])
+            if r.get("degenerate"):
+                degenerate[key] = degenerate.get(key, 0) + 1  # left out of the headline mean
+            else:
+                groups[key].append(r["value"])
         out = []
         for (method, kind, model), values in sorted(groups.items()):
             agg = scoring.summarize_values(np.array(values, dtype=float))
+            extra = {k: v for k, v in agg.items() if k not in ("mean", "n")}
+            extra["n_degenerate"] = degenerate.get((method, kind, model), 0)
             out.append(
                 Metric(
                     name=f"explanation_{method}_mean",
                     value=agg["mean"],
                     n=agg["n"],
                     target=f"{kind}:{model}",
-                    extra={k: v for k, v in agg.items() if k not in ("mean", "n")},
+                    extra=extra,
+                )
+            )
+        for gap in sanity.scorer_gaps(_score_frame(tables), seed=self.seed):
+            out.append(
+                Metric(
+                    name="shuffled_gap_pearson",
+                    value=gap["gap"],
+                    n=gap["n_latents"],
+                    target=f"{gap['scorer']}:{gap['explainer']}",
+                    extra={k: gap[k] for k in ("ci_low", "ci_high", "n_degenerate", "tells_apart", "words")},
                 )
             )
         return out
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    """The closing line of a run: what finished and what went wrong, in counts."""
+    rejected = summary.get("too_long", 0) + summary.get("repetitive", 0)
+    return (
+        f"latents done {summary.get('done', 0)}/{summary['latents']} · parse failures {summary['parse_failed']} · "
+        f"rejected explanations {rejected} · failed calls {summary.get('failed_calls', 0)} "
+        f"(retried attempts {summary.get('failed_attempts', 0)}) · missing predictions "
+        f"{summary.get('missing_predictions', 0)} · degenerate scores {summary.get('degenerate_scores', 0)}"
+        f"/{summary.get('scores', 0)}"
+    )
+
+
+def _norm(text: str | None) -> str:
+    return " ".join((text or "").lower().split())
+
+
+def _deduplicated(tables: Tables) -> Tables:
+    """Rows with an id once (a resumed run re-emits some), other rows as they are."""
+    out: Tables = {}
+    for table, rows in tables.items():
+        column = _ID_COLUMNS.get(table)
+        if column is None:
+            out[table] = list(rows)
+            continue
+        seen: dict[Any, dict] = {}
+        for row in rows:
+            seen.setdefault(row[column], row)
+        out[table] = list(seen.values())
+    return out
+
+
+def _score_frame(tables: Tables) -> pd.DataFrame:
+    """Score rows joined with their explanation's latent, kind and model (for :func:`sanity.scorer_gaps`)."""
+    expl = {r["explanation_id"]: r for r in tables["explanations"]}
+    rows = []
+    for s in tables["explanation_scores"]:
+        e = expl.get(s["explanation_id"])
+        if e is None:
+            continue
+        rows.append(
+            {
+                "latent": e["latent"],
+                "explainer_model": e["explainer_model"],
+                "kind": e["kind"],
+                "scorer_model": s["scorer_model"],
+                "scorer_mode": s["scorer_mode"],
+                "method": s["method"],
+                "value": s["value"],
+                "degenerate": bool(s.get("degenerate")),
+            }
+        )
+    return pd.DataFrame(rows)

@@ -44,8 +44,8 @@ class InterpretSpec(Section):
     )
     ranking_template: str = Field("ranking_v1", description="The study's 5-way ranking prompt.")
     vision: bool = Field(False, description="Add a thumbnail montage for vision-capable explainers.")
-    temperature: float = Field(0.0, ge=0, description="Sampling temperature of explainer and simulator.")
-    explainer_max_tokens: int = Field(400, ge=16, description="Token budget of one explanation answer.")
+    temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature of explainer and simulator.")
+    explainer_max_tokens: int = Field(400, ge=16, le=100_000, description="Token budget of one explanation answer.")
     simulation_mode: Literal["auto", "logprob_ev", "parsed_int"] = Field(
         "auto",
         description="How predictions are read: expected value over token logprobs, or parsed integers "
@@ -54,14 +54,27 @@ class InterpretSpec(Section):
     top_logprobs: int = Field(
         20, ge=1, le=20, description="Alternatives requested per token in logprob_ev mode."
     )
+    explanation_max_words: int = Field(
+        60, ge=1, le=10_000, description="Explanations longer than this many words get status too_long (not scored)."
+    )
+    explanation_max_chars: int = Field(
+        400, ge=1, le=100_000, description="Explanations longer than this many characters get status too_long."
+    )
+    max_prompt_tokens: int | None = Field(
+        None,
+        ge=64,
+        le=100_000_000,
+        description="Prompt budget in tokens (the smaller of this and litellm's context window of the model "
+        "wins); explainer prompts show fewer examples to fit. None: litellm's window when known.",
+    )
 
     # -- which latents ---------------------------------------------------------------------------
     max_latents: int | None = Field(
-        None, ge=1, description="Explain at most this many latents (most frequent first)."
+        None, ge=1, le=2**20, description="Explain at most this many latents (most frequent first)."
     )
-    min_active: int = Field(10, ge=1, description="Eligibility: fires on at least this many pool slices.")
+    min_active: int = Field(10, ge=1, le=10**9, description="Eligibility: fires on at least this many pool slices.")
     min_patients: int = Field(
-        3, ge=1, description="Eligibility: fires in at least this many scans of the pool."
+        3, ge=1, le=10**7, description="Eligibility: fires in at least this many scans of the pool."
     )
     dense_frequency: float = Field(
         0.3, gt=0, le=1, description="Latents firing more often are flagged dense."
@@ -70,7 +83,7 @@ class InterpretSpec(Section):
         ["val"], description="Interpretation pool: splits not used to train the SAE (widened when too small)."
     )
     min_pool_scans: int = Field(
-        10, ge=2, description="Widen the pool (to val+test, then every split) below this many scans."
+        10, ge=2, le=10**7, description="Widen the pool (to val+test, then every split) below this many scans."
     )
 
     # -- sampling (A7.3-A7.4) --------------------------------------------------------------------
@@ -78,53 +91,60 @@ class InterpretSpec(Section):
         0.5, gt=0, lt=1, description="Share of scans hashed into the explain partition."
     )
     explain_top: int = Field(
-        12, ge=1, description="Strongest explain-partition slices shown to the explainer."
+        12, ge=1, le=1000, description="Strongest explain-partition slices shown to the explainer."
     )
-    explain_per_decile: int = Field(2, ge=0, description="Extra explain slices per activation decile.")
-    explain_negatives: int = Field(6, ge=0, description="Non-firing contrast slices in the explain set.")
+    explain_per_decile: int = Field(2, ge=0, le=100, description="Extra explain slices per activation decile.")
+    explain_negatives: int = Field(6, ge=0, le=1000, description="Non-firing contrast slices in the explain set.")
     matched_fraction: float = Field(
         0.5, ge=0, le=1, description="Share of contrasts matched to top slices on body region and structures."
     )
-    simulate_per_decile: int = Field(2, ge=1, description="Firing held-out slices per decile.")
-    simulate_random: int = Field(20, ge=0, description="Uniform held-out slices in the simulation set.")
+    simulate_per_decile: int = Field(2, ge=1, le=100, description="Firing held-out slices per decile.")
+    simulate_random: int = Field(20, ge=0, le=10_000, description="Uniform held-out slices in the simulation set.")
     detect: bool = Field(True, description="Also score detection (balanced accuracy) on a balanced set.")
-    detect_per_decile: int = Field(3, ge=1, description="Firing slices per decile in the detection set.")
+    detect_per_decile: int = Field(3, ge=1, le=100, description="Firing slices per decile in the detection set.")
     detect_negatives: int = Field(
-        30, ge=2, description="Non-firing slices in the detection set (half matched)."
+        30, ge=2, le=10_000, description="Non-firing slices in the detection set (half matched)."
     )
     max_per_volume: int = Field(
-        2, ge=1, description="Near-duplicate control: slices per volume in an explain set."
+        2, ge=1, le=1000, description="Near-duplicate control: slices per volume in an explain set."
     )
     max_per_volume_score: int = Field(
-        3, ge=1, description="Near-duplicate control: slices per volume per score set."
+        3, ge=1, le=1000, description="Near-duplicate control: slices per volume per score set."
     )
     min_slice_gap: int = Field(
-        3, ge=0, description="Minimum index gap between chosen slices of one volume and plane."
+        3, ge=0, le=100_000, description="Minimum index gap between chosen slices of one volume and plane."
     )
-    seed: int = Field(0, description="Seed of every sampler (combined per SAE, latent and purpose).")
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="Seed of every sampler (combined per SAE, latent and purpose)."
+    )
 
     # -- scoring (A7.6-A7.8) ---------------------------------------------------------------------
     simulate_batch: int = Field(10, ge=1, le=99, description="Held-out slices per simulator call.")
     shuffled_fraction: float = Field(
         0.2, ge=0, le=1, description="Share of latents also scored with a random other latent's explanation."
     )
-    shuffled_min: int = Field(10, ge=0, description="At least this many latents get the shuffled baseline.")
+    shuffled_min: int = Field(10, ge=0, le=10**7, description="At least this many latents get the shuffled baseline.")
     ranking: bool = Field(
         True, description="Also run the study's 5-way ranking against 4 distractor explanations."
     )
-    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for the 95% interval.")
-    permutations: int = Field(1000, ge=0, description="Permutations for the p-value of r.")
+    bootstrap: int = Field(1000, ge=0, le=1_000_000, description="Bootstrap resamples for the 95% interval.")
+    permutations: int = Field(1000, ge=0, le=1_000_000, description="Permutations for the p-value of r.")
 
     # -- execution -------------------------------------------------------------------------------
-    concurrency: int = execution_only(8, "LLM calls in flight at once.", ge=1)
-    max_cost_usd: float | None = execution_only(None, "Stop when the summed cost of LLM calls exceeds this.")
+    concurrency: int = execution_only(8, "LLM calls in flight at once.", ge=1, le=1024)
+    max_cost_usd: float | None = execution_only(
+        None, "Stop when the summed cost of LLM calls exceeds this.", ge=0, le=1e9
+    )
     llm_mode: str = execution_only(
         "record", "Gateway mode: live, record (live + cache), replay (cache only; a miss is an error)."
     )
     max_retries: int = execution_only(
-        4, "Retries per LLM call on rate limits, timeouts and server errors.", ge=0
+        4, "Retries per LLM call on rate limits, timeouts and server errors.", ge=0, le=100
     )
-    timeout_s: float = execution_only(120.0, "Timeout of one LLM call (seconds).", gt=0)
+    timeout_s: float = execution_only(120.0, "Timeout of one LLM call (seconds).", gt=0, le=86_400)
+    retry_backoff_s: float = execution_only(
+        0.5, "First wait before a retry (s); doubles per attempt, jittered, at least the Retry-After.", gt=0, le=600
+    )
 
 
 #: Fields that only matter to the LLM part (``interpret``), not to ``summarize`` (statistics and
@@ -144,6 +164,9 @@ LLM_ONLY_FIELDS: tuple[str, ...] = (
     "explainer_max_tokens",
     "simulation_mode",
     "top_logprobs",
+    "explanation_max_words",
+    "explanation_max_chars",
+    "max_prompt_tokens",
     "max_latents",
     "simulate_batch",
     "shuffled_fraction",

@@ -13,12 +13,18 @@ gateway makes that reproducible and cheap to rerun:
   written atomically, so a rerun makes zero calls. Modes: ``live`` and ``record`` read and write
   the cache; ``replay`` only reads it and a miss is a :class:`MedsaeError` naming the request.
 * **Robustness** — a concurrency limit (asyncio semaphore), timeouts, retries with exponential
-  backoff and jitter on rate limits (429), timeouts, connection and server (5xx) errors, never on
-  other 4xx. A provider failure that survives the retries comes back as an :class:`LLMResponse`
-  with ``error`` set; only user errors (unknown provider, missing API key, rejected key) raise.
+  backoff and jitter (at least the provider's ``Retry-After``) on rate limits (429), timeouts,
+  connection and server (5xx) errors and malformed answers (invalid JSON, no ``choices``), never
+  on other 4xx. A provider failure that survives the retries comes back as an
+  :class:`LLMResponse` with ``error`` set; only user errors (unknown provider, missing API key,
+  rejected key) raise. Every answer shape is read without exceptions: ``None`` content, missing
+  or partial logprobs and a provider that ignores ``logprobs`` give an answer with ``problem`` set
+  (cached like any answer, so a rerun replays it), never a crash.
 * **Accounting** — every call (cached or not) becomes a row of the registry table ``llm_calls``
   with tokens, cost (litellm's price table; 0 for unpriced or offline models), latency and
-  error. ``max_cost_usd`` stops new calls once the summed cost exceeds it ("budget exceeded").
+  error; so does every failed attempt that was retried (its error says which attempt and how long
+  the gateway waited). ``max_cost_usd`` stops new calls once the summed cost exceeds it ("budget
+  exceeded").
 
 API keys are read by litellm from the environment; they never enter a request, the cache or a row.
 """
@@ -86,7 +92,8 @@ class LLMResponse:
     ``cost_usd`` is what this call cost now (0 for a cache hit); ``tokens_in``/``tokens_out`` are
     the provider's counts for the answer (also for a cache hit); ``latency_s`` is the wall time of
     this call including retries (a cache hit: the time to read it); ``attempts`` counts provider
-    attempts (0 for a cache hit or a call refused by the budget).
+    attempts (0 for a cache hit or a call refused by the budget). ``problem`` describes an answer
+    that came back in an unusual shape (no content, logprobs asked for but absent or unreadable).
     """
 
     request_hash: str
@@ -99,6 +106,11 @@ class LLMResponse:
     cached: bool
     error: str | None
     attempts: int = 0
+    problem: str | None = None
+
+
+class MalformedAnswer(Exception):
+    """A provider answer that holds no answer at all (no ``choices``): retried like a server error."""
 
 
 # --------------------------------------------------------------------------- request identity
@@ -206,17 +218,100 @@ def _get(obj: Any, name: str, default: Any = None) -> Any:
     return getattr(obj, name, default)
 
 
+def _float(value: Any) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if out == out else None  # NaN is no log-probability
+
+
 def parse_logprobs(choice_logprobs: Any) -> list[TokenLogprob] | None:
-    """``choices[0].logprobs.content`` (OpenAI format) as a list of :class:`TokenLogprob`."""
+    """``choices[0].logprobs.content`` (OpenAI format) as a list of :class:`TokenLogprob`.
+
+    Entries without a token string or a numeric log-probability are skipped (alternatives too),
+    so a partial or odd logprobs block gives fewer tokens, never an exception.
+    """
     content = _get(choice_logprobs, "content")
-    if not content:
+    if not content or not isinstance(content, list | tuple):
         return None
     tokens = []
     for item in content:
-        top = [(str(_get(t, "token")), float(_get(t, "logprob"))) for t in (_get(item, "top_logprobs") or [])]
-        token, logprob = str(_get(item, "token")), float(_get(item, "logprob"))
+        token, logprob = _get(item, "token"), _float(_get(item, "logprob"))
+        if not isinstance(token, str) or logprob is None:
+            continue
+        top = []
+        for alt in _get(item, "top_logprobs") or []:
+            alt_token, alt_logprob = _get(alt, "token"), _float(_get(alt, "logprob"))
+            if isinstance(alt_token, str) and alt_logprob is not None:
+                top.append((alt_token, alt_logprob))
         tokens.append(TokenLogprob(token=token, logprob=logprob, top=top))
-    return tokens
+    return tokens or None
+
+
+def _text(content: Any) -> str | None:
+    """Message content as text: a string, the text parts of a list of parts, else None."""
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = [_get(p, "text") for p in content]
+        joined = "".join(p for p in parts if isinstance(p, str))
+        return joined or None
+    return str(content)
+
+
+def _int(value: Any) -> int:
+    try:
+        return max(0, int(value or 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+@dataclass
+class _Answer:
+    """What one provider answer holds, read defensively (see :func:`read_answer`)."""
+
+    text: str | None
+    logprobs: list[TokenLogprob] | None
+    tokens_in: int
+    tokens_out: int
+    problem: str | None
+    finish_reason: Any
+    model: Any
+    fingerprint: Any
+
+
+def read_answer(raw: Any, wants_logprobs: bool) -> _Answer:
+    """Read a chat completion of any shape; raises :class:`MalformedAnswer` only when it has no choice."""
+    choices = _get(raw, "choices")
+    if not choices or not isinstance(choices, list | tuple):
+        raise MalformedAnswer("provider answer has no choices")
+    choice = choices[0]
+    finish = _get(choice, "finish_reason")
+    text = _text(_get(_get(choice, "message"), "content"))
+    problems = []
+    if text is None:
+        problems.append(f"no content (finish_reason={finish})")
+    logprobs = None
+    raw_logprobs = _get(choice, "logprobs")
+    if raw_logprobs is not None:
+        try:
+            logprobs = parse_logprobs(raw_logprobs)
+        except Exception:  # an exotic object: treat as absent
+            logprobs = None
+    if wants_logprobs and logprobs is None and text is not None:
+        problems.append("no logprobs" if raw_logprobs is None else "unreadable logprobs")
+    usage = _get(raw, "usage")
+    return _Answer(
+        text=text,
+        logprobs=logprobs,
+        tokens_in=_int(_get(usage, "prompt_tokens", 0)),
+        tokens_out=_int(_get(usage, "completion_tokens", 0)),
+        problem="; ".join(problems) or None,
+        finish_reason=finish,
+        model=_get(raw, "model"),
+        fingerprint=_get(raw, "system_fingerprint"),
+    )
 
 
 def _logprobs_to_json(tokens: list[TokenLogprob] | None) -> list | None:
@@ -251,12 +346,14 @@ def _first_line(text: str, limit: int = 300) -> str:
 def _error_text(exc: BaseException) -> str:
     status = getattr(exc, "status_code", None)
     prefix = f"{type(exc).__name__}" + (f" ({status})" if isinstance(status, int) else "")
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)) and not str(exc):
+        return f"{prefix}: no answer within the timeout"
     return _first_line(f"{prefix}: {exc}")
 
 
 def is_retryable(exc: BaseException) -> bool:
-    """Rate limits, timeouts, connection failures and server errors are worth another try."""
-    if isinstance(exc, (asyncio.TimeoutError, TimeoutError, ConnectionError)):
+    """Rate limits, timeouts, connection failures, server errors and empty answers are worth another try."""
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError, ConnectionError, MalformedAnswer)):
         return True
     import litellm
 
@@ -354,6 +451,8 @@ class LLMGateway:
         self.n_calls = 0  # requests sent to a provider (not answered from the cache)
         self.n_attempts = 0  # provider attempts including retries
         self.n_cache_hits = 0
+        self.n_failed = 0  # calls that ended without an answer (after their retries, or refused by the budget)
+        self.n_failed_attempts = 0  # failed attempts that were retried
         self.total_cost_usd = 0.0
         self._rows: list[dict[str, Any]] = []
         self._lock = threading.Lock()
@@ -435,6 +534,14 @@ class LLMGateway:
         """Synchronous single request."""
         return run_sync(self.acomplete(req))
 
+    def check_model(self, model: str, api_base: str | None = None) -> None:
+        """Fail fast on a user error (unknown provider or offline model, missing API key) before any work.
+
+        Nothing is sent. Replay mode checks nothing: it never calls a provider.
+        """
+        if self.mode != "replay":
+            self._check_model(LLMRequest(model=model, messages=[], api_base=api_base))
+
     def drain_call_rows(self) -> list[dict[str, Any]]:
         """Rows for registry table ``llm_calls`` logged since the last drain (then forgotten)."""
         with self._lock:
@@ -460,17 +567,22 @@ class LLMGateway:
         if entry is None:
             return None
         stored = entry["response"]
+        try:
+            logprobs = _logprobs_from_json(stored.get("logprobs"))
+        except (TypeError, ValueError):  # a hand-edited or foreign entry: read it without logprobs
+            logprobs = None
         response = LLMResponse(
             request_hash=key,
             text=stored.get("text"),
-            logprobs=_logprobs_from_json(stored.get("logprobs")),
-            tokens_in=int(stored.get("tokens_in") or 0),
-            tokens_out=int(stored.get("tokens_out") or 0),
+            logprobs=logprobs,
+            tokens_in=_int(stored.get("tokens_in")),
+            tokens_out=_int(stored.get("tokens_out")),
             cost_usd=0.0,
             latency_s=time.perf_counter() - start,
             cached=True,
             error=None,
             attempts=0,
+            problem=stored.get("problem"),
         )
         with self._lock:
             self.n_cache_hits += 1
@@ -478,6 +590,8 @@ class LLMGateway:
         return response
 
     def _refuse(self, key: str, req: LLMRequest) -> LLMResponse:
+        with self._lock:
+            self.n_failed += 1  # no answer: a later run asks again
         response = LLMResponse(key, None, None, 0, 0, 0.0, 0.0, False, BUDGET_EXCEEDED, 0)
         self._log(req, response, None)
         return response
@@ -510,7 +624,10 @@ class LLMGateway:
             missing = env.get("missing_keys") or []
             if missing:
                 names = " / ".join(missing)
-                raise MedsaeError(f"model {req.model}: API key missing; set the environment variable {names}")
+                hint = " (any value works for a local server that checks no key)" if req.api_base else ""
+                raise MedsaeError(
+                    f"model {req.model}: API key missing; set the environment variable {names}{hint}"
+                )
         self._checked_models.add(ident)
 
     def _litellm_kwargs(self, req: LLMRequest) -> dict[str, Any]:
@@ -545,12 +662,15 @@ class LLMGateway:
         attempts = 0
         error: str | None = None
         raw: Any = None
+        answer: _Answer | None = None
         while True:
             attempts += 1
             with self._lock:
                 self.n_attempts += 1
+            tried = time.perf_counter()
             try:
                 raw = await asyncio.wait_for(litellm.acompletion(**kwargs), timeout=self.timeout_s)
+                answer = read_answer(raw, req.logprobs)
                 error = None
                 break
             except litellm.AuthenticationError as exc:
@@ -566,28 +686,30 @@ class LLMGateway:
                 retry_after = _retry_after(exc)
                 if retry_after is not None:
                     delay = max(delay, min(retry_after, self.backoff_max_s))
+                self._log_attempt(key, req, error, attempts, time.perf_counter() - tried, delay)
                 await asyncio.sleep(delay)
         latency = time.perf_counter() - start
 
-        if error is not None:
-            response = LLMResponse(key, None, None, 0, 0, 0.0, latency, False, error, attempts)
+        if error is not None or answer is None:
+            with self._lock:
+                self.n_failed += 1
+            response = LLMResponse(key, None, None, 0, 0, 0.0, latency, False, error or "no answer", attempts)
             self._log(req, response, None)
             return response
 
-        choice = raw.choices[0]
-        usage = _get(raw, "usage")
         cost = _cost(raw, req.model)
         response = LLMResponse(
             request_hash=key,
-            text=_get(_get(choice, "message"), "content"),
-            logprobs=parse_logprobs(_get(choice, "logprobs")),
-            tokens_in=int(_get(usage, "prompt_tokens", 0) or 0),
-            tokens_out=int(_get(usage, "completion_tokens", 0) or 0),
+            text=answer.text,
+            logprobs=answer.logprobs,
+            tokens_in=answer.tokens_in,
+            tokens_out=answer.tokens_out,
             cost_usd=cost,
             latency_s=latency,
             cached=False,
             error=None,
             attempts=attempts,
+            problem=answer.problem,
         )
         stored = {
             "text": response.text,
@@ -597,9 +719,10 @@ class LLMGateway:
             "cost_usd": cost,
             "latency_s": latency,
             "attempts": attempts,
-            "model": _get(raw, "model"),
-            "system_fingerprint": _get(raw, "system_fingerprint"),
-            "finish_reason": _get(choice, "finish_reason"),
+            "model": _plain(answer.model),
+            "system_fingerprint": _plain(answer.fingerprint),
+            "finish_reason": _plain(answer.finish_reason),
+            "problem": answer.problem,
         }
         with self._lock:
             self.total_cost_usd += cost
@@ -616,6 +739,15 @@ class LLMGateway:
         self._log(req, response, stored)
         return response
 
+    def _log_attempt(
+        self, key: str, req: LLMRequest, error: str, attempt: int, seconds: float, wait_s: float
+    ) -> None:
+        """An ``llm_calls`` row for a failed attempt that is retried (the final outcome gets its own row)."""
+        with self._lock:
+            self.n_failed_attempts += 1
+        note = f"attempt {attempt} failed, retried after {wait_s:.2f}s: {error}"
+        self._log(req, LLMResponse(key, None, None, 0, 0, 0.0, seconds, False, _first_line(note), attempt), None)
+
     def _log(self, req: LLMRequest, response: LLMResponse, stored: dict[str, Any] | None) -> None:
         row = {
             "request_hash": response.request_hash,
@@ -631,6 +763,11 @@ class LLMGateway:
         }
         with self._lock:
             self._rows.append(row)
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe scalar (a provider may send odd types in metadata fields)."""
+    return value if value is None or isinstance(value, str | int | float | bool) else str(value)
 
 
 def _key_variable(req: LLMRequest) -> str:
@@ -663,10 +800,12 @@ __all__ = [
     "LLMGateway",
     "LLMRequest",
     "LLMResponse",
+    "MalformedAnswer",
     "TokenLogprob",
     "canonical_request",
     "is_retryable",
     "parse_logprobs",
+    "read_answer",
     "request_hash",
     "run_sync",
 ]

@@ -29,11 +29,13 @@ MARKER = re.compile(r"^\[\[(system|user|assistant)\]\]\s*$", re.MULTILINE)
 
 
 def prompts_dir() -> Path:
-    """The built-in prompts folder (``$MEDSAE_PROMPTS`` overrides)."""
+    """The prompts folder: ``$MEDSAE_PROMPTS`` if set (your own templates), else the packaged ones."""
     env = os.environ.get("MEDSAE_PROMPTS")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "prompts"
+    from medsae.resources import prompts_dir as packaged_prompts_dir
+
+    return packaged_prompts_dir()
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,14 @@
 These are the library side of ``medsae explain run|compare|show``: they find an experiment's
 summarize / slices stage folders through the registry (``experiments`` -> ``experiment_stages``
 -> ``stages.artifact_dir``), run the agent with another explainer or scorer, and write the rows
-straight into the registry. Ids are content hashes, so rows that exist already are skipped
-(INSERT OR IGNORE): a rerun adds nothing, a new model adds its own rows.
+straight into the registry as latents finish (small batches, one short transaction each), so a
+killed run keeps what it finished. Ids are content hashes, so rows that exist already are skipped
+(INSERT OR IGNORE): a rerun adds nothing and makes no LLM call for what is in the cache, a new
+model adds its own rows.
+
+``compare`` and ``show`` read the rows of the experiment's own summarize stage (its example
+sets), not those of other experiments that happen to share the SAE. Degenerate scores (see
+:mod:`medsae.interp.sanity`) stay visible but are left out of the means.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ class ExperimentInputs:
 
 def experiment_inputs(registry: Registry, name: str) -> ExperimentInputs:
     """Locate the summarize and slices stages of experiment ``name`` (one-line errors if absent)."""
+    from medsae.paths import resolve_stored
     from medsae.plan import find_experiment
 
     exp = find_experiment(registry, name)
@@ -62,7 +69,7 @@ def experiment_inputs(registry: Registry, name: str) -> ExperimentInputs:
             raise MissingInputError(
                 f"experiment '{name}': stage '{kind}' has not run (run `medsae exp run` first)"
             )
-        path = Path(row["artifact_dir"])
+        path = resolve_stored(row["artifact_dir"], registry.path)
         if not path.is_dir():
             raise MissingInputError(f"experiment '{name}': {kind} folder {path} is missing")
         dirs[kind] = path
@@ -155,9 +162,15 @@ def explain_experiment(
     api_base: str | None = None,
     scorer_api_base: str | None = None,
     mode: str | None = None,
+    timeout_s: float | None = None,
+    max_retries: int | None = None,
 ) -> dict[str, Any]:
-    """Explain (and score with the reference scorer) the experiment's latents with ``model``."""
+    """Explain (and score with the reference scorer) the experiment's latents with ``model``.
+
+    Rows reach the registry as latents finish; the returned summary counts the new rows.
+    """
     from medsae.interp.agent import Agent, AgentInputs, cache_dir_for
+    from medsae.interp.journal import RegistrySink
 
     exp = experiment_inputs(registry, name)
     params = interpret_params(exp)
@@ -174,6 +187,8 @@ def explain_experiment(
         ("explainer_api_base", api_base),
         ("scorer_api_base", scorer_api_base),
         ("llm_mode", mode),
+        ("timeout_s", timeout_s),
+        ("max_retries", max_retries),
     ):
         if value is not None:
             params[key] = value
@@ -181,18 +196,29 @@ def explain_experiment(
         params["max_latents"] = None
     inputs = AgentInputs(exp.summarize_dir, exp.slices_dir, exp.sae_key, exp.summarize_key)
     agent = Agent(inputs, params, cache_dir_for(exp.summarize_dir.parent.parent))
-    result = agent.run(latents)
-    new = insert_results(registry, result.tables)
-    return result.summary | {"new_rows": new}
+    sink = RegistrySink(registry)
+    result = agent.run(latents, sink=sink)
+    return result.summary | {"new_rows": dict(sink.new_rows)}
 
 
 # --------------------------------------------------------------------------- compare / show
 
 
-def _scores(registry: Registry, exp: ExperimentInputs) -> pd.DataFrame:
+def _column(registry: Registry, table: str, column: str, alias: str, default: str = "NULL") -> str:
+    """``alias.column``, or ``default`` in a registry written before that column existed."""
     rows = registry.query(
-        """SELECT e.latent, e.explainer_model, e.kind, e.status, s.method, s.scorer_model, s.scorer_mode,
-                  s.value, s.n, s.chance, s.ci_low, s.ci_high, s.p_value
+        "SELECT count(*) AS n FROM duckdb_columns() WHERE table_name = ? AND column_name = ?", [table, column]
+    )
+    return f"{alias}.{column}" if rows and rows[0]["n"] else default
+
+
+def _scores(registry: Registry, exp: ExperimentInputs) -> pd.DataFrame:
+    degenerate = _column(registry, "explanation_scores", "degenerate", "s", "false")
+    repaired = _column(registry, "explanation_scores", "n_repaired", "s")
+    rows = registry.query(
+        f"""SELECT e.latent, e.explainer_model, e.kind, e.status, s.method, s.scorer_model, s.scorer_mode,
+                  s.value, s.n, s.chance, s.ci_low, s.ci_high, s.p_value,
+                  coalesce({degenerate}, false) AS degenerate, {repaired} AS n_repaired
            FROM explanation_scores s JOIN explanations e USING (explanation_id)
            WHERE e.stage_key = ?""",
         [exp.summarize_key],
@@ -200,8 +226,19 @@ def _scores(registry: Registry, exp: ExperimentInputs) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def scorer_gaps(registry: Registry, name: str) -> list[dict[str, Any]]:
+    """Per scorer (and explainer): real-vs-shuffled pearson gap with its 95% CI, and a sentence."""
+    from medsae.interp.sanity import scorer_gaps as gaps
+
+    exp = experiment_inputs(registry, name)
+    return gaps(_scores(registry, exp))
+
+
 def compare(registry: Registry, name: str, methods: Sequence[str] = HEADLINE_METHODS) -> pd.DataFrame:
-    """One row per (explainer, kind, scorer, mode, method): n latents, NULLs, mean, median, shares."""
+    """One row per (explainer, kind, scorer, mode, method): n latents, NULLs, mean, median, shares.
+
+    Degenerate scores are counted (``n_degenerate``) but left out of every aggregate.
+    """
     from medsae.interp.scoring import summarize_values
 
     exp = experiment_inputs(registry, name)
@@ -219,6 +256,7 @@ def compare(registry: Registry, name: str, methods: Sequence[str] = HEADLINE_MET
         "mean_null_as_0",
         "share_ge_0.5",
         "chance",
+        "n_degenerate",
     ]
     if scores.empty:
         return pd.DataFrame(columns=columns)
@@ -226,7 +264,8 @@ def compare(registry: Registry, name: str, methods: Sequence[str] = HEADLINE_MET
     out = []
     keys = ["explainer_model", "kind", "scorer_model", "scorer_mode", "method"]
     for (model, kind, scorer, mode, method), group in scores.groupby(keys, dropna=False, sort=True):
-        agg = summarize_values(group["value"].to_numpy(dtype=float))
+        degenerate = group["degenerate"].fillna(False).astype(bool).to_numpy()
+        agg = summarize_values(group.loc[~degenerate, "value"].to_numpy(dtype=float))
         out.append(
             {
                 "explainer": model,
@@ -241,6 +280,7 @@ def compare(registry: Registry, name: str, methods: Sequence[str] = HEADLINE_MET
                 "mean_null_as_0": agg["mean_null_as_0"],
                 "share_ge_0.5": agg["share_ge_0.5"],
                 "chance": group["chance"].dropna().iloc[0] if group["chance"].notna().any() else None,
+                "n_degenerate": int(degenerate.sum()),
             }
         )
     frame = pd.DataFrame(out, columns=columns)
@@ -264,18 +304,23 @@ def show(registry: Registry, name: str, latent: int) -> dict[str, Any]:
         stats = raw[raw["latent"] == latent].to_dict("records")
     if not stats:
         raise MedsaeError(f"experiment '{name}': no latent {latent}")
+    n_examples = _column(registry, "explanations", "n_examples", "e")
     explanations = registry.query(
-        """SELECT explanation_id, explainer_model, kind, status, text, template_hash, example_set_id,
-                  created_at FROM explanations WHERE (stage_key = ? OR sae_key = ?) AND latent = ?
-           ORDER BY (kind = 'explanation') DESC, created_at, explainer_model""",
-        [exp.summarize_key, exp.sae_key, latent],
+        f"""SELECT e.explanation_id, e.explainer_model, e.kind, e.status, e.text, e.template_hash,
+                  e.example_set_id, e.created_at, {n_examples} AS n_examples
+           FROM explanations e WHERE e.stage_key = ? AND e.latent = ?
+           ORDER BY (e.kind = 'explanation') DESC, e.created_at, e.explainer_model""",
+        [exp.summarize_key, latent],
     )
+    degenerate = _column(registry, "explanation_scores", "degenerate", "s", "false")
+    repaired = _column(registry, "explanation_scores", "n_repaired", "s")
     scores = registry.query(
-        """SELECT s.explanation_id, s.method, s.scorer_model, s.scorer_mode, s.value, s.n, s.n_missing,
-                  s.ci_low, s.ci_high, s.p_value
+        f"""SELECT s.explanation_id, s.method, s.scorer_model, s.scorer_mode, s.value, s.n, s.n_missing,
+                  s.ci_low, s.ci_high, s.p_value, coalesce({degenerate}, false) AS degenerate,
+                  {repaired} AS n_repaired
            FROM explanation_scores s JOIN explanations e USING (explanation_id)
-           WHERE (e.stage_key = ? OR e.sae_key = ?) AND e.latent = ? ORDER BY s.method""",
-        [exp.summarize_key, exp.sae_key, latent],
+           WHERE e.stage_key = ? AND e.latent = ? ORDER BY s.method""",
+        [exp.summarize_key, latent],
     )
     by_expl: dict[str, list[dict]] = {}
     for s in scores:

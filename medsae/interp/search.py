@@ -1,8 +1,8 @@
 """Language-driven retrieval (study-method.md section 8), measured instead of eyeballed.
 
-1. Candidate latents: the experiment's explanations (kind ``explanation``, status ok) whose
-   headline score is at least ``min_score`` (the study used "ranked first or second"); the best
-   explanation per latent.
+1. Candidate latents: the experiment's explanations (kind ``explanation``, status ``ok``: never a
+   too long, repetitive or unparsed one) whose headline score is at least ``min_score`` (the study
+   used "ranked first or second"), degenerate scores not counted; the best explanation per latent.
 2. An LLM (template ``search_v1``) picks ``n_latents`` descriptions that match the query; the
    descriptions are numbered 1..M so latent ids never appear in the prompt.
 3. Query fingerprint: zeros except the chosen latents' mean firing activation; slices (of the
@@ -115,12 +115,16 @@ def criteria_from_text(text: str, legend: Sequence[str]) -> dict[str, tuple[str,
 def candidate_explanations(
     registry: Any, summarize_key: str, min_score: float, explainer: str | None = None
 ) -> pd.DataFrame:
-    """Best ok explanation per latent with headline score >= ``min_score`` (columns latent, text, score)."""
+    """Best ok explanation per latent with headline score >= ``min_score`` (columns latent, text, score).
+
+    A degenerate score (its predictions ignore the explanation) does not qualify an explanation.
+    """
     rows = registry.query(
         """SELECT e.latent, e.text, e.explainer_model, max(s.value) AS score
            FROM explanations e JOIN explanation_scores s USING (explanation_id)
            WHERE e.stage_key = ? AND e.kind = 'explanation' AND e.status = 'ok'
              AND s.method = 'pearson' AND s.value >= ? AND (? IS NULL OR e.explainer_model = ?)
+             AND coalesce(s.extra_json, '') NOT LIKE '%"degenerate":%'
            GROUP BY ALL ORDER BY e.latent, score DESC""",
         [summarize_key, min_score, explainer, explainer],
     )
@@ -256,6 +260,11 @@ def run_search(
     exp = experiment_inputs(registry, name)
     params = interpret_params(exp)
     model = model or params["scorer_model"]
+    if gateway is None:
+        gateway = LLMGateway(
+            cache_dir_for(exp.summarize_dir.parent.parent), mode=params.get("llm_mode", "record")
+        )
+    gateway.check_model(model)  # fail fast: unknown provider or missing key, before any work
     candidates = candidate_explanations(registry, exp.summarize_key, min_score, explainer)
     if len(candidates) < n_latents:
         raise MedsaeError(
@@ -264,10 +273,6 @@ def run_search(
         )
     slices, structures, vocab = load_slice_tables(exp.slices_dir)
     legend = legend_lines(slice_attributes(slices), vocab)
-    if gateway is None:
-        gateway = LLMGateway(
-            cache_dir_for(exp.summarize_dir.parent.parent), mode=params.get("llm_mode", "record")
-        )
     template = load_template("search_v1")
     latents = match_latents(gateway, model, template, legend, query, candidates, n_latents)
     stats = pd.read_parquet(exp.summarize_dir / "latents.parquet").set_index("latent")
@@ -297,18 +302,18 @@ def run_search(
 
 
 def _stage_dir(registry: Any, experiment_id: str, kind: str) -> Any:
-    from pathlib import Path
-
     from medsae.errors import MissingInputError
+    from medsae.paths import resolve_stored
 
     rows = registry.query(
         """SELECT s.artifact_dir FROM experiment_stages es JOIN stages s ON s.stage_key = es.stage_key
            WHERE es.experiment_id = ? AND es.kind = ?""",
         [experiment_id, kind],
     )
-    if not rows or not rows[0]["artifact_dir"] or not Path(rows[0]["artifact_dir"]).is_dir():
+    folder = resolve_stored(rows[0]["artifact_dir"], registry.path) if rows and rows[0]["artifact_dir"] else None
+    if folder is None or not folder.is_dir():
         raise MissingInputError(f"search: the experiment's {kind} stage folder is missing")
-    return Path(rows[0]["artifact_dir"])
+    return folder
 
 
 def metric_rows(result: dict[str, Any], name: str) -> list[dict[str, Any]]:

@@ -5,14 +5,17 @@
   id carries a signal, and answers are joined by id, never by order.
 * **Modes** (part of the scorer's identity, never mixed in one comparison):
   ``logprob_ev`` — at the token carrying each answer integer, renormalise the probability mass of
-  the alternatives that are integers 0..scale and take the expected value (a value whose token is
-  not a single integer token falls back to the parsed integer and is counted);
+  the alternatives that are integers 0..scale written in ASCII digits (look-alikes such as
+  ``'³'``, ``'٣'`` or ``'３'`` never count) and take the expected value (a value whose token is
+  not a single integer token, or an answer without logprobs, falls back to the parsed integer and
+  is counted);
   ``parsed_int`` — strict integer parsing only.
-* **Strict parsing**: a line ``Xnn: k`` per slice; an id given twice, an id not in the batch, a
-  value outside 0..scale and any other text are ignored; a slice without exactly one valid line
-  is *missing*.
+* **Strict parsing**: a line ``Xnn: k`` (ASCII digits) per slice; an id given twice, an id not in
+  the batch, a value outside 0..scale and any other text are ignored; a slice without exactly
+  one valid line is *missing*.
 * **Repair**: a batch with missing slices gets one deterministic re-ask (the answer plus a user
-  message naming the missing ids); slices still missing stay missing (NaN), never zero.
+  message naming the missing ids); slices still missing stay missing (NaN), never zero. How many
+  predictions came from the re-ask is counted per job (``n_repaired``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from medsae.interp.llm import LLMRequest, LLMResponse, TokenLogprob, request_has
 from medsae.interp.prompts import Template
 
 LOGPROB_EV, PARSED_INT, RULE = "logprob_ev", "parsed_int", "rule"
-_LINE = re.compile(r"^[ \t]*(X\d{2,3})[ \t]*[:=][ \t]*(\d+)[ \t]*$", re.MULTILINE)
+_LINE = re.compile(r"^[ \t]*(X[0-9]{2,3})[ \t]*[:=][ \t]*([0-9]+)[ \t]*$", re.MULTILINE)
+_ASCII_INT = re.compile(r"[0-9]{1,3}")
 
 
 def labels(n: int) -> list[str]:
@@ -95,10 +99,12 @@ def expected_values(
         mass: dict[int, float] = {}
         for alt, logprob in [*tok.top, (tok.token, tok.logprob)]:
             s = alt.strip()
-            if s.isdigit() and int(s) <= scale and int(s) not in mass:
+            if not _ASCII_INT.fullmatch(s) or not math.isfinite(logprob) or logprob > 1e-9:
+                continue  # look-alike digits ('³', '٣', '３'), words, and impossible log-probabilities
+            if int(s) <= scale and int(s) not in mass:
                 mass[int(s)] = math.exp(logprob)
         total = sum(mass.values())
-        if total <= 0:
+        if not math.isfinite(total) or total <= 0:
             fallback.add(key)
             continue
         out[key] = sum(v * p for v, p in mass.items()) / total
@@ -119,8 +125,10 @@ class SimJob:
     values: np.ndarray = field(init=False)  # NaN = missing
     n_fallback: int = 0
     n_repaired: int = 0
+    n_no_logprobs: int = 0  # answers of a logprob_ev scorer that came back without logprobs
     errors: list[str] = field(default_factory=list)
     request_hashes: list[str] = field(default_factory=list)  # of the first-round batches, in order
+    batch_positions: list[np.ndarray] = field(default_factory=list)  # positions per batch, prompt order
 
     def __post_init__(self) -> None:
         self.slice_ids = np.asarray(self.slice_ids, dtype=np.int64)
@@ -179,6 +187,7 @@ class Simulator:
     def batches(self, job: SimJob, lines: dict[int, str]) -> list[_Batch]:
         """The job's calls: seeded shuffle, ``batch_size`` slices each, ids relabelled per call."""
         job.request_hashes.clear()
+        job.batch_positions.clear()
         rng = np.random.default_rng(job.order_seed)
         order = rng.permutation(len(job.slice_ids))
         out = []
@@ -189,6 +198,7 @@ class Simulator:
             messages = self.template.render(explanation=job.explanation, slices=rows, legend=self.legend)
             request = self._request(messages, len(pos))
             job.request_hashes.append(request_hash(request))
+            job.batch_positions.append(pos)
             out.append(_Batch(job, pos, ids, request))
         return out
 
@@ -200,9 +210,12 @@ class Simulator:
         parsed = parse_values(response.text, batch.ids, self.scale)
         values: dict[str, float] = {k: float(v) for k, v in parsed.items()}
         if self.mode == LOGPROB_EV:
-            ev, fallback = expected_values(response.logprobs, batch.ids, self.scale)
+            if response.logprobs is None and response.text:
+                batch.job.n_no_logprobs += 1  # the provider ignored logprobs: parsed integers
+            ev, _ = expected_values(response.logprobs, batch.ids, self.scale)
+            ev = {k: v for k, v in ev.items() if k in parsed}
             values.update(ev)
-            batch.job.n_fallback += len(fallback & set(parsed))
+            batch.job.n_fallback += len(set(parsed) - set(ev))
         for i, key in enumerate(batch.ids):
             if key in values and np.isnan(batch.job.values[batch.positions[i]]):
                 batch.job.values[batch.positions[i]] = values[key]
@@ -223,6 +236,12 @@ class Simulator:
         return self._request(messages, len(batch.ids))
 
 
+def _apply_repair(sim: Simulator, batch: _Batch, response: LLMResponse) -> None:
+    before = int(np.isnan(batch.job.values[batch.positions]).sum())
+    sim.read(batch, response)
+    batch.job.n_repaired += before - int(np.isnan(batch.job.values[batch.positions]).sum())
+
+
 def run_jobs(
     gateway: Any,
     work: Sequence[tuple[Simulator, Sequence[SimJob]]],
@@ -240,9 +259,36 @@ def run_jobs(
         if missing:
             retry.append((sim, batch, sim.repair(batch, response, missing)))
     if retry:
-        fixed = gateway.complete_many([r for _, _, r in retry])
+        label = None if description is None else f"{description}: repair"
+        fixed = gateway.complete_many([r for _, _, r in retry], description=label)
         for (sim, batch, _), response in zip(retry, fixed, strict=True):
-            before = int(np.isnan(batch.job.values[batch.positions]).sum())
-            sim.read(batch, response)
-            batch.job.n_repaired += before - int(np.isnan(batch.job.values[batch.positions]).sum())
+            _apply_repair(sim, batch, response)
     return list(responses[len(batches) :])
+
+
+async def arun_jobs(
+    gateway: Any,
+    work: Sequence[tuple[Simulator, SimJob]],
+    lines: dict[int, str],
+    extra: Sequence[LLMRequest] = (),
+) -> tuple[list[LLMResponse], int]:
+    """:func:`run_jobs` for one latent inside the gateway's event loop: its batches and ``extra``
+    requests concurrently, then the repairs of its malformed batches.
+
+    Returns (responses to ``extra``, number of repair re-asks).
+    """
+    import asyncio
+
+    batches = [(sim, b) for sim, job in work for b in sim.batches(job, lines)]
+    requests = [b.request for _, b in batches] + list(extra)
+    responses = await asyncio.gather(*(gateway.acomplete(r) for r in requests))
+    retry = []
+    for (sim, batch), response in zip(batches, responses[: len(batches)], strict=True):
+        missing = sim.read(batch, response)
+        if missing:
+            retry.append((sim, batch, sim.repair(batch, response, missing)))
+    if retry:
+        fixed = await asyncio.gather(*(gateway.acomplete(r) for _, _, r in retry))
+        for (sim, batch, _), response in zip(retry, fixed, strict=True):
+            _apply_repair(sim, batch, response)
+    return list(responses[len(batches) :]), len(retry)

@@ -7,6 +7,8 @@ the registry tables ``latents`` and ``example_sets``. No LLM.
 ``interpret`` (inputs: summarize, slices, encode): the agent (:mod:`medsae.interp.agent`) with
 the spec's explainer and reference scorer -> ``explanations.parquet``, ``scores.parquet``,
 ``summary.json`` and rows for ``explanations``, ``explanation_scores``, ``llm_calls``, ``prompts``.
+Finished latents are journalled in the stage's ``work_dir`` as they finish, so a killed stage
+resumes with the latents it had not finished (the planner still writes every row at the end).
 LLM answers are cached in ``$MEDSAE_LLM_CACHE`` if set, else ``<artifacts root>/llm_cache``
 (the root is two levels above the summarize stage's folder ``<root>/summarize/<key>``), so that
 `medsae explain run` and a forced rerun reuse every answer.
@@ -15,6 +17,7 @@ LLM answers are cached in ``$MEDSAE_LLM_CACHE`` if set, else ``<artifacts root>/
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,7 @@ from medsae.interp.summary import latent_table, positive_csc
 from medsae.stage import Metric, StageContext, StageResult
 
 CODE_VERSION = "1"
+log = logging.getLogger("medsae")
 
 
 @dataclass
@@ -75,6 +79,27 @@ def pool_info(pool: Pool) -> dict[str, Any]:
     }
 
 
+def pool_warnings(pool: Pool, wanted: list[str], slices: pd.DataFrame) -> list[str]:
+    """Sentences for a widened pool, an empty wanted split and an empty explain or score partition."""
+    out = []
+    present = set(slices["split"].dropna().astype(str)) if "split" in slices else set()
+    empty = [s for s in wanted if s not in present]
+    if empty:
+        out.append(f"interpretation pool: split(s) {', '.join(empty)} hold no slice")
+    if pool.widened:
+        info = pool_info(pool)
+        out.append(
+            f"interpretation pool widened from {'+'.join(wanted)} to {'+'.join(pool.splits)} "
+            f"({info['scans']} scans): fewer than min_pool_scans scans in {'+'.join(wanted)}"
+            + (" (the pool now includes the SAE's training split)" if "train" in pool.splits else "")
+        )
+    info = pool_info(pool)
+    for part in ("explain", "score"):
+        if info[f"{part}_slices"] == 0:
+            out.append(f"interpretation pool: the {part} partition is empty ({info['scans']} scan(s) in the pool)")
+    return out
+
+
 def write_summary(out_dir: Path, result: SummarizeResult) -> tuple[pa.Table, pa.Table]:
     """``latents.parquet``, ``example_sets.parquet``, ``partition.parquet`` and ``pool.json``."""
     import pyarrow.parquet as pq
@@ -109,6 +134,8 @@ def run_summarize(ctx: StageContext) -> StageResult:
     presence, vocab = presence_matrix(slices_dir)
     codes, code_ids = load_codes(encode_dir)
     result = summarize(slices, presence, list(vocab), codes, code_ids, ctx.params, sae_key, ctx.progress)
+    for line in pool_warnings(result.pool, list(ctx.params["pool_splits"]), slices):
+        log.warning("%s", line)
 
     latents, sets = write_summary(ctx.out_dir, result)
     status = result.latents["status"].value_counts()
@@ -139,7 +166,8 @@ SETS_SCHEMA = pa.schema(
 
 
 def run_interpret(ctx: StageContext) -> StageResult:
-    from medsae.interp.agent import Agent, AgentInputs, cache_dir_for
+    from medsae.interp.agent import Agent, AgentInputs, cache_dir_for, summary_line
+    from medsae.interp.journal import WorkDirJournal
 
     summarize_dir = Path(ctx.inputs["summarize"])
     inputs = AgentInputs(
@@ -149,7 +177,15 @@ def run_interpret(ctx: StageContext) -> StageResult:
         summarize_key=ctx.input_keys["summarize"],
     )
     agent = Agent(inputs, ctx.params, cache_dir_for(summarize_dir.parent.parent), progress=ctx.progress)
-    result = agent.run()
+    result = agent.run(sink=WorkDirJournal(Path(ctx.work_dir) / "finished"))
+    s = result.summary
+    if s["parse_failed"] + s["too_long"] + s["repetitive"] + s["failed_calls"] + s["degenerate_scores"]:
+        log.warning("interpret: %s", summary_line(s))  # say it during `exp run`, not only in exp show
+    if s["failed_calls"]:
+        log.warning(
+            "interpret: latents whose calls failed have no scores; `medsae explain run` (or `exp run --force "
+            "interpret`) asks again for them only, the other answers come from the cache"
+        )
     write_outputs(ctx.out_dir, result.tables, result.summary)
     return StageResult(metrics=result.metrics, tables=result.tables, summary=result.summary)
 

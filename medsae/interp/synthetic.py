@@ -5,7 +5,8 @@ as "liver present" must be explained as such and score high; another latent's ex
 score near zero. Attributes are drawn independently, so an unrelated rule predicts nothing.
 
 :func:`make_slices` builds a slices table in the layout of the slices stage (and
-:func:`write_slices_dir` writes it as an artifact folder), :func:`puzzle_codes` the code matrix.
+:func:`write_slices_dir` writes it as an artifact folder), :func:`puzzle_codes` the code matrix,
+:func:`puzzle_experiment` a registered experiment ready for ``medsae explain run``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -122,3 +124,73 @@ def puzzle_codes(
         cols.append(np.where(mask, rng.uniform(1.0, 5.0, len(slices)), 0.0))
     cols += [np.zeros(len(slices))] * n_dead
     return sp.csr_matrix(np.stack(cols, axis=1).astype(np.float32))
+
+
+def puzzle_experiment(
+    root: Path,
+    registry: Any,
+    params: dict[str, Any],
+    name: str = "puzzles",
+    n_scans: int = 60,
+    slices_per_scan: int = 16,
+    seed: int = 0,
+    summarize_key: str = "summarize-key",
+) -> dict[str, Path]:
+    """A registered experiment whose summarize stage ran on puzzle latents (for ``explain run``).
+
+    Writes the slices, encode, train and summarize folders under ``root`` (the summarize stage
+    computed by :func:`medsae.interp.stage.summarize` with ``params``) and the ``experiments``,
+    ``experiment_stages`` and ``stages`` rows that ``medsae explain run NAME`` looks up.
+    Stage keys are ``<kind>-key`` (``summarize_key`` for summarize): two experiments built with
+    different ``summarize_key`` share the SAE (``train-key``) but not their example sets.
+    Returns the stage folders by kind.
+    """
+    from medsae.data.index import presence_matrix
+    from medsae.interp.stage import summarize, write_summary
+    from medsae.sae.codes import write_codes
+
+    slices, structures = make_slices(n_scans=n_scans, slices_per_scan=slices_per_scan, seed=seed, split="val")
+    dirs = {"slices": write_slices_dir(root / "slices" / "slices-key", slices, structures)}
+    codes = puzzle_codes(slices, structures, seed=seed)
+    dirs["encode"] = write_codes(root / "encode" / "encode-key", codes, slices["slice_id"].to_numpy())
+    dirs["train"] = root / "train" / "train-key"
+    dirs["train"].mkdir(parents=True, exist_ok=True)
+    presence, vocab = presence_matrix(dirs["slices"])
+    result = summarize(
+        slices, presence, list(vocab), codes, slices["slice_id"].to_numpy(), params, "train-key"
+    )
+    dirs["summarize"] = root / "summarize" / summarize_key
+    write_summary(dirs["summarize"], result)
+    keys = {k: f"{k}-key" for k in dirs} | {"summarize": summarize_key}
+    experiment_id = f"exp-{name}"
+    spec = {
+        "name": name,
+        "description": "puzzle latents: each fires where a metadata rule holds (medsae.interp.synthetic)",
+        "data": {"root": str(dirs["slices"])},
+        "embed": {"source": "synthetic", "model": "puzzle-rules", "pretrained": False},
+        "sae": {"arch": "rules", "k": len(PUZZLES)},
+        "interpret": params,
+    }
+    registry.insert(
+        "experiments",
+        [{"experiment_id": experiment_id, "name": name, "spec_json": json.dumps(spec), "spec_hash": name}],
+    )
+    registry.insert(
+        "experiment_stages",
+        [{"experiment_id": experiment_id, "kind": k, "stage_key": keys[k]} for k in dirs],
+    )
+    registry.insert(
+        "stages",
+        [
+            {
+                "stage_key": keys[k],
+                "kind": k,
+                "code_version": "1",
+                "params_json": "{}",
+                "status": "done",
+                "artifact_dir": str(d),
+            }
+            for k, d in dirs.items()
+        ],
+    )
+    return dirs

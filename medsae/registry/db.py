@@ -1,15 +1,19 @@
 """Opening the DuckDB registry: short write transactions, bounded waits, read-only queries.
 
-DuckDB allows one writing process per file. medsae therefore never keeps a write connection
-open: every write opens the file, runs one transaction and closes it. A second process that
-finds the file locked retries with backoff for ``MEDSAE_REGISTRY_TIMEOUT`` seconds (default 30)
-and then raises :class:`RegistryLockedError` with a one-line message.
+DuckDB allows one writing process OR any number of reading processes per file. medsae therefore
+never keeps a connection open: every write opens the file, runs one transaction and closes it,
+and every read (``medsae sql``, ``exp show``, ``report``) does the same with a read-only
+connection. A process that finds the file locked by another retries with a short, jittered
+backoff (so readers and writers interleave and neither starves) for ``MEDSAE_REGISTRY_TIMEOUT``
+seconds (default 30) and then raises :class:`RegistryLockedError` with a one-line message. So
+readers run while an ``exp run`` writes: they wait only while one of its short transactions is open.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import random
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -20,6 +24,7 @@ import pyarrow as pa
 
 from medsae.errors import MedsaeError
 from medsae.registry.schema import MIGRATIONS, SCHEMA_VERSION, VIEWS
+from medsae.stage import check_writable_file
 
 DEFAULT_REGISTRY = "registry.duckdb"
 
@@ -48,12 +53,22 @@ def _is_lock_error(exc: Exception) -> bool:
     return "lock" in text or "conflicting" in text or "already open" in text
 
 
+#: Longest time this process waited for another process's registry lock (seconds; for benchmarks).
+longest_wait = 0.0
+
+
 def _connect(path: Path, read_only: bool, timeout: float | None = None) -> duckdb.DuckDBPyConnection:
-    deadline = time.monotonic() + (_lock_timeout() if timeout is None else timeout)
-    delay = 0.05
+    global longest_wait
+    start = time.monotonic()
+    deadline = start + (_lock_timeout() if timeout is None else timeout)
+    delay = 0.02
+    retried = False
     while True:
         try:
-            return duckdb.connect(str(path), read_only=read_only)
+            con = duckdb.connect(str(path), read_only=read_only)
+            if retried:
+                longest_wait = max(longest_wait, time.monotonic() - start)
+            return con
         except duckdb.IOException as exc:  # the file is locked by another process
             if not _is_lock_error(exc) or time.monotonic() >= deadline:
                 if _is_lock_error(exc):
@@ -62,8 +77,9 @@ def _connect(path: Path, read_only: bool, timeout: float | None = None) -> duckd
                         f"{_lock_timeout():.0f}s (set MEDSAE_REGISTRY_TIMEOUT to wait longer)"
                     ) from None
                 raise MedsaeError(f"{path}: cannot open registry: {exc}") from None
-            time.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            retried = True
+            time.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 1.5, 0.25)
 
 
 def _migrate(con: duckdb.DuckDBPyConnection) -> None:
@@ -89,9 +105,15 @@ class Registry:
         self.path = registry_path(path)
         self._migrated = False
 
+    def check_writable(self) -> None:
+        """One line naming the path unless the registry file (and its folder, for DuckDB's WAL) is writable."""
+        check_writable_file(self.path, "the registry")
+
     @contextlib.contextmanager
     def write(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """One short write transaction (committed on success, rolled back on error)."""
+        if not self._migrated:
+            self.check_writable()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         con = _connect(self.path, read_only=False)
         try:
@@ -148,15 +170,21 @@ def insert_rows(
     table: str,
     rows: Sequence[Mapping[str, Any]] | pa.Table,
     ignore_conflicts: bool = True,
+    *,
+    replace: bool = False,
 ) -> int:
-    """Insert ``rows`` into ``table`` matching columns by name, inside the caller's transaction."""
+    """Insert ``rows`` into ``table`` matching columns by name, inside the caller's transaction.
+
+    On a primary-key conflict the existing row is kept (``ignore_conflicts``), or overwritten
+    (``replace``: an upsert).
+    """
     arrow = rows if isinstance(rows, pa.Table) else rows_to_arrow(rows)
     if arrow.num_rows == 0:
         return 0
     con.register("_medsae_rows", arrow)
     try:
-        keyed = ignore_conflicts and _has_primary_key(con, table)
-        verb = "INSERT OR IGNORE INTO" if keyed else "INSERT INTO"
+        keyed = (ignore_conflicts or replace) and _has_primary_key(con, table)
+        verb = ("INSERT OR REPLACE INTO" if replace else "INSERT OR IGNORE INTO") if keyed else "INSERT INTO"
         con.execute(f"{verb} {table} BY NAME SELECT * FROM _medsae_rows")
     finally:
         con.unregister("_medsae_rows")

@@ -175,6 +175,37 @@ MIGRATIONS: list[list[str]] = [
             created_at TIMESTAMPTZ DEFAULT current_timestamp
         )""",
     ],
+    # explanation hygiene and scorer sanity (issue 11): examples shown to the explainer, predictions
+    # recovered by the repair re-ask, scores whose predictions do not depend on the explanation
+    [
+        "ALTER TABLE explanations ADD COLUMN IF NOT EXISTS n_examples INTEGER",
+        "ALTER TABLE explanation_scores ADD COLUMN IF NOT EXISTS n_repaired INTEGER",
+        "ALTER TABLE explanation_scores ADD COLUMN IF NOT EXISTS degenerate BOOLEAN",
+    ],
+    # portable projects (issue 14): stage folders and spec files under the registry's folder are
+    # stored relative to it (medsae/paths.py). DuckDB reports the database file's absolute path
+    # with links resolved, as the old rows were written (Path.resolve()); other rows stay absolute.
+    [
+        f"""UPDATE {table} SET {column} = substr({column}, length(base.dir) + 2)
+            FROM (SELECT regexp_replace(path, '/[^/]*$', '') AS dir FROM duckdb_databases()
+                  WHERE database_name = current_database() AND path IS NOT NULL) AS base
+            WHERE starts_with({table}.{column}, base.dir || '/')"""
+        for table, column in (("stages", "artifact_dir"), ("experiments", "spec_path"))
+    ],
+    # experiment tags and a free-text note (`medsae exp tag`, issue 14)
+    [
+        """CREATE TABLE IF NOT EXISTS experiment_tags (
+            experiment_id VARCHAR NOT NULL,
+            tag VARCHAR NOT NULL,
+            created_at TIMESTAMPTZ DEFAULT current_timestamp,
+            PRIMARY KEY (experiment_id, tag)
+        )""",
+        """CREATE TABLE IF NOT EXISTS experiment_notes (
+            experiment_id VARCHAR PRIMARY KEY,
+            note VARCHAR NOT NULL,
+            updated_at TIMESTAMPTZ DEFAULT current_timestamp
+        )""",
+    ],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

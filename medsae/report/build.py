@@ -25,8 +25,9 @@ from medsae.registry import Registry
 from medsae.report import cards as cardlib
 from medsae.report import gather, plots
 from medsae.report.names import EXPLANATION_KIND, SCORE_METHOD_ORDER
+from medsae.stages import STAGES
 
-STAGE_ORDER = ("slices", "embed", "train", "encode", "evaluate", "summarize", "interpret")
+STAGE_ORDER = STAGES  # sections follow the stage table
 #: Per-target and curve tables longer than this start collapsed (scalar metrics are always open).
 _COLLAPSE_ROWS = 24
 SCALAR_TITLE = "Scalar metrics"
@@ -330,13 +331,26 @@ def build_report(
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".html", dir=path.parent)
+    """Write ``text`` to a temporary file beside ``path``, then rename: never a half-written report.
+
+    The file gets the umask's mode (``mkstemp`` alone would make it private); a folder that
+    cannot be written is one line naming it.
+    """
+    from medsae.stage import make_shareable
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".html", dir=path.parent)
+    except OSError as exc:
+        raise MedsaeError(f"{path}: cannot write the report: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.chmod(tmp, 0o644)
+        make_shareable(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise MedsaeError(f"{path}: cannot write the report: {exc.strerror or exc}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -248,6 +248,24 @@ def explanation_views(expl: pd.DataFrame, scores: pd.DataFrame, latents: list[in
     return views
 
 
+def scorer_gap_words(scores: pd.DataFrame) -> dict[str, list[str]]:
+    """scorer -> sentences on whether it tells real from shuffled explanations (gap with 95% CI).
+
+    Degenerate scores (method suffixed by ``gather.DEGENERATE_SUFFIX``) count in the gap: a scorer
+    whose predictions ignore the explanation is exactly one that cannot tell them apart.
+    """
+    from medsae.interp.sanity import scorer_gaps
+    from medsae.report.gather import DEGENERATE_SUFFIX
+
+    if scores.empty or "kind" not in scores:
+        return {}
+    frame = scores.assign(method=scores["method"].astype(str).str.removesuffix(DEGENERATE_SUFFIX))
+    out: dict[str, list[str]] = {}
+    for gap in scorer_gaps(frame):
+        out.setdefault(gap["scorer"], []).append(gap["words"])
+    return out
+
+
 def build_cards(
     chosen: pd.DataFrame,
     sets: dict[int, dict],
@@ -276,6 +294,7 @@ def build_cards(
     meta = meta_fn(all_ids)
     thumbs, note = load_thumbnails(slices_dir, all_ids, thumb_size)
     views_by_latent = explanation_views(explanations, scores, latents)
+    gap_words = scorer_gap_words(scores)
     cards = []
     stat_cols = [
         c
@@ -291,6 +310,10 @@ def build_cards(
         card_note = note if views and any(v.img is None for v in views) else None
         if not views:
             card_note = "no top slices: neither an explain example set nor encode codes are available"
+        shown = {s["scorer_model"] for v in views_by_latent.get(latent, []) for s in v.scores}
+        words = [w for scorer in sorted(shown, key=str) for w in gap_words.get(scorer, [])]
+        if words:
+            card_note = " ".join([card_note or "", *(w + "." for w in words)]).strip()
         cards.append(
             LatentCard(
                 latent=latent,

@@ -68,6 +68,12 @@ def load_experiment(con: duckdb.DuckDBPyConnection, name: str) -> ExperimentReco
            WHERE es.experiment_id = ?""",
         [rows[0]["experiment_id"]],
     )
+    from medsae.paths import connection_file, resolve_stored
+
+    registry_file = connection_file(con)
+    for s in stages:  # stored next to the registry file: absolute here
+        if s["artifact_dir"]:
+            s["artifact_dir"] = str(resolve_stored(s["artifact_dir"], registry_file))
     return ExperimentRecord(row=rows[0], stages={s["kind"]: s for s in stages})
 
 
@@ -135,33 +141,47 @@ def latents_frame(con: duckdb.DuckDBPyConnection, exp: ExperimentRecord) -> pd.D
 
 
 def explanations_frame(con: duckdb.DuckDBPyConnection, exp: ExperimentRecord) -> pd.DataFrame:
-    """Every explanation (and baseline) of the experiment's SAE latents, all versions."""
-    sae_key, summarize_key = exp.key("train"), exp.key("summarize")
-    if sae_key is None and summarize_key is None:
+    """Every explanation (and baseline) made on the experiment's own example sets, all versions.
+
+    Rows are those of the experiment's summarize stage, not of other experiments sharing its SAE.
+    """
+    summarize_key = exp.key("summarize")
+    if summarize_key is None:
         return pd.DataFrame()
     return _frame(
         con,
         """SELECT explanation_id, stage_key, latent, explainer_model, template_hash, params_json,
                   example_set_id, text, status, kind, created_at
-           FROM explanations WHERE sae_key = ? OR stage_key = ?
+           FROM explanations WHERE stage_key = ?
            ORDER BY latent, (kind = ?) DESC, created_at, explanation_id""",
-        [sae_key, summarize_key, EXPLANATION_KIND],
+        [summarize_key, EXPLANATION_KIND],
     )
 
 
+#: A degenerate score (its predictions do not depend on the explanation, medsae.interp.sanity)
+#: is shown under its own method name, so it stays visible but never enters a method's mean.
+DEGENERATE_SUFFIX = " (degenerate)"
+
+
 def scores_frame(con: duckdb.DuckDBPyConnection, exp: ExperimentRecord) -> pd.DataFrame:
-    """Scores of the explanations returned by :func:`explanations_frame`, with their group label."""
-    sae_key, summarize_key = exp.key("train"), exp.key("summarize")
-    if sae_key is None and summarize_key is None:
+    """Scores of the explanations returned by :func:`explanations_frame`, with their group label.
+
+    Degenerate scores get ``method`` + :data:`DEGENERATE_SUFFIX` and ``degenerate`` true.
+    """
+    summarize_key = exp.key("summarize")
+    if summarize_key is None:
         return pd.DataFrame()
+    degenerate = "coalesce(s.extra_json, '') LIKE '%\"degenerate\":%'"  # also in registries without the column
     return _frame(
         con,
-        """SELECT s.explanation_id, e.latent, e.explainer_model, e.kind, s.method, s.scorer_model,
-                  s.scorer_mode, s.value, s.n, s.n_missing, s.chance, s.ci_low, s.ci_high, s.p_value
+        f"""SELECT s.explanation_id, e.latent, e.explainer_model, e.kind,
+                  CASE WHEN {degenerate} THEN s.method || ? ELSE s.method END AS method, s.scorer_model,
+                  s.scorer_mode, s.value, s.n, s.n_missing, s.chance, s.ci_low, s.ci_high, s.p_value,
+                  {degenerate} AS degenerate
            FROM explanation_scores s JOIN explanations e USING (explanation_id)
-           WHERE e.sae_key = ? OR e.stage_key = ?
+           WHERE e.stage_key = ?
            ORDER BY e.latent, s.method, s.scorer_model""",
-        [sae_key, summarize_key],
+        [DEGENERATE_SUFFIX, summarize_key],
     )
 
 

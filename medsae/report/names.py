@@ -23,6 +23,54 @@ RECOVERY_CURVES: tuple[tuple[str, str], ...] = (
 #: Splits in order of preference when one number per experiment is wanted.
 PREFERRED_SPLITS: tuple[str, ...] = ("val", "test", "all", "train")
 
+#: Splits in reading order for tables (the explanation pool, e.g. ``test+val``, after them).
+SPLIT_ORDER: tuple[str, ...] = ("train", "val", "test", "all")
+
+#: What each dead / alive figure counts. The same word covers different sets of slices (the split:
+#: the train stage reports ``train``, the evaluation ``val`` and ``test``, the summarize stage the
+#: explanation pool, e.g. ``test+val``) and different definitions (never firing on a whole split vs
+#: the study's per-batch alive count), so a number is shown with its split and one of these lines.
+DEAD_ALIVE_DEFINITIONS: dict[str, str] = {
+    "dead_fraction": "share of latents that never fire (activation > 1e-8) on any slice of the split",
+    "n_dead": "number of latents that never fire (activation > 1e-8) on any slice of the split",
+    "latents_dead": "share of latents that never fire on any slice of the explanation pool (the split named)",
+    "latents_too_rare": "share of latents firing, but on too few pool slices or patients to be explained",
+    "latents_live": "share of latents eligible for explanation (fire often enough, not dense)",
+    "latents_dense": "share of latents firing on more than interpret.dense_frequency of the pool",
+    "dense_fraction": "share of latents firing on more than 10 % of the split's slices",
+    "alive_per_batch_study": "the study's alive count: latents firing at least once in a 2,048-slice batch, "
+    "averaged over batches (a count, not a dead-latent share)",
+}
+
+#: Definitions of the other metrics a model card or summary shows next to them.
+METRIC_DEFINITIONS: dict[str, str] = {
+    FVU: "fraction of variance unexplained, per-dimension means (1 - R²)",
+    L0: "mean number of firing latents per slice",
+    R2: "the study's R²: one scalar mean over each 2,048-slice batch (inflated)",
+    **DEAD_ALIVE_DEFINITIONS,
+}
+
+#: Scalar metrics of the train and evaluate stages that a SAELens model card lists, in this order.
+CARD_METRICS: tuple[str, ...] = (FVU, L0, "dead_fraction", "n_dead", "alive_per_batch_study")
+
+
+def metric_definition(name: str, split: str | None = None) -> str:
+    """One line saying what ``name`` measures (and on which slices, when ``split`` is given)."""
+    text = METRIC_DEFINITIONS.get(name, name)
+    return f"{text} [{split}]" if split else text
+
+
+def metric_label(name: str, split: str | None) -> str:
+    """A short label that keeps the split and definition with a dead / alive number, e.g. ``dead on val``."""
+    short = {
+        "dead_fraction": "dead (never fire)",
+        "n_dead": "dead latents (never fire)",
+        "latents_dead": "dead in explanation pool",
+        "alive_per_batch_study": "alive per 2,048-batch (study)",
+        "dense_fraction": "dense (> 10 % of slices)",
+    }.get(name, name)
+    return f"{short}, {split}" if split else short
+
 
 def preferred_split(splits: Iterable[str | None]) -> str | None:
     """The first of :data:`PREFERRED_SPLITS` among ``splits``, else the alphabetically first one."""
@@ -79,7 +127,7 @@ KEY_METRICS: tuple[KeyMetric, ...] = (
     KeyMetric("fvu", FVU, "FVU"),
     KeyMetric("r2_study", R2, "R² (study)"),
     KeyMetric("l0", L0, "L0"),
-    KeyMetric("dead_fraction", "dead_fraction", "dead"),
+    KeyMetric("dead_fraction", "dead_fraction", "dead (never fire on val)"),
     KeyMetric("probe_auc_dense", "probe_auc_dense_mean", "probe AUC dense"),
     KeyMetric("probe_auc_sparse", "probe_auc_sparse_mean", "probe AUC sparse"),
     KeyMetric("recovery_10", "recovery_mean", "recovery@10", n_features=10),
@@ -93,3 +141,8 @@ KEY_METRICS: tuple[KeyMetric, ...] = (
     ),
     KeyMetric("explanation_score", HEADLINE_SCORE, "explanation r", split=None, source="explanations"),
 )
+
+
+def listed_metrics(key_metrics: tuple[KeyMetric, ...] = KEY_METRICS) -> tuple[KeyMetric, ...]:
+    """The key metrics ``medsae exp list`` shows: those that are one scalar ``metrics`` row per split."""
+    return tuple(k for k in key_metrics if k.source == "metrics" and k.target is None and k.n_features is None)

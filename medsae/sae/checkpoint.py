@@ -12,27 +12,44 @@ A train folder holds:
 :func:`export_saelens` writes a folder that SAELens' ``SAE.load_from_disk`` reads
 (``cfg.json`` + ``sae_weights.safetensors``) and that computes the same codes: BatchTopK with
 JumpReLU inference becomes ``jumprelu`` (θ per latent), the study's shifted ReLU
-``max(0, z - θ)`` becomes ``standard`` with ``b_enc - θ``, per-sample L2 inputs become
-``constant_norm_rescale`` (the √d_in factor folded into the weights) and dataset-level centring +
-scaling is folded into the weights completely.
+``max(0, z - θ)`` becomes ``standard`` with ``b_enc - θ``, dataset-level centring + scaling is
+folded into the weights completely, and per-sample L2 inputs become either
+``constant_norm_rescale`` (the √d_in factor folded into the weights; SAELens then decodes only
+right after an encode) or, with ``l2="unit"``, no normalisation at all (unit-norm inputs expected;
+decode is stateless). Next to them go ``sparsity.safetensors`` (log10 firing frequency on the train
+split, SAELens' convention) and a ``README.md`` model card. Files are written atomically with
+umask-respecting modes, and no absolute path of this machine is written into them.
+:func:`export_experiment_saelens` gathers all of that for a registered experiment.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import scipy.sparse as sp
 import torch
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as save_tensors
 
+from medsae import __version__
 from medsae.errors import MedsaeError, MissingInputError
 from medsae.sae.models import SAE, SAEConfig
 
 WEIGHTS = "sae.safetensors"
 CONFIG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
+SAELENS_SPARSITY = "sparsity.safetensors"
+SAELENS_CARD = "README.md"
+#: Added to the firing frequency before log10, as SAELens does: a latent that never fires gets -10.
+DENSITY_EPS = 1e-10
+#: Ways to export an L2-normalised SAE (see :func:`export_saelens`).
+L2_EXPORTS = ("rescale", "unit")
 FORMAT_VERSION = 1
 _BUFFERS = ("norm_mean", "norm_scale", "threshold", "threshold_sum", "threshold_count")
 
@@ -106,11 +123,84 @@ def load_sae(train_dir: str | Path, device: str | torch.device = "cpu") -> SAE:
     return sae.requires_grad_(False).to(device).eval()
 
 
+@dataclass(frozen=True)
+class FeatureDensity:
+    """How often each latent fires on a set of slices; ``sparsity.safetensors`` stores its log10.
+
+    ``frequency[j]`` = share of the ``n_rows`` slices on which latent ``j`` is ``> FIRE_EPS``.
+    """
+
+    frequency: np.ndarray
+    n_rows: int
+    source: str  # what the slices are, for the model card ("the train split of 'demo'")
+
+    @classmethod
+    def from_codes(cls, codes: sp.csr_matrix, source: str) -> FeatureDensity:
+        from medsae.eval.metrics import latent_frequencies  # the evaluation's own firing rule
+
+        return cls(latent_frequencies(codes), int(codes.shape[0]), source)
+
+    def log10(self) -> np.ndarray:
+        """SAELens' ``sparsity`` tensor: ``log10(frequency + 1e-10)`` (a never-firing latent gets -10)."""
+        return np.log10(self.frequency.astype(np.float64) + DENSITY_EPS).astype(np.float32)
+
+    @property
+    def n_dead(self) -> int:
+        return int(np.sum(self.frequency == 0))
+
+
+@dataclass(frozen=True)
+class CardFacts:
+    """What the model card says beyond the SAE's own config (all optional)."""
+
+    experiment: str | None = None
+    embedding_model: str | None = None  # the backbone id, e.g. "efficientnet_lite0"
+    embedding: str | None = None  # how its embeddings were taken, e.g. "timm, mean pooling, 160 px"
+    #: ``(metric, split, definition, value)`` rows for the card's metric table.
+    metrics: tuple[tuple[str, str, str, float], ...] = ()
+
+
+def write_shareable(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically, with the usual permissions (0666 minus the umask).
+
+    ``safetensors.save_file`` creates its files 0600 whatever the umask, which hides exported
+    weights from colleagues on shared storage; serialising to bytes and writing them here does not.
+    """
+    tmp = path.with_name(f".{path.name}.part")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """``safetensors`` file written like any other file (umask-respecting mode, atomic rename)."""
+    write_shareable(path, save_tensors({k: v.float().contiguous().cpu() for k, v in tensors.items()}))
+
+
 @torch.no_grad()
-def export_saelens(train_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write the SAE of ``train_dir`` as a SAELens folder (``cfg.json`` + ``sae_weights.safetensors``)."""
+def export_saelens(
+    train_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    density: FeatureDensity | None = None,
+    l2: str = "rescale",
+    facts: CardFacts | None = None,
+) -> Path:
+    """Write the SAE of ``train_dir`` as a SAELens folder; returns the folder.
+
+    Files: ``cfg.json``, ``sae_weights.safetensors``, ``sparsity.safetensors`` (when ``density`` is
+    given) and ``README.md`` (a model card). ``l2`` chooses how an L2-normalised SAE is exported:
+    ``"rescale"`` = SAELens' ``constant_norm_rescale`` (raw embeddings in and out, but SAELens keeps
+    the per-sample norm between ``encode`` and ``decode``, so a lone ``decode`` fails), ``"unit"`` =
+    no normalisation in the export (inputs must be unit-norm, ``x / ‖x‖``; ``decode`` works on its own
+    and returns unit-norm reconstructions). Nothing in the folder names a path of this machine.
+    """
+    if l2 not in L2_EXPORTS:
+        raise MedsaeError(f"--l2: expected one of {', '.join(L2_EXPORTS)}, got '{l2}'")
     sae = load_sae(train_dir)
     cfg = sae.cfg
+    if density is not None and density.frequency.shape != (cfg.d_sae,):
+        raise MedsaeError(f"{train_dir}: feature density has {density.frequency.size} latents, the SAE {cfg.d_sae}")
     w_enc = sae.W_enc.t().clone()  # [d_in, d_sae]
     w_dec = sae.decoder_weight.clone()
     b_enc, b_dec = sae.b_enc.clone(), sae.b_dec.clone()
@@ -129,7 +219,7 @@ def export_saelens(train_dir: str | Path, out_dir: str | Path) -> Path:
         if not cfg.topk_relu:
             raise MedsaeError(f"{train_dir}: a TopK SAE without ReLU has no SAELens equivalent")
         arch, extra = "topk", {"k": cfg.level_k[-1]}
-    if cfg.normalize == "l2":
+    if cfg.normalize == "l2" and l2 == "rescale":
         normalize, root = "constant_norm_rescale", math.sqrt(cfg.d_in)
         w_enc, w_dec, b_dec = w_enc / root, w_dec * root, b_dec * root
     elif cfg.normalize == "center_scale":
@@ -140,27 +230,254 @@ def export_saelens(train_dir: str | Path, out_dir: str | Path) -> Path:
     tensors.update(W_enc=w_enc, W_dec=w_dec, b_enc=b_enc, b_dec=b_dec)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.float().contiguous() for k, v in tensors.items()}, str(out / SAELENS_WEIGHTS))
+    write_safetensors(tensors, out / SAELENS_WEIGHTS)
+    if density is not None:
+        write_safetensors({"sparsity": torch.from_numpy(density.log10())}, out / SAELENS_SPARSITY)
+    elif (out / SAELENS_SPARSITY).exists():
+        (out / SAELENS_SPARSITY).unlink()  # a stale file from an earlier export would describe another SAE
     body = _saelens_cfg(cfg, arch, normalize, **extra)
-    body["medsae_source"] = {"train_dir": str(train_dir), "config": cfg.to_dict()}
-    (out / CONFIG).write_text(json.dumps(body, indent=1, sort_keys=True))
+    facts = facts or CardFacts()
+    body["metadata"]["model_name"] = facts.embedding_model
+    body["medsae_source"] = {
+        "medsae_version": __version__,
+        "experiment": facts.experiment,
+        "train_stage_key": Path(train_dir).name,
+        "l2_export": l2 if cfg.normalize == "l2" else None,
+        "config": cfg.to_dict(),
+    }
+    cfg_text = json.dumps(body, indent=1, sort_keys=True)
+    write_shareable(out / CONFIG, cfg_text.encode())
+    card = model_card(body, Path(train_dir).name, density, facts)
+    write_shareable(out / SAELENS_CARD, card.encode())
     return out
+
+
+_ARCH_TEXT = {
+    "topk": "TopK: the k largest pre-activations of each input, through a ReLU",
+    "jumprelu": "JumpReLU: z·[z > θ] with one threshold θ for every latent (medsae's BatchTopK at inference)",
+    "standard": "ReLU: max(0, z)",
+}
+
+
+def _normalisation_text(normalize: str, medsae_normalize: str, l2: str, d_in: int) -> list[str]:
+    """The card's paragraph on what goes in and comes out, by input normalisation and export mode."""
+    if medsae_normalize == "l2" and l2 == "rescale":
+        return [
+            f"The SAE was trained on L2-normalised embeddings. This export uses SAELens' "
+            f"`normalize_activations: constant_norm_rescale`: `encode(x)` takes raw embeddings, rescales "
+            f"each to norm √d_in = {math.sqrt(d_in):.4g} and **remembers that per-sample factor**; `decode` "
+            "divides by it again, so `sae(x)` (or `encode` followed by `decode` of the same batch) "
+            "reconstructs raw embeddings.",
+            "",
+            "A lone `decode(codes)` (codes from a file, steering, a latent's decoder direction) fails in "
+            "SAELens with `AttributeError: ... 'x_norm_coeff'`: the per-sample norm is not known then. "
+            "For that use, export with `medsae export NAME DIR --l2 unit`: no normalisation in the file, "
+            "inputs must be unit-norm (`x / x.norm(dim=-1, keepdim=True)`), and `decode` works on its own "
+            "and returns unit-norm reconstructions (multiply by `‖x‖` for the raw scale).",
+        ]
+    if medsae_normalize == "l2":
+        return [
+            "The SAE was trained on L2-normalised embeddings and this export (`--l2 unit`) leaves the "
+            "normalisation to you: **feed unit-norm inputs** (`x / x.norm(dim=-1, keepdim=True)`). "
+            "`encode` and `decode` are then stateless (`normalize_activations: none`), `decode` works on its "
+            "own, and reconstructions are unit-norm (multiply by `‖x‖` for the raw scale).",
+        ]
+    if medsae_normalize == "center_scale":
+        return [
+            "medsae's dataset-level centring and scaling are folded into the weights: raw embeddings in, "
+            "raw reconstructions out, `encode` and `decode` are stateless (`normalize_activations: none`).",
+        ]
+    return ["No input normalisation: raw embeddings in, raw reconstructions out; `encode` and `decode` are stateless."]
+
+
+def model_card(body: dict[str, Any], train_key: str, density: FeatureDensity | None, facts: CardFacts) -> str:
+    """The export's ``README.md``: a Hugging Face style model card written from ``cfg.json`` and ``facts``."""
+    src = body["medsae_source"]
+    config = src["config"]
+    name = facts.experiment or train_key
+    arch = body["architecture"]
+    lines = [
+        "---",
+        "library_name: saelens",
+        "tags:",
+        "- sparse-autoencoder",
+        "- saelens",
+        "- medsae",
+        "- medical-imaging",
+        "---",
+        "",
+        f"# Sparse autoencoder `{name}`: {body['d_sae']} latents on {body['d_in']}-dimensional embeddings",
+        "",
+        f"Exported by medsae {src['medsae_version']} from its train stage `{train_key}`"
+        + (f" of experiment `{facts.experiment}`." if facts.experiment else "."),
+    ]
+    if facts.embedding_model:
+        detail = f" ({facts.embedding})" if facts.embedding else ""
+        lines.append(f"Inputs: one embedding per image slice from `{facts.embedding_model}`{detail}.")
+    lines += [
+        "",
+        "## Files",
+        "",
+        "| file | content |",
+        "|---|---|",
+        "| `cfg.json` | SAELens config (`architecture`, `d_in`, `d_sae`, `normalize_activations`, ...); "
+        "`medsae_source` holds medsae's full SAE config |",
+        "| `sae_weights.safetensors` | `W_enc` [d_in, d_sae], `W_dec` [d_sae, d_in], `b_enc` [d_sae], `b_dec` [d_in]"
+        + (", `threshold` [d_sae]" if arch == "jumprelu" else "")
+        + " |",
+    ]
+    if density is not None:
+        lines.append(
+            "| `sparsity.safetensors` | `sparsity` [d_sae]: log10 of each latent's firing frequency "
+            "(`log10(f + 1e-10)`, so a latent that never fires has -10) |"
+        )
+    lines += [
+        "| `README.md` | this card |",
+        "",
+        "## Architecture",
+        "",
+        f"* medsae architecture `{config['arch']}`"
+        + (f", k = {config['level_k'][-1]}" if config["inner"] != "relu" else "")
+        + f"; SAELens `architecture: {arch}` — {_ARCH_TEXT[arch]}.",
+        "* Encode: `z = (x - b_dec) @ W_enc + b_enc`, then the activation above; decode: "
+        "`x̂ = codes @ W_dec + b_dec`. A latent *fires* when its activation is > 1e-8.",
+        "",
+        "## Inputs and normalisation",
+        "",
+        *_normalisation_text(body["normalize_activations"], config["normalize"], src["l2_export"] or "", body["d_in"]),
+        "",
+        "## Loading",
+        "",
+        "```python",
+        "from safetensors.torch import load_file",
+        "from sae_lens import SAE",
+        "",
+        'sae = SAE.load_from_disk("THIS_FOLDER", device="cpu")',
+        "codes = sae.encode(x)          # x: [n, d_in] embeddings (see above)",
+        "x_hat = sae.decode(codes)",
+    ]
+    if density is not None:
+        lines.append('log_density = load_file("THIS_FOLDER/sparsity.safetensors")["sparsity"]')
+    lines += ["```", ""]
+    if density is not None:
+        freq = density.frequency
+        alive = freq[freq > 0]
+        lines += [
+            "## Feature density",
+            "",
+            f"Measured on {density.source} ({density.n_rows:,} slices): "
+            f"{alive.size} of {freq.size} latents fire at least once, "
+            f"**{density.n_dead} never fire** (dead on that set, {density.n_dead / max(freq.size, 1):.1%}).",
+        ]
+        if alive.size:
+            q = np.quantile(alive, [0.1, 0.5, 0.9])
+            lines.append(
+                f"Firing frequency of the latents that fire: 10 % / median / 90 % = "
+                f"{q[0]:.3g} / {q[1]:.3g} / {q[2]:.3g} (share of slices)."
+            )
+        lines.append("")
+    if facts.metrics:
+        lines += [
+            "## Metrics (from the medsae registry)",
+            "",
+            "| metric | split | definition | value |",
+            "|---|---|---|---|",
+            *(f"| `{m}` | {split} | {text} | {value:.4g} |" for m, split, text, value in facts.metrics),
+            "",
+        ]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _stage_dirs(experiment: str, registry_path: str | Path | None) -> tuple[Any, dict[str, Any], dict[str, Path]]:
+    """``(registry, experiment row, kind -> artifact folder)`` of a registered experiment."""
+    from medsae.plan import experiment_stage_dirs, find_experiment
+    from medsae.registry import Registry
+
+    registry = Registry(registry_path)
+    row = find_experiment(registry, experiment)
+    return registry, row, experiment_stage_dirs(registry, experiment)
+
+
+def _existing(dirs: dict[str, Path], kind: str, experiment: str, registry: Any) -> Path:
+    what = "trained SAE" if kind == "train" else f"'{kind}' stage"
+    if kind not in dirs:
+        raise MedsaeError(f"{registry.path}: no {what} for experiment '{experiment}' (run `medsae exp run` first)")
+    if not dirs[kind].is_dir():
+        raise MissingInputError(f"{dirs[kind]}: {kind} folder of '{experiment}' is missing")
+    return dirs[kind]
 
 
 def resolve_train_dir(experiment: str, registry_path: str | Path | None = None) -> Path:
     """The completed train folder of a registered experiment (via the registry)."""
-    from medsae.registry import Registry
+    registry, _, dirs = _stage_dirs(experiment, registry_path)
+    return _existing(dirs, "train", experiment, registry)
 
-    registry = Registry(registry_path)
+
+def train_density(encode_dir: Path, slices_dir: Path, experiment: str, split: str = "train") -> FeatureDensity:
+    """Firing frequency of each latent on one split of the experiment's slices (from the encode stage's codes)."""
+    import pandas as pd
+
+    from medsae.sae.codes import load_codes
+
+    codes, slice_ids = load_codes(encode_dir)
+    path = slices_dir / "slices.parquet"
+    if not path.is_file():
+        raise MissingInputError(f"{path}: slice table not found")
+    splits = pd.read_parquet(path, columns=["slice_id", "split"]).set_index("slice_id")["split"]
+    rows = np.flatnonzero(splits.reindex(slice_ids).to_numpy() == split)
+    if rows.size == 0:
+        raise MedsaeError(f"{encode_dir}: no '{split}' slices among the codes of '{experiment}'")
+    return FeatureDensity.from_codes(codes[rows], f"the {split} split of experiment '{experiment}'")
+
+
+def _embedding_facts(spec_json: str | None) -> tuple[str | None, str | None]:
+    """``(backbone id, "source, pooling, input size")`` from an experiment's resolved spec."""
+    try:
+        embed = json.loads(spec_json or "{}").get("embed") or {}
+    except json.JSONDecodeError:
+        return None, None
+    parts = [
+        str(embed["source"]) if embed.get("source") not in (None, embed.get("model")) else None,
+        f"{embed['pooling']} pooling" if embed.get("pooling") else None,
+        f"{embed['input_size']} px input" if embed.get("input_size") else None,
+    ]
+    return embed.get("model"), ", ".join(p for p in parts if p) or None
+
+
+def _card_metrics(registry: Any, experiment_id: str) -> tuple[tuple[str, str, str, float], ...]:
+    """The train and evaluate stages' reconstruction and dead-latent rows, with their definitions."""
+    from medsae.report.names import CARD_METRICS, SPLIT_ORDER, metric_definition
+
     rows = registry.query(
-        "SELECT s.artifact_dir FROM experiments e JOIN experiment_stages es USING (experiment_id) "
-        "JOIN stages s ON s.stage_key = es.stage_key WHERE e.name = ? AND es.kind = 'train' "
-        "ORDER BY e.created_at DESC LIMIT 1",
-        [experiment],
+        """SELECT m.name, m.split, avg(m.value) AS value FROM experiment_stages es
+           JOIN metrics m ON m.stage_key = es.stage_key
+           WHERE es.experiment_id = ? AND es.kind IN ('train', 'evaluate') AND m.target IS NULL
+             AND m.n_features IS NULL AND m.value IS NOT NULL AND m.name IN ({})
+           GROUP BY 1, 2""".format(", ".join("?" * len(CARD_METRICS))),
+        [experiment_id, *CARD_METRICS],
     )
-    if not rows or not rows[0]["artifact_dir"]:
-        raise MedsaeError(f"{registry.path}: no trained SAE for experiment '{experiment}' (run `medsae exp run` first)")
-    path = Path(rows[0]["artifact_dir"])
-    if not path.is_dir():
-        raise MissingInputError(f"{path}: train folder of '{experiment}' is missing")
-    return path
+    order = {s: i for i, s in enumerate(SPLIT_ORDER)}
+    rows.sort(key=lambda r: (CARD_METRICS.index(r["name"]), order.get(r["split"], len(order)), r["split"] or ""))
+    return tuple((r["name"], r["split"], metric_definition(r["name"]), r["value"]) for r in rows)
+
+
+def export_experiment_saelens(
+    experiment: str, out_dir: str | Path, registry_path: str | Path | None = None, l2: str = "rescale"
+) -> Path:
+    """:func:`export_saelens` of a registered experiment, with its train-split feature density and a
+    model card naming its embeddings and metrics."""
+    if l2 not in L2_EXPORTS:
+        raise MedsaeError(f"--l2: expected one of {', '.join(L2_EXPORTS)}, got '{l2}'")
+    registry, row, dirs = _stage_dirs(experiment, registry_path)
+    train_dir = _existing(dirs, "train", experiment, registry)
+    density = train_density(
+        _existing(dirs, "encode", experiment, registry), _existing(dirs, "slices", experiment, registry), experiment
+    )
+    model, embedding = _embedding_facts(row.get("spec_json"))
+    facts = CardFacts(
+        experiment=experiment,
+        embedding_model=model,
+        embedding=embedding,
+        metrics=_card_metrics(registry, row["experiment_id"]),
+    )
+    return export_saelens(train_dir, out_dir, density=density, l2=l2, facts=facts)

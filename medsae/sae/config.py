@@ -7,11 +7,11 @@ recipe (study-method.md section 4) for every field the spec does not set explici
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from medsae.specbase import Section, execution_only
+from medsae.specbase import Section, execution_only, seed_field
 
 #: Fields that ``preset: study`` fills in (explicitly given fields win). Each value is the study's
 #: (study-method.md section 4):
@@ -54,6 +54,23 @@ STUDY_PRESET: dict[str, Any] = {
 }
 
 
+#: Largest dictionary (latents) an SAE may have.
+MAX_LATENTS = 2**20
+#: Largest k (active latents per sample).
+MAX_K = 65_536
+#: Largest batch x latents of one optimisation step (2^32 pre-activations, 16 GiB in fp32).
+MAX_BATCH_LATENTS = 2**32
+
+LevelSize = Annotated[int, Field(ge=1, le=MAX_LATENTS)]
+LevelK = Annotated[int, Field(ge=1, le=MAX_K)]
+
+#: Choices shared by the spec (``SAESpec``) and the checkpoint's ``SAEConfig``.
+Arch = Literal["topk", "batchtopk", "matryoshka", "relu_l1"]
+Normalize = Literal["l2", "center_scale", "none"]
+ThresholdMode = Literal["ema", "running_mean"]
+ThresholdInference = Literal["jumprelu", "shifted_relu"]
+
+
 def apply_preset(data: dict[str, Any]) -> dict[str, Any]:
     """Raw ``sae:`` data with its preset's fields filled in where the data does not set them.
 
@@ -72,16 +89,22 @@ class SAESpec(Section):
         "none",
         description="'study' = the study's Matryoshka BatchTopK recipe for every field not set explicitly.",
     )
-    arch: Literal["topk", "batchtopk", "matryoshka", "relu_l1"] = Field(
+    arch: Arch = Field(
         "topk",
         description="Activation family: per-sample TopK, BatchTopK (k·batch largest of the batch, a "
         "threshold at inference), Matryoshka (nested prefixes with per-level budgets), or ReLU + L1.",
     )
-    d_sae: int | None = Field(None, ge=1, description="Number of latents (default: expansion x input dim).")
-    expansion: float = Field(8.0, gt=0, description="d_sae = expansion x d_in when d_sae is not given.")
-    k: int = Field(10, ge=1, description="Active latents per sample (TopK) or per sample on average (BatchTopK).")
-    levels: list[int] | None = Field(None, description="Matryoshka nested dictionary sizes (ascending).")
-    level_k: list[int] | None = Field(None, description="Matryoshka budget per level.")
+    d_sae: int | None = Field(
+        None, ge=1, le=MAX_LATENTS, description="Number of latents (default: expansion x input dim)."
+    )
+    expansion: float = Field(8.0, gt=0, le=256, description="d_sae = expansion x d_in when d_sae is not given.")
+    k: int = Field(
+        10, ge=1, le=MAX_K, description="Active latents per sample (TopK) or per sample on average (BatchTopK)."
+    )
+    levels: list[LevelSize] | None = Field(
+        None, max_length=64, description="Matryoshka nested dictionary sizes (ascending)."
+    )
+    level_k: list[LevelK] | None = Field(None, max_length=64, description="Matryoshka budget per level.")
     matryoshka_inner: Literal["batchtopk", "topk"] = Field("batchtopk", description="Per-level activation.")
     topk_relu: bool = Field(
         True,
@@ -100,12 +123,12 @@ class SAESpec(Section):
         "mean",
         description="Pre-encoder bias init: zeros, or the mean / geometric median of the normalised inputs.",
     )
-    normalize: Literal["l2", "center_scale", "none"] = Field(
+    normalize: Normalize = Field(
         "l2",
         description="Input normalisation, stored in the checkpoint: 'l2' = each sample to unit norm (study), "
         "'center_scale' = subtract the train mean and divide by one scalar so the mean squared norm is 1.",
     )
-    threshold_mode: Literal["ema", "running_mean"] = Field(
+    threshold_mode: ThresholdMode = Field(
         "ema",
         description="BatchTopK inference threshold θ from the smallest positive kept value of each training "
         "batch at the largest level: an exponential moving average, or the mean over the whole run (study).",
@@ -114,33 +137,38 @@ class SAESpec(Section):
     threshold_warmup: int = Field(
         100,
         ge=0,
+        le=10_000_000,
         description="Batches before θ counts as estimated; before that inference uses per-sample top-k.",
     )
-    threshold_inference: Literal["jumprelu", "shifted_relu"] = Field(
+    threshold_inference: ThresholdInference = Field(
         "jumprelu", description="BatchTopK inference: z·[z > θ] (JumpReLU) or max(0, z - θ) (study)."
     )
-    l1_coeff: float = Field(0.0, ge=0, description="L1 penalty (relu_l1), weighted by decoder row norms.")
+    l1_coeff: float = Field(0.0, ge=0, le=1e6, description="L1 penalty (relu_l1), weighted by decoder row norms.")
     auxk: bool = Field(True, description="AuxK loss on dead latents (TopK family).")
-    k_aux: int | None = Field(None, ge=1, description="Dead latents used by AuxK (default d_in // 2).")
-    aux_coeff: float = Field(1 / 32, ge=0, description="AuxK loss coefficient.")
-    dead_after: int = Field(20_000, ge=1, description="A latent is dead after this many samples without firing.")
-    lr: float = Field(2e-4, gt=0, description="Peak learning rate (Adam).")
-    lr_end: float = Field(0.0, ge=0, description="Final learning rate of the cosine schedule.")
-    warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps.")
+    k_aux: int | None = Field(None, ge=1, le=MAX_K, description="Dead latents used by AuxK (default d_in // 2).")
+    aux_coeff: float = Field(1 / 32, ge=0, le=1e3, description="AuxK loss coefficient.")
+    dead_after: int = Field(
+        20_000, ge=1, le=10**12, description="A latent is dead after this many samples without firing."
+    )
+    lr: float = Field(2e-4, gt=0, le=1, description="Peak learning rate (Adam).")
+    lr_end: float = Field(0.0, ge=0, le=1, description="Final learning rate of the cosine schedule.")
+    warmup_steps: int = Field(100, ge=0, le=10_000_000, description="Linear warm-up steps.")
     warmup_max_fraction: float | None = Field(
         None, gt=0, le=1, description="Cap the warm-up at this fraction of all steps (study: 0.1)."
     )
     warmup_start: float = Field(0.0, ge=0, le=1, description="Learning rate at step 0 as a fraction of lr.")
-    batch_size: int = Field(4096, ge=1, description="Samples per optimisation step.")
-    epochs: float = Field(10, gt=0, description="Passes over the training split.")
+    batch_size: int = Field(
+        4096, ge=1, le=1_048_576, description="Samples per optimisation step (batch x latents at most 2^32)."
+    )
+    epochs: float = Field(10, gt=0, le=10_000, description="Passes over the training split.")
     shuffle: Literal["epoch", "once"] = Field(
         "epoch", description="New random order every epoch, or one order reused by every epoch (study)."
     )
-    grad_clip: float | None = Field(None, gt=0, description="Global gradient-norm clip.")
-    seed: int = Field(0, description="Seed of initialisation and shuffling (combined with the experiment seed).")
-    checkpoint_every: int = execution_only(200, "Save a resumable checkpoint every N steps.", ge=1)
+    grad_clip: float | None = Field(None, gt=0, le=1e6, description="Global gradient-norm clip.")
+    seed: int = seed_field(0, "Seed of initialisation and shuffling (combined with the experiment seed).")
+    checkpoint_every: int = execution_only(200, "Save a resumable checkpoint every N steps.", ge=1, le=10**9)
     checkpoint_minutes: float = execution_only(
-        0.0, "...but at most once per this many minutes (checkpoints of big sweeps are large).", ge=0
+        0.0, "...but at most once per this many minutes (checkpoints of big sweeps are large).", ge=0, le=100_000
     )
     device: str = execution_only("auto", "auto = cuda, then mps, then cpu.")
     precision: Literal["auto", "fp32", "bf16"] = execution_only(
@@ -150,9 +178,9 @@ class SAESpec(Section):
         "auto",
         "Decoder of the TopK family: gather the active rows (sparse), a dense matmul, or choose by cost.",
     )
-    log_every: int = execution_only(50, "Steps between progress lines and train-log entries.", ge=1)
+    log_every: int = execution_only(50, "Steps between progress lines and train-log entries.", ge=1, le=10**9)
     resident_max_gb: float = execution_only(
-        16.0, "Train embeddings larger than this are streamed in chunks from the shards.", gt=0
+        16.0, "Train embeddings larger than this are streamed in chunks from the shards.", gt=0, le=100_000
     )
 
     @model_validator(mode="before")
@@ -172,4 +200,12 @@ class SAESpec(Section):
                     raise ValueError(f"level budget k={k} exceeds level size {size}")
         if self.tied_detached and not self.tied:
             raise ValueError("'tied_detached' needs 'tied: true'")
+        if self.arch in ("topk", "batchtopk") and self.d_sae is not None and self.k > self.d_sae:
+            raise ValueError(f"k={self.k} exceeds d_sae={self.d_sae}")
+        latents = self.levels[-1] if self.arch == "matryoshka" and self.levels else self.d_sae
+        if latents is not None and self.batch_size * latents > MAX_BATCH_LATENTS:
+            raise ValueError(
+                f"batch_size x latents is {self.batch_size * latents:,} activations per step, more than "
+                f"{MAX_BATCH_LATENTS:,} (lower batch_size or the dictionary size)"
+            )
         return self

@@ -33,15 +33,21 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from medsae.sae import ops
+from medsae.sae.config import Arch, Normalize, SAESpec, ThresholdInference, ThresholdMode
 
 #: Activation above which a latent counts as firing (the study's alive threshold; eval uses the same).
 FIRE_EPS = 1e-8
+
+
+#: Per-level selection of an SAE: TopK, BatchTopK, or a plain ReLU (``relu_l1``).
+Inner = Literal["topk", "batchtopk", "relu"]
+_INNER_OF_ARCH: dict[str, Inner] = {"topk": "topk", "batchtopk": "batchtopk", "relu_l1": "relu"}
 
 
 @dataclass
@@ -50,19 +56,19 @@ class SAEConfig:
 
     d_in: int
     d_sae: int
-    arch: str = "topk"  # topk | batchtopk | matryoshka | relu_l1
+    arch: Arch = "topk"
     levels: list[int] = dataclasses.field(default_factory=list)  # prefix sizes, last = d_sae
     level_k: list[int] = dataclasses.field(default_factory=list)  # budget of each level
-    inner: str = "topk"  # per-level selection: topk | batchtopk | relu
+    inner: Inner = "topk"  # per-level selection
     topk_relu: bool = True
     tied: bool = False
     tied_detached: bool = False
     unit_norm_decoder: bool = True
-    normalize: str = "l2"  # l2 | center_scale | none
-    threshold_mode: str = "ema"  # ema | running_mean
+    normalize: Normalize = "l2"
+    threshold_mode: ThresholdMode = "ema"
     threshold_decay: float = 0.99
     threshold_warmup: int = 100
-    threshold_inference: str = "jumprelu"  # jumprelu | shifted_relu
+    threshold_inference: ThresholdInference = "jumprelu"
     l1_coeff: float = 0.0
     auxk: bool = False
     k_aux: int = 0
@@ -70,38 +76,38 @@ class SAEConfig:
     dead_after: int = 20_000
 
     @classmethod
-    def from_spec(cls, params: dict[str, Any], d_in: int) -> SAEConfig:
-        """Resolve an ``sae:`` spec section (as plain data) for inputs of width ``d_in``."""
-        arch = params["arch"]
-        if arch == "matryoshka":
-            levels, level_k = list(params["levels"]), list(params["level_k"])
-            inner = params["matryoshka_inner"]
+    def from_spec(cls, spec: SAESpec, d_in: int) -> SAEConfig:
+        """Resolve an ``sae:`` spec section for inputs of width ``d_in``."""
+        if spec.arch == "matryoshka":
+            # the spec validator guarantees both lists for matryoshka
+            levels, level_k = list(spec.levels or []), list(spec.level_k or [])
+            inner: Inner = spec.matryoshka_inner
         else:
-            d_sae = params.get("d_sae") or max(1, int(round(params["expansion"] * d_in)))
-            levels, level_k = [d_sae], [min(params["k"], d_sae)]
-            inner = {"topk": "topk", "batchtopk": "batchtopk", "relu_l1": "relu"}[arch]
+            d_sae = spec.d_sae or max(1, int(round(spec.expansion * d_in)))
+            levels, level_k = [d_sae], [min(spec.k, d_sae)]
+            inner = _INNER_OF_ARCH[spec.arch]
         topk_family = inner in ("topk", "batchtopk")
         return cls(
             d_in=d_in,
             d_sae=levels[-1],
-            arch=arch,
+            arch=spec.arch,
             levels=levels,
             level_k=level_k,
             inner=inner,
-            topk_relu=params["topk_relu"],
-            tied=params["tied"],
-            tied_detached=params["tied_detached"],
-            unit_norm_decoder=params["unit_norm_decoder"],
-            normalize=params["normalize"],
-            threshold_mode=params["threshold_mode"],
-            threshold_decay=params["threshold_decay"],
-            threshold_warmup=params["threshold_warmup"],
-            threshold_inference=params["threshold_inference"],
-            l1_coeff=params["l1_coeff"] if arch == "relu_l1" else 0.0,
-            auxk=bool(params["auxk"]) and topk_family,
-            k_aux=params.get("k_aux") or max(1, d_in // 2),
-            aux_coeff=params["aux_coeff"],
-            dead_after=params["dead_after"],
+            topk_relu=spec.topk_relu,
+            tied=spec.tied,
+            tied_detached=spec.tied_detached,
+            unit_norm_decoder=spec.unit_norm_decoder,
+            normalize=spec.normalize,
+            threshold_mode=spec.threshold_mode,
+            threshold_decay=spec.threshold_decay,
+            threshold_warmup=spec.threshold_warmup,
+            threshold_inference=spec.threshold_inference,
+            l1_coeff=spec.l1_coeff if spec.arch == "relu_l1" else 0.0,
+            auxk=spec.auxk and topk_family,
+            k_aux=spec.k_aux or max(1, d_in // 2),
+            aux_coeff=spec.aux_coeff,
+            dead_after=spec.dead_after,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -6,7 +6,8 @@
   once. Writes ``sae.safetensors`` + ``cfg.json`` + ``train_log.json``; returns train-split metrics
   (``train_loss``, ``fvu``, ``mse``, ``l0_mean``, ``dead_fraction``, ``dense_fraction``).
 * ``run_encode(ctx)``: the inference-mode codes of EVERY embedded slice, in chunks, as CSR arrays
-  (:mod:`medsae.sae.codes`). Reconstruction metrics are the evaluate stage's job.
+  (:mod:`medsae.sae.codes`) and as a long ``codes.parquet`` sorted by latent, which the SQL views
+  read (:mod:`medsae.sae.codes_table`). Reconstruction metrics are the evaluate stage's job.
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from medsae.sae.checkpoint import load_sae, save_sae
+from medsae.embed.store import open_embeddings
+from medsae.sae.checkpoint import WEIGHTS, load_sae, save_sae
 from medsae.sae.codes import write_codes
+from medsae.sae.codes_table import write_codes_table
+from medsae.sae.config import SAESpec
 from medsae.sae.data import TrainData, train_rows
-from medsae.sae.train import SHARED_FIELDS, TrainJob, TrainResult, resolve_device, train_many
-from medsae.stage import Metric, StageContext, StageResult
+from medsae.sae.train import TrainJob, TrainResult, resolve_device, shared_settings, train_many
+from medsae.stage import Metric, StageContext, StageResult, make_shareable
 
 CODE_VERSION = "1"
 TRAIN_LOG = "train_log.json"
@@ -37,29 +41,26 @@ def run_train(ctx: StageContext) -> StageResult:
 
 
 def _group_key(ctx: StageContext) -> tuple[Any, ...]:
-    p = ctx.params
-    shared = tuple(json.dumps(p[name]) for name in SHARED_FIELDS)
-    return (str(ctx.inputs["embed"]), str(ctx.inputs["slices"]), ctx.seed, p.get("device", "auto"), shared)
+    spec = ctx.section(SAESpec)
+    return (str(ctx.inputs["embed"]), str(ctx.inputs["slices"]), ctx.seed, spec.device, shared_settings(spec))
 
 
 def run_train_many(ctxs: list[StageContext]) -> list[StageResult]:
     """Train several SAE configurations, one pass over the data per compatible group."""
-    from medsae.embed.store import open_embeddings
-
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, ctx in enumerate(ctxs):
         groups.setdefault(_group_key(ctx), []).append(i)
     results: list[StageResult | None] = [None] * len(ctxs)
     for members in groups.values():
         first = ctxs[members[0]]
-        device = resolve_device(first.params.get("device", "auto"))
+        first_spec = first.section(SAESpec)
+        device = resolve_device(first_spec.device)
         store = open_embeddings(first.inputs["embed"])
         rows = train_rows(store, first.inputs["slices"])
-        max_bytes = first.params.get("resident_max_gb", 16.0) * 2**30
-        data = TrainData(store, rows, device, max_bytes)
+        data = TrainData(store, rows, device, first_spec.resident_max_gb * 2**30)
         jobs = [
             TrainJob(
-                ctxs[i].params,
+                ctxs[i].section(SAESpec),
                 ctxs[i].seed,
                 ctxs[i].work_dir,
                 name=ctxs[i].experiment if len(members) > 1 else "",
@@ -77,7 +78,9 @@ def run_train_many(ctxs: list[StageContext]) -> list[StageResult]:
 def _write_train(ctx: StageContext, result: TrainResult, wall: float) -> StageResult:
     info = {**result.info, "wall_seconds": wall}
     save_sae(result.sae, ctx.out_dir, extra={"train": info})
-    log = {"info": info, "metrics": result.metrics, "log": result.log, "params": ctx.params}
+    make_shareable(Path(ctx.out_dir) / WEIGHTS)  # safetensors writes 0600; colleagues must read it
+    params = ctx.section(SAESpec).model_dump(mode="json")
+    log = {"info": info, "metrics": result.metrics, "log": result.log, "params": params}
     (Path(ctx.out_dir) / TRAIN_LOG).write_text(json.dumps(log, indent=1))
     n = int(info["n_train"])
     metrics = [Metric(name, float(value), split="train", n=n) for name, value in result.metrics.items()]
@@ -114,9 +117,7 @@ def encode_store(sae: torch.nn.Module, chunks, device: torch.device) -> sp.csr_m
 
 def run_encode(ctx: StageContext) -> StageResult:
     """Codes of every embedded slice (train, val and test) with the trained SAE."""
-    from medsae.embed.store import open_embeddings
-
-    device = resolve_device(ctx.params.get("device", "auto"))
+    device = resolve_device("auto")  # encode has no spec section: the best device present
     sae = load_sae(ctx.inputs["train"], device)
     store = open_embeddings(ctx.inputs["embed"])
     t0 = time.perf_counter()
@@ -125,6 +126,7 @@ def run_encode(ctx: StageContext) -> StageResult:
     csr = encode_store(sae, chunks, device)
     seconds = time.perf_counter() - t0
     write_codes(ctx.out_dir, csr, store.slice_ids)
+    write_codes_table(ctx.out_dir, csr, store.slice_ids)
     summary = {
         "n": int(csr.shape[0]),
         "d_sae": int(csr.shape[1]),

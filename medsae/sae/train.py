@@ -34,8 +34,10 @@ import torch
 
 from medsae.errors import MedsaeError
 from medsae.progress import is_quiet
+from medsae.sae.config import SAESpec
 from medsae.sae.data import TrainData, epoch_order
 from medsae.sae.models import FIRE_EPS, SAE, SAEConfig
+from medsae.stage import as_section
 
 #: Latents firing on more than this fraction of the train split count as dense.
 DENSE_THRESHOLD = 0.1
@@ -43,18 +45,26 @@ DENSE_THRESHOLD = 0.1
 GEOMETRIC_MEDIAN_ROWS = 16_384
 CHECKPOINT = "train_state.pt"
 
-#: Spec fields that must agree for configurations to share one pass over the data.
-SHARED_FIELDS = ("batch_size", "epochs", "shuffle", "seed")
+
+def shared_settings(spec: SAESpec) -> tuple[Any, ...]:
+    """What configurations must agree on to share one pass over the data: batch size, epochs, shuffle, seed."""
+    return (spec.batch_size, spec.epochs, spec.shuffle, spec.seed)
 
 
 @dataclass
 class TrainJob:
-    """One configuration to train: its ``sae:`` section (plain data) and where it keeps state."""
+    """One configuration to train: its ``sae:`` section and where it keeps state.
 
-    params: dict[str, Any]
-    seed: int = 0  # the experiment's seed; combined with params['seed']
+    Plain data for ``spec`` (scripts, JSON) is validated into an :class:`SAESpec` on construction.
+    """
+
+    spec: SAESpec
+    seed: int = 0  # the experiment's seed; combined with spec.seed
     work_dir: Path | None = None
     name: str = ""
+
+    def __post_init__(self) -> None:
+        self.spec = as_section(SAESpec, self.spec)
 
 
 @dataclass
@@ -87,17 +97,17 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def lr_at(step: int, total: int, p: dict[str, Any]) -> float:
+def lr_at(step: int, total: int, spec: SAESpec) -> float:
     """Learning rate of ``step`` (0-based): linear warm-up from ``warmup_start·lr``, cosine to ``lr_end``.
 
     The warm-up lasts ``warmup_steps``, capped at ``warmup_max_fraction`` of ``total`` when that is set.
     """
-    lr, lr_end = p["lr"], p["lr_end"]
-    warm = p["warmup_steps"]
-    if p.get("warmup_max_fraction"):
-        warm = min(warm, int(p["warmup_max_fraction"] * total))
+    lr, lr_end = spec.lr, spec.lr_end
+    warm = spec.warmup_steps
+    if spec.warmup_max_fraction:
+        warm = min(warm, int(spec.warmup_max_fraction * total))
     if step < warm:
-        start = p.get("warmup_start", 0.0)
+        start = spec.warmup_start
         return lr * (start + (1 - start) * step / warm)
     progress = (step - warm) / max(1, total - warm)
     return lr_end + (lr - lr_end) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
@@ -126,9 +136,9 @@ def geometric_median(x: torch.Tensor, iters: int = 200, tol: float = 1e-7) -> to
 _RESUME_INDEPENDENT = ("checkpoint_every", "checkpoint_minutes", "device", "log_every", "resident_max_gb")
 
 
-def _fingerprint(params: dict[str, Any], seed: int, n: int, d: int) -> str:
+def _fingerprint(spec: SAESpec, seed: int, n: int, d: int) -> str:
     """What a checkpoint must match to be resumed: the configuration, the seed and the data shape."""
-    keyed = {k: v for k, v in params.items() if k not in _RESUME_INDEPENDENT}
+    keyed = spec.model_dump(mode="json", exclude=set(_RESUME_INDEPENDENT))
     text = json.dumps({"params": keyed, "seed": seed, "n": n, "d": d}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -142,23 +152,23 @@ class _Run:
     """The training state of one configuration."""
 
     def __init__(self, job: TrainJob, data: TrainData, device: torch.device, total: int, init_cache: dict):
-        self.job, self.p = job, job.params
+        self.job, self.spec = job, job.spec
         self.device = device
         self.total = total
-        self.batch_size = self.p["batch_size"]
-        self.seed = combined_seed(job.seed, self.p["seed"])
-        self.cfg = SAEConfig.from_spec(self.p, data.d)
+        self.batch_size = self.spec.batch_size
+        self.seed = combined_seed(job.seed, self.spec.seed)
+        self.cfg = SAEConfig.from_spec(self.spec, data.d)
         self.sae = SAE(self.cfg, torch.Generator().manual_seed(self.seed)).to(device)
-        self.dtype = compute_dtype(self.p.get("precision", "auto"), device)
-        self.decoder_impl = self.p.get("decoder_impl", "auto")
-        self.log_every = self.p.get("log_every", 50)
+        self.dtype = compute_dtype(self.spec.precision, device)
+        self.decoder_impl = self.spec.decoder_impl
+        self.log_every = self.spec.log_every
         fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.p["lr"], **fused)
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.spec.lr, **fused)
         self.counter = torch.zeros(self.cfg.d_sae, dtype=torch.int64, device=device)
         self.step = 0
         self.log: list[dict[str, Any]] = []
         self._sums = self._zero_sums()
-        self.fingerprint = _fingerprint(self.p, job.seed, data.n, data.d)
+        self.fingerprint = _fingerprint(self.spec, job.seed, data.n, data.d)
         self.resumed_from = 0
         if not self._resume():
             self._data_init(data, init_cache)
@@ -179,7 +189,7 @@ class _Run:
                     sq += ((chunk.double() - mean) ** 2).sum()
                 cache["center_scale"] = (mean.float(), float(torch.sqrt(sq / data.n).clamp_min(1e-12)))
             sae.set_normalization(*cache["center_scale"])
-        init = self.p["b_dec_init"]
+        init = self.spec.b_dec_init
         if init == "zeros":
             return
         key = (mode, init)
@@ -247,7 +257,7 @@ class _Run:
 
     def train_step(self, x_in: torch.Tensor) -> None:
         sae, cfg = self.sae, self.cfg
-        lr = lr_at(self.step, self.total, self.p)
+        lr = lr_at(self.step, self.total, self.spec)
         for group in self.opt.param_groups:
             group["lr"] = lr
         dead = self.counter >= cfg.dead_after if cfg.auxk else None
@@ -256,8 +266,8 @@ class _Run:
         out.loss.backward()
         if cfg.unit_norm_decoder:
             sae.project_decoder_grad()
-        if self.p.get("grad_clip"):
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), self.p["grad_clip"], foreach=True)
+        if self.spec.grad_clip:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), self.spec.grad_clip, foreach=True)
         self.opt.step()
         if cfg.unit_norm_decoder:
             sae.normalize_decoder()
@@ -296,12 +306,12 @@ class _Run:
 
 
 def _check_shared(jobs: list[TrainJob]) -> None:
-    first = jobs[0].params
+    first = shared_settings(jobs[0].spec)
     for job in jobs[1:]:
-        for name in SHARED_FIELDS:
-            if job.params[name] != first[name] or job.seed != jobs[0].seed:
-                shared = ", ".join(SHARED_FIELDS)
-                raise MedsaeError(f"train: configurations in one pass must share {shared} and the experiment seed")
+        if shared_settings(job.spec) != first or job.seed != jobs[0].seed:
+            raise MedsaeError(
+                "train: configurations in one pass must share batch_size, epochs, shuffle, seed and the experiment seed"
+            )
 
 
 def _batches(data: TrainData, run0: _Run, start: int, total: int) -> Iterator[tuple[int, torch.Tensor]]:
@@ -311,7 +321,7 @@ def _batches(data: TrainData, run0: _Run, start: int, total: int) -> Iterator[tu
     step = start
     while step < total:
         epoch, offset = divmod(step, per_epoch)
-        order = epoch_order(data.n, run0.seed, 0 if run0.p["shuffle"] == "once" else epoch)
+        order = epoch_order(data.n, run0.seed, 0 if run0.spec.shuffle == "once" else epoch)
         for x in data.batches(order, batch, offset):
             if step >= total:
                 return
@@ -319,9 +329,10 @@ def _batches(data: TrainData, run0: _Run, start: int, total: int) -> Iterator[tu
             step += 1
 
 
-def total_steps(n: int, params: dict[str, Any]) -> int:
-    per_epoch = -(-n // params["batch_size"])
-    return max(1, math.ceil(params["epochs"] * per_epoch))
+def total_steps(n: int, spec: SAESpec) -> int:
+    """Optimisation steps of ``spec.epochs`` passes over ``n`` rows (the last batch of an epoch may be short)."""
+    per_epoch = -(-n // spec.batch_size)
+    return max(1, math.ceil(spec.epochs * per_epoch))
 
 
 def train_many(
@@ -339,12 +350,12 @@ def train_many(
     if not jobs:
         return []
     _check_shared(jobs)
-    total = total_steps(data.n, jobs[0].params)
+    total = total_steps(data.n, jobs[0].spec)
     init_cache: dict = {}
     runs = [_Run(job, data, device, total, init_cache) for job in jobs]
     start = min(r.step for r in runs)
-    every = min(r.p.get("checkpoint_every", 200) for r in runs)
-    min_gap = 60 * min(r.p.get("checkpoint_minutes", 0.0) for r in runs)
+    every = min(r.spec.checkpoint_every for r in runs)
+    min_gap = 60 * min(r.spec.checkpoint_minutes for r in runs)
     last_save = time.monotonic()
     steps: Iterable[tuple[int, torch.Tensor]] = _batches(data, runs[0], start, total)
     if progress is not None:

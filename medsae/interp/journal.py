@@ -1,0 +1,120 @@
+"""Where finished latents go while the agent is still running, so a kill loses (almost) nothing.
+
+The agent hands every finished latent's rows to a :class:`RowSink`, which writes them in small
+batches (every ``flush_s`` seconds or ``flush_latents`` latents, and at the end, also when the run
+fails):
+
+* :class:`RowSink` itself keeps nothing (the agent keeps every row in memory anyway);
+* :class:`WorkDirJournal` — the ``interpret`` stage: one JSON part file per batch in the stage's
+  ``work_dir`` (written atomically); a rerun of the stage reads the parts back and skips the
+  latents they finished. Stages never write the registry (the planner does, at the end).
+* :class:`RegistrySink` — ``medsae explain run``: each batch is one short registry transaction
+  (ids are content hashes, INSERT OR IGNORE: nothing is written twice). A rerun recomputes the
+  finished latents from the LLM cache (no new call) and adds no row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+TABLES = ("explanations", "explanation_scores", "llm_calls", "prompts")
+Tables = dict[str, list[dict[str, Any]]]
+
+
+def empty_tables() -> Tables:
+    return {t: [] for t in TABLES}
+
+
+class RowSink:
+    """Batches rows of finished latents and writes them with :meth:`_write` (here: nowhere)."""
+
+    def __init__(self, flush_s: float = 2.0, flush_latents: int = 50):
+        self.flush_s = float(flush_s)
+        self.flush_latents = int(flush_latents)
+        self._pending: Tables = empty_tables()
+        self._pending_latents: list[int] = []
+        self._last = time.monotonic()
+        self.n_flushes = 0
+
+    # -- resume
+
+    def finished(self) -> tuple[set[int], Tables]:
+        """Latents finished by an earlier, interrupted run, and their rows (none here)."""
+        return set(), empty_tables()
+
+    # -- writing
+
+    def add(self, tables: Tables, latent: int | None = None) -> None:
+        """Rows to write; ``latent``: the latent these rows finish (None: rows of no single latent)."""
+        for table, rows in tables.items():
+            if rows:
+                self._pending.setdefault(table, []).extend(rows)
+        if latent is not None:
+            self._pending_latents.append(int(latent))
+        if len(self._pending_latents) >= self.flush_latents or time.monotonic() - self._last >= self.flush_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what is pending (one batch)."""
+        self._last = time.monotonic()
+        if not any(self._pending.values()) and not self._pending_latents:
+            return
+        tables, latents = self._pending, self._pending_latents
+        self._pending, self._pending_latents = empty_tables(), []
+        self._write(tables, latents)
+        self.n_flushes += 1
+
+    def _write(self, tables: Tables, latents: list[int]) -> None:
+        """Persist one batch (subclasses)."""
+
+
+class WorkDirJournal(RowSink):
+    """Part files ``part-NNNNNN.json`` in a folder that survives a killed stage."""
+
+    def __init__(self, folder: Path, flush_s: float = 2.0, flush_latents: int = 50):
+        super().__init__(flush_s, flush_latents)
+        self.folder = Path(folder)
+
+    def _parts(self) -> list[Path]:
+        return sorted(self.folder.glob("part-*.json")) if self.folder.is_dir() else []
+
+    def finished(self) -> tuple[set[int], Tables]:
+        done: set[int] = set()
+        tables = empty_tables()
+        for part in self._parts():
+            try:
+                data = json.loads(part.read_text())
+            except (OSError, ValueError):  # a torn part cannot exist (atomic rename); skip anything odd
+                continue
+            done.update(int(x) for x in data.get("latents", []))
+            for table, rows in (data.get("tables") or {}).items():
+                tables.setdefault(table, []).extend(rows)
+        return done, tables
+
+    def _write(self, tables: Tables, latents: list[int]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        parts = self._parts()
+        number = int(parts[-1].stem.split("-")[1]) + 1 if parts else 1
+        target = self.folder / f"part-{number:06d}.json"
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"latents": latents, "tables": tables}, default=str))
+        os.replace(tmp, target)
+
+
+class RegistrySink(RowSink):
+    """Each batch is one registry transaction; counts the rows that were new."""
+
+    def __init__(self, registry: Any, flush_s: float = 2.0, flush_latents: int = 50):
+        super().__init__(flush_s, flush_latents)
+        self.registry = registry
+        self.new_rows: dict[str, int] = dict.fromkeys(TABLES, 0)
+
+    def _write(self, tables: Tables, latents: list[int]) -> None:
+        from medsae.interp.runs import insert_results
+
+        for table, n in insert_results(self.registry, tables).items():
+            self.new_rows[table] = self.new_rows.get(table, 0) + n

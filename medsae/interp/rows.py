@@ -1,0 +1,189 @@
+"""Registry rows of the agent: explanations (and baselines) and their scores, content-addressed.
+
+An explanation's id hashes (latent, SAE key, explainer model, API base, template hash, explainer
+params, example set, request hash); a score's id hashes (explanation id, method, the scorer's
+identity, the example set, the scorer's request hashes, bootstrap and permutation counts). So a
+rerun yields the same ids (inserted with INSERT OR IGNORE: nothing new), and a new explainer or
+scorer adds rows beside the old ones.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import numpy as np
+
+from medsae.interp import scoring
+from medsae.interp.sampling import sha256_json
+
+EXPLANATION, SHUFFLED, BEST_ATTRIBUTE = "explanation", "shuffled", "best_attribute"
+_LETTER = re.compile(r"\b([A-E])\b")
+
+
+def as_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def explanation_row(
+    *,
+    latent: int,
+    sae_key: str,
+    summarize_key: str,
+    model: str,
+    api_base: str | None,
+    template_hash: str,
+    settings: dict[str, Any],
+    set_id: str,
+    request_hash: str,
+    text: str | None,
+    status: str,
+    n_examples: int,
+) -> dict[str, Any]:
+    """One LLM explanation (any status: ok, too_long, repetitive, parse_failed)."""
+    ident = {
+        "latent": latent,
+        "sae_key": sae_key,
+        "explainer_model": model,
+        "api_base": api_base,
+        "template_hash": template_hash,
+        "params": settings,
+        "example_set_id": set_id,
+        "candidate": 0,
+        "request_hash": request_hash,  # everything the request held, incl. the examples shown
+    }
+    return {
+        "explanation_id": sha256_json(ident),
+        "stage_key": summarize_key,
+        "sae_key": sae_key,
+        "latent": latent,
+        "explainer_model": model,
+        "template_hash": template_hash,
+        "params_json": as_json(settings | {"api_base": api_base}),
+        "example_set_id": set_id,
+        "text": text,
+        "status": status,
+        "kind": EXPLANATION,
+        "request_hash": request_hash,
+        "n_examples": n_examples,
+    }
+
+
+def shuffled_row(latent: int, donor_row: dict, donor: int, sae_key: str, summarize_key: str) -> dict:
+    """The shuffled baseline: latent ``latent`` simulated with latent ``donor``'s explanation."""
+    ident = {"kind": SHUFFLED, "latent": latent, "sae_key": sae_key, "donor": donor_row["explanation_id"]}
+    return {
+        "explanation_id": sha256_json(ident),
+        "stage_key": summarize_key,
+        "sae_key": sae_key,
+        "latent": latent,
+        "explainer_model": donor_row["explainer_model"],
+        "template_hash": donor_row["template_hash"],
+        "params_json": as_json({"donor_latent": donor, "donor_explanation_id": donor_row["explanation_id"]}),
+        "example_set_id": donor_row["example_set_id"],
+        "text": donor_row["text"],
+        "status": "baseline",
+        "kind": SHUFFLED,
+        "request_hash": donor_row["request_hash"],
+        "n_examples": None,
+    }
+
+
+def best_attribute_row(latent: int, term_key: str, r_explain: Any, set_id: str, sae_key: str, summarize_key: str):
+    """The best single attribute, applied as a rule (no LLM)."""
+    from medsae.interp.baselines import RULE_MODEL, RULE_TEMPLATE
+
+    ident = {
+        "kind": BEST_ATTRIBUTE,
+        "latent": latent,
+        "sae_key": sae_key,
+        "term": term_key,
+        "example_set_id": set_id,
+    }
+    return {
+        "explanation_id": sha256_json(ident),
+        "stage_key": summarize_key,
+        "sae_key": sae_key,
+        "latent": latent,
+        "explainer_model": RULE_MODEL,
+        "template_hash": RULE_TEMPLATE,
+        "params_json": as_json({"term": term_key, "r_explain": r_explain}),
+        "example_set_id": set_id,
+        "text": term_key,
+        "status": "baseline",
+        "kind": BEST_ATTRIBUTE,
+        "request_hash": None,
+        "n_examples": None,
+    }
+
+
+def score_row(
+    expl_id: str,
+    set_id: str,
+    score: scoring.Score,
+    scorer: dict,
+    params: dict,
+    extra: dict | None = None,
+    requests: str = "",
+    n_repaired: int | None = None,
+    degenerate: bool | None = None,
+) -> dict:
+    """One row of ``explanation_scores``."""
+    ident = {
+        "requests": requests,  # digest of the scorer's request hashes (empty for rule scores)
+        "explanation_id": expl_id,
+        "method": score.method,
+        "scorer": scorer,
+        "example_set_id": set_id,
+        "bootstrap": int(params["bootstrap"]),
+        "permutations": int(params["permutations"]),
+    }
+    extra = score.extra | (extra or {})
+    return {
+        "score_id": sha256_json(ident),
+        "explanation_id": expl_id,
+        "method": score.method,
+        "scorer_model": scorer["model"],
+        "scorer_mode": scorer["mode"],
+        "example_set_id": set_id,
+        "value": score.value,
+        "n": score.n,
+        "n_missing": score.n_missing,
+        "chance": score.chance,
+        "ci_low": score.ci_low,
+        "ci_high": score.ci_high,
+        "p_value": score.p_value,
+        "extra_json": as_json(extra) if extra else None,
+        "n_repaired": n_repaired,
+        "degenerate": degenerate,
+    }
+
+
+def parse_ranking(text: str | None) -> list[str] | None:
+    """The five letters A-E in ranked order: the first line naming each exactly once (text before or
+    after it, e.g. a justification, is ignored), else the whole answer if it does; otherwise None."""
+    lines = (text or "").upper().splitlines()
+    for chunk in [*lines, " ".join(lines)]:
+        found = _LETTER.findall(chunk)
+        if len(found) == 5 and len(set(found)) == 5:
+            return found
+    return None
+
+
+def ranking_score(text: str | None, truth: str, distractors: list[int]) -> scoring.Score:
+    """The study's score: 1 when the true explanation is ranked first or second of five."""
+    ranking = parse_ranking(text) or []
+    ok = len(ranking) == 5
+    rank = ranking.index(truth) + 1 if ok else None
+    return scoring.Score(
+        "ranking_top2",
+        None if rank is None else float(rank <= 2),
+        1 if ok else 0,
+        0 if ok else 1,
+        extra={"rank": rank, "distractors": distractors} | ({} if ok else {"reason": "parse_failed"}),
+    )
+
+
+def finite_or_none(values: list[float | None]) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in values], dtype=float)
