@@ -9,7 +9,7 @@ splits by scan (70 / 15 / 15 %). Each part runs the library functions the evalua
 
 Extrapolation: every part is timed at two sizes and fitted as ``t = a + b · n_eval`` (``n_eval`` =
 rows of the evaluated splits, val + test); the study's val + test is >= 230,585 of 909,873 slices
-(study-method.md §1.6; val >= 137,700, test >= 92,885). Probe and recovery *fits* use fixed
+(docs/method.md#dataset-size; val >= 137,700, test >= 92,885). Probe and recovery *fits* use fixed
 sub-samples (10,000 / 5,000 train rows) and so cost the same at any dataset size; their scoring,
 monosemanticity and retrieval grow with the evaluated rows.
 """
@@ -28,9 +28,9 @@ import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medsae.eval import metrics as M  # noqa: E402
-from medsae.eval import mono, probes, recovery, retrieval  # noqa: E402
-from medsae.eval.logreg import fit_binary  # noqa: E402
+from medsae.eval import metrics as M
+from medsae.eval import mono, probes, recovery, retrieval
+from medsae.eval.logreg import fit_binary
 
 FULL_SLICES = 909_873
 FULL_EVAL = 137_700 + 92_885  # val + test lower bounds

@@ -8,7 +8,7 @@ Cases (each run in a fresh process so peak memory is that run's own):
 * ``demo``: the demo phantom (12 subjects, 64 x 64 x 80 CT, output size 64), 1 and 2 workers;
 * ``study-ct``: CT volumes of 256 x 256 x 200 voxels with 10 masks each, every slice kept (no
   anatomy filter) as the study's script did; compared with the study's 8.8 slices/s per process
-  (study-method.md; its script on this kind of machine, 76 % of the time encoding 1024² PNGs);
+  (docs/method.md#throughput; its script on this kind of machine, 76 % of the time encoding 1024² PNGs);
 * ``render``: rendering those CT slices on demand (what the embed stage reads) at 224² and 1024².
 
 Peak memory = max RSS of the ingest process plus the largest worker (``ru_maxrss``).

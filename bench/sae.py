@@ -37,9 +37,9 @@ import torch
 
 os.environ.setdefault("MEDSAE_QUIET", "1")
 
-from medsae.sae.config import SAESpec  # noqa: E402
-from medsae.sae.data import ArrayStore, TrainData  # noqa: E402
-from medsae.sae.train import TrainJob, compute_dtype, resolve_device, train_many  # noqa: E402
+from medsae.sae.config import SAESpec
+from medsae.sae.data import ArrayStore, TrainData
+from medsae.sae.train import TrainJob, compute_dtype, resolve_device, train_many
 
 
 def _sync(device: torch.device) -> None:

@@ -7,7 +7,7 @@ Importing the package is cheap: submodules (torch, duckdb, litellm, ...) load on
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):  # noqa: ANN202 - lazy attributes keep `import medsae` fast
+def __getattr__(name: str):  # lazy attributes keep `import medsae` fast
     """``medsae.open(registry)``: the Python API (:mod:`medsae.api`), imported on first use."""
     if name == "open":
         from medsae.api import open as open_registry

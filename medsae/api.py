@@ -9,8 +9,8 @@
 
 Everything is read-only: tables come from read-only DuckDB connections (each call opens and closes
 one, so a running ``medsae exp run`` can still write), files from the stage folders the registry
-names. Experiments are found the way the CLI finds them (:func:`medsae.plan.find_experiment`,
-:func:`medsae.plan.experiment_stage_dirs`): a name means its latest registration.
+names. Experiments are found the way the CLI finds them (:func:`medsae.registry.queries.find_experiment`):
+a name means its latest registration, ``NAME@HASH`` one registration.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     import torch
 
     from medsae.embed.store import EmbeddingStore
+    from medsae.sae.checkpoint import FeatureDensity
 
 
 def _arrow(con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] | None = None) -> pa.Table:
@@ -92,20 +93,18 @@ class Project:
         )
 
     def experiment(self, name: str) -> Experiment:
-        """The experiment ``name`` (its latest registration); one-line error if unknown."""
-        from medsae.plan import experiment_stage_dirs, find_experiment
+        """The experiment ``name`` (its latest registration) or ``NAME@HASH``; one-line error if unknown."""
+        from medsae.registry import queries
 
-        row = find_experiment(self.registry, name)
-        keys = self.registry.query(
-            "SELECT kind, stage_key FROM experiment_stages WHERE experiment_id = ?", [row["experiment_id"]]
-        )
+        row = queries.find_experiment(self.registry, name)
+        stages = queries.experiment_stages(self.registry, row["experiment_id"])
         return Experiment(
             project=self,
             name=row["name"],
             experiment_id=row["experiment_id"],
             spec=json.loads(row["spec_json"]),
-            stage_keys={r["kind"]: r["stage_key"] for r in keys},
-            stage_dirs=experiment_stage_dirs(self.registry, name),
+            stage_keys={r["kind"]: r["stage_key"] for r in stages},
+            stage_dirs={r["kind"]: r["folder"] for r in stages if r["folder"] is not None},
         )
 
 
@@ -264,9 +263,103 @@ class Experiment:
         return written
 
 
-def open(registry: str | Path | None = None) -> Project:  # noqa: A001 - the public name is medsae.open
+# -- SAELens export of a registered experiment ------------------------------------------------------
+#
+# Here, not in medsae.sae: it reads the registry, the evaluation's firing rule and the report's
+# metric definitions, which the sae package (a layer below them) must not import.
+
+
+def _existing(dirs: dict[str, Path], kind: str, experiment: str, registry: Registry) -> Path:
+    what = "trained SAE" if kind == "train" else f"'{kind}' stage"
+    if kind not in dirs:
+        raise MedsaeError(f"{registry.path}: no {what} for experiment '{experiment}' (run `medsae exp run` first)")
+    if not dirs[kind].is_dir():
+        raise MissingInputError(f"{dirs[kind]}: {kind} folder of '{experiment}' is missing")
+    return dirs[kind]
+
+
+def train_density(encode_dir: Path, slices_dir: Path, experiment: str, split: str = "train") -> FeatureDensity:
+    """Firing frequency of each latent on one split of the experiment's slices (from the encode stage's codes)."""
+    import numpy as np
+
+    from medsae.eval.metrics import latent_frequencies  # the evaluation's own firing rule
+    from medsae.sae.checkpoint import FeatureDensity
+    from medsae.sae.codes import load_codes
+
+    codes, slice_ids = load_codes(encode_dir)
+    path = slices_dir / "slices.parquet"
+    if not path.is_file():
+        raise MissingInputError(f"{path}: slice table not found")
+    splits = pd.read_parquet(path, columns=["slice_id", "split"]).set_index("slice_id")["split"]
+    rows = np.flatnonzero(splits.reindex(slice_ids).to_numpy() == split)
+    if rows.size == 0:
+        raise MedsaeError(f"{encode_dir}: no '{split}' slices among the codes of '{experiment}'")
+    return FeatureDensity(
+        latent_frequencies(codes[rows]), int(rows.size), f"the {split} split of experiment '{experiment}'"
+    )
+
+
+def _embedding_facts(spec_json: str | None) -> tuple[str | None, str | None]:
+    """``(backbone id, "source, pooling, input size")`` from an experiment's resolved spec."""
+    try:
+        embed = json.loads(spec_json or "{}").get("embed") or {}
+    except json.JSONDecodeError:
+        return None, None
+    parts = [
+        str(embed["source"]) if embed.get("source") not in (None, embed.get("model")) else None,
+        f"{embed['pooling']} pooling" if embed.get("pooling") else None,
+        f"{embed['input_size']} px input" if embed.get("input_size") else None,
+    ]
+    return embed.get("model"), ", ".join(p for p in parts if p) or None
+
+
+def _card_metrics(registry: Registry, experiment_id: str) -> tuple[tuple[str, str, str, float], ...]:
+    """The train and evaluate stages' reconstruction and dead-latent rows, with their definitions."""
+    from medsae.registry import queries
+    from medsae.report.names import CARD_METRICS, SPLIT_ORDER, metric_definition
+
+    values: dict[tuple[str, str], list[float]] = {}
+    for m in queries.scalar_metrics(registry, experiment_id):
+        if m["metric"] in CARD_METRICS and m["value"] is not None:
+            values.setdefault((m["metric"], m["split"]), []).append(m["value"])
+    order = {s: i for i, s in enumerate(SPLIT_ORDER)}
+    keys = sorted(values, key=lambda k: (CARD_METRICS.index(k[0]), order.get(k[1], len(order)), k[1] or ""))
+    return tuple(
+        (name, split, metric_definition(name), sum(values[name, split]) / len(values[name, split]))
+        for name, split in keys
+    )
+
+
+def export_experiment_saelens(
+    experiment: str, out_dir: str | Path, registry_path: str | Path | None = None, l2: str = "rescale"
+) -> Path:
+    """:func:`medsae.sae.checkpoint.export_saelens` of a registered experiment (NAME or NAME@HASH),
+    with its train-split feature density and a model card naming its embeddings and metrics."""
+    from medsae.registry import queries
+    from medsae.sae.checkpoint import L2_EXPORTS, CardFacts, export_saelens
+
+    if l2 not in L2_EXPORTS:
+        raise MedsaeError(f"--l2: expected one of {', '.join(L2_EXPORTS)}, got '{l2}'")
+    registry = Registry(registry_path)
+    row = queries.find_experiment(registry, experiment)
+    dirs = queries.stage_folders(registry, row["experiment_id"])
+    train_dir = _existing(dirs, "train", experiment, registry)
+    density = train_density(
+        _existing(dirs, "encode", experiment, registry), _existing(dirs, "slices", experiment, registry), experiment
+    )
+    model, embedding = _embedding_facts(row.get("spec_json"))
+    facts = CardFacts(
+        experiment=row["name"],
+        embedding_model=model,
+        embedding=embedding,
+        metrics=_card_metrics(registry, row["experiment_id"]),
+    )
+    return export_saelens(train_dir, out_dir, density=density, l2=l2, facts=facts)
+
+
+def open(registry: str | Path | None = None) -> Project:  # shadows the builtin: the public name is medsae.open
     """Open a registry for reading: ``registry`` path, else ``$MEDSAE_REGISTRY``, else ``./registry.duckdb``."""
     return Project(registry)
 
 
-__all__ = ["Codes", "Experiment", "Project", "open"]
+__all__ = ["Codes", "Experiment", "Project", "export_experiment_saelens", "open", "train_density"]

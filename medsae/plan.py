@@ -4,9 +4,11 @@ Every stage of an experiment gets a key::
 
     key = sha256(canonical_json({kind, code_version, params, seed, upstream: {kind: key}, inputs}))
 
-where ``params`` is the stage's spec section without execution-only fields and ``inputs`` names
-external content (the dataset manifest). A stage is *done* when the registry has its row and its
-artifact folder exists. Running a stage:
+where ``params`` is the stage's spec section without execution-only fields (and the fields its
+row of :data:`medsae.stages.STAGE_TABLE` excludes) and ``inputs`` names external content (the
+dataset manifest). The stage kinds, what each reads and which function builds it are the rows of
+that table; the planner names no stage itself. A stage is *done* when the registry has its row and
+its artifact folder exists. Running a stage:
 
 1. the stage function writes into ``artifacts/<kind>/.tmp/<key>/`` (resumable state lives in
    ``artifacts/<kind>/.work/<key>/`` and survives a killed run);
@@ -51,6 +53,7 @@ from medsae.errors import MedsaeError, MissingInputError
 from medsae.paths import resolve_stored, to_stored
 from medsae.registry import Registry, insert_rows
 from medsae.registry.db import rows_to_arrow
+from medsae.registry.queries import experiment_stage_dirs, find_experiment  # re-exported (moved)
 from medsae.spec import ExperimentSpec, canonical_json, sha256_text
 from medsae.specbase import Section
 from medsae.stage import (
@@ -628,25 +631,6 @@ def _stage_locks(
 
             stack.enter_context(exclusive(node.lock_path, f"stage {node.kind} {node.key[:12]}", waiting))
         yield
-
-
-def find_experiment(registry: Registry, name: str) -> dict[str, Any]:
-    """The latest registered experiment with this name; raises a one-line error if unknown."""
-    rows = registry.query("SELECT * FROM experiments WHERE name = ? ORDER BY created_at DESC LIMIT 1", [name])
-    if not rows:
-        raise MedsaeError(f"{registry.path}: no experiment named '{name}' (see `medsae exp list`)")
-    return rows[0]
-
-
-def experiment_stage_dirs(registry: Registry, name: str) -> dict[str, Path]:
-    """kind -> artifact folder of the completed stages of the named experiment."""
-    exp = find_experiment(registry, name)
-    rows = registry.query(
-        """SELECT es.kind, s.artifact_dir FROM experiment_stages es
-           JOIN stages s ON s.stage_key = es.stage_key WHERE es.experiment_id = ?""",
-        [exp["experiment_id"]],
-    )
-    return {r["kind"]: resolve_stored(r["artifact_dir"], registry.path) for r in rows if r["artifact_dir"]}
 
 
 __all__ = [

@@ -163,7 +163,7 @@ def track(
 ) -> Iterator[T]:
     """Yield from ``iterable`` while showing progress (rate and ETA)."""
     if total is None and hasattr(iterable, "__len__"):
-        total = len(iterable)  # type: ignore[arg-type]
+        total = len(iterable)
     if quiet or is_quiet():
         yield from iterable
         return

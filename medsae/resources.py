@@ -13,9 +13,6 @@ from pathlib import Path
 
 from medsae.errors import MissingInputError
 
-#: Folders shipped as package data (build-time copies of the repository's top-level folders).
-PACKAGED = ("prompts", "experiments")
-
 
 def _folder(name: str) -> Path:
     """The packaged copy of ``name`` if the install has one, else the repository's top-level folder."""

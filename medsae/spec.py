@@ -32,11 +32,13 @@ expansions beyond :data:`MAX_NODES` nodes; every such problem is one ``file: mes
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import itertools
 import json
 import math
 import stat
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -167,13 +169,32 @@ def _printable(text: str, limit: int = 200) -> str:
     return out if len(out) <= limit else out[: limit - 1] + "…"
 
 
+def _section_fields(loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the spec section at ``loc`` (e.g. ``("sae",)`` -> SAESpec's fields); [] if unknown."""
+    model: Any = ExperimentSpec
+    for part in loc:
+        field = model.model_fields.get(str(part)) if isinstance(model, type) else None
+        if field is None:
+            return []
+        sections = [t for t in (field.annotation, *typing.get_args(field.annotation)) if isinstance(t, type)]
+        model = next((t for t in sections if issubclass(t, Section)), None)
+    return list(model.model_fields) if isinstance(model, type) else []
+
+
+def _unknown_key(loc: tuple[Any, ...]) -> str:
+    """``unknown key``, with the closest field name of its section when one is close."""
+    close = difflib.get_close_matches(str(loc[-1]), _section_fields(loc[:-1]), n=1, cutoff=0.6) if loc else []
+    return f"unknown key (did you mean '{close[0]}'?)" if close else "unknown key"
+
+
 def _format_error(source: str, err: ValidationError) -> str:
+    """Every problem of ``err``, one ``file:field: message`` line each."""
     lines = []
     for e in err.errors():
         loc = ".".join(_printable(str(p), 60) for p in e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = _unknown_key(tuple(e["loc"]))
         elif e["type"] == "missing":
             msg = "required field is missing"
         elif e["type"] == "value_error":
@@ -310,7 +331,7 @@ def _check_expansion(raw: Any, source: str) -> int:
 def load_yaml(text: str, source: str = "<spec>") -> Any:
     """Parse spec text with :class:`_SpecLoader`; every problem is one SpecError line."""
     try:
-        raw = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader subclass
+        raw = yaml.load(text, Loader=_SpecLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise _yaml_error(source, exc) from None
     except RecursionError:  # e.g. a long chain of merge keys
@@ -501,7 +522,8 @@ def _mark_overrides(message: str, overrides: list[str] | tuple[str, ...]) -> str
     lines = []
     for line in message.splitlines():
         hit = next((f for f in fields if f":{f}:" in line or f":{f}." in line), None)
-        lines.append(f"{line} (from --set {hit})" if hit else line)
+        message, sep, hint = line.partition(" (did you mean ")  # the marker goes before a did-you-mean hint
+        lines.append(f"{message} (from --set {hit})" + sep + hint if hit else line)
     return "\n".join(lines)
 
 

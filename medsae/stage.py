@@ -103,9 +103,6 @@ class StageResult:
     device: str | None = None
 
 
-StageFn = Callable[[StageContext], StageResult]
-
-
 def as_section(cls: type[S], value: S | Mapping[str, Any]) -> S:
     """``value`` as the spec section ``cls``: a section passes through, plain data is validated.
 

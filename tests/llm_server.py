@@ -35,8 +35,6 @@ import pytest
 Body = dict | str | bytes
 Handler = Callable[[dict], tuple]  # -> (status, body) or (status, body, headers)
 
-INT_TOKENS = [str(k) for k in range(11)]  # "0".."10"
-
 
 # --------------------------------------------------------------------------- response builders
 
@@ -361,7 +359,7 @@ class ScriptedLLMServer:
             def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
                 pass
 
-            def do_POST(self) -> None:  # noqa: N802 (http.server naming)
+            def do_POST(self) -> None:  # http.server's naming
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length)
                 answer = server._answer(self.path, raw, self.headers.get("Authorization", ""))

@@ -121,7 +121,7 @@ def test_readme_example_runs_and_matches_independent_reads(project, monkeypatch,
     monkeypatch.delenv("MEDSAE_REGISTRY", raising=False)
     before = sha256(registry)
     ns: dict = {}
-    exec(compile(readme_example(), "README.md:python-api", "exec"), ns)  # noqa: S102 - the documented example
+    exec(compile(readme_example(), "README.md:python-api", "exec"), ns)  # the documented example
     printed = capsys.readouterr().out
     assert "demo" in printed
     assert sha256(registry) == before, "the API must never write the registry"

@@ -358,3 +358,34 @@ def test_killed_ingest_resumes_to_the_same_index(dataset, tmp_path):
     pd.testing.assert_frame_equal(load_slices(out), load_slices(clean))
     pd.testing.assert_frame_equal(load_structures(out), load_structures(clean))
     assert not (tmp_path / ".work" / "killed").exists()
+
+
+def test_ingest_builds_the_slices_stage_an_experiment_plans(dataset, tmp_path, monkeypatch):
+    """`medsae data ingest` is the planner's slices stage: the key, folder and rows an `exp run` of a spec
+    with the same data settings uses, so that run finds the stage done; options left out are the spec's defaults."""
+    from typer.testing import CliRunner
+
+    from medsae.cli.data import app, ingest
+    from medsae.plan import plan_experiment, run_plans
+    from medsae.registry import Registry
+    from medsae.spec import parse_specs
+
+    monkeypatch.chdir(tmp_path)
+    registry = tmp_path / "r.duckdb"
+    result = CliRunner().invoke(app, ["ingest", str(dataset), "--size", "32", "--registry", str(registry)])
+    assert result.exit_code == 0, result.output
+    plan = plan_experiment(
+        parse_specs({"name": "same", "data": {"root": str(dataset), "size": 32}})[0], only={"slices"}
+    )
+    node = plan.nodes["slices"]
+    assert node.final_dir == tmp_path / "artifacts" / "slices" / node.key and (node.final_dir / "render.json").is_file()
+    assert f"ingest {Path('artifacts') / 'slices' / node.key}" in result.output.replace(str(tmp_path) + "/", "")
+    reg = Registry(registry)
+    rows = reg.query("SELECT stage_key, kind, status FROM stages")
+    assert rows == [{"stage_key": node.key, "kind": "slices", "status": "done"}]
+    n_rows = reg.query("SELECT count(*) AS n FROM slices WHERE slices_key = ?", [node.key])[0]["n"]
+    assert n_rows == len(load_slices(node.final_dir)) > 0
+    assert [(o.kind, o.action) for o in run_plans([plan], reg, only={"slices"}, quiet=True)] == [("slices", "done")]
+    again = ingest(dataset, {"root": str(dataset), "size": 32}, None, registry)
+    assert again["already_done"] and again["key"] == node.key and again["slices"] == n_rows
+    assert reg.query("SELECT count(*) AS n FROM slices")[0]["n"] == n_rows  # reused, not inserted twice

@@ -10,7 +10,7 @@ from medsae.data.intensity import CT_WINDOWS, ct_map, ct_window, mri_map
 from medsae.data.slicing import crop_bounds, mask_to_grid, planes_of, resample_axes, take_slices, to_display
 from medsae.data.volume import SliceOptions, prepare
 
-# the study's Appendix A, typed in independently of medsae.data.intensity
+# the study's CT window table (docs/method.md#ct-windows), typed in independently of medsae.data.intensity
 APPENDIX_A = """
 ct thorax-abdomen-pelvis -100 1400|ct neck-thorax-abdomen-pelvis -100 1400|ct abdomen-pelvis 50 1000
 ct thorax-neck -200 1400|ct polytrauma -50 1400|ct thorax-abdomen -100 1400|ct whole body -50 1400

@@ -229,7 +229,7 @@ def test_sigkill_mid_run_resumes_at_the_next_shard_byte_identically(tmp_path):
     assert resumed.returncode == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["resumed_shards"] == n_before and summary["shards"] == 6
-    ref_out, ref_err = reference.communicate(timeout=300)
+    _, ref_err = reference.communicate(timeout=300)
     assert reference.returncode == 0, ref_err
 
     ref_manifest = json.loads((tmp_path / "reference" / "manifest.json").read_text())

@@ -19,8 +19,9 @@ import torch
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
+from medsae.api import export_experiment_saelens
 from medsae.errors import MedsaeError
-from medsae.sae.checkpoint import export_experiment_saelens, export_saelens, load_sae, save_sae
+from medsae.sae.checkpoint import export_saelens, load_sae, save_sae
 from medsae.sae.config import SAESpec
 from medsae.sae.data import ArrayStore, TrainData
 from medsae.sae.train import TrainJob, train_many

@@ -180,6 +180,14 @@ def test_every_failure_is_a_recorded_row_and_the_rerun_makes_no_call(tmp_path, l
     shuffled = [r["value"] for r in pearson if r["kind"] == "shuffled"]
     assert min(real) > 0.3 and sum(real) / len(real) - sum(shuffled) / len(shuffled) > 0.5
 
+    # the look-alike digits reached the simulator (a logprob_ev batch) and were read, not crashed on
+    odd_request = next(req for name, req in script.served if name == "odd_digit_logprobs")
+    assert odd_request["logprobs"] is True and "Task: simulate" in odd_request["messages"][0]["content"]
+    answers = [json.loads(r["response_json"]) for r in registry.query("SELECT response_json FROM llm_calls")
+               if r["response_json"]]  # fmt: skip
+    alternatives = {alt for a in answers for _, _, top in a["logprobs"] or [] for alt, _ in top}
+    assert {"³", "٣", "３"} <= alternatives
+
     # the run ends with the summary line, with the counts recorded above
     line = re.search(r"latents done .*", res.output).group(0)
     assert line.startswith(

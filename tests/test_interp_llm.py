@@ -270,7 +270,7 @@ def test_user_errors_raise_one_line(tmp_path, llm_server, monkeypatch):
     assert llm_server.n_requests == 1
 
     with pytest.raises(MedsaeError, match="unknown mode"):
-        LLMGateway(tmp_path, mode="offline")  # type: ignore[arg-type]
+        LLMGateway(tmp_path, mode="offline")
 
 
 def test_int_logprobs_builder_marks_only_integer_tokens():

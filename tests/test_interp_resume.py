@@ -78,7 +78,7 @@ def test_killed_explain_run_resumes_with_the_same_rows(tmp_path, llm_server):
     puzzle_experiment(tmp_path / "artifacts", registry, PARAMS)
     reference = Registry(tmp_path / "reference.duckdb")
     shutil.copy(registry.path, reference.path)
-    llm_server.set_handler(baseline_handler(), latency_s=0.1)
+    llm_server.set_handler(baseline_handler())
     url = llm_server.url
     args = ["run", "puzzles", "--model", "openai/test-explainer", "--api-base", url, "--scorer",
             "openai/test-scorer", "--scorer-api-base", url, "--concurrency", "2"]  # fmt: skip
@@ -93,7 +93,8 @@ def test_killed_explain_run_resumes_with_the_same_rows(tmp_path, llm_server):
     reference_bodies = _bodies(llm_server)
     llm_server.reset()
 
-    # the same command, killed once some latents are finished
+    # the same command, killed once some latents are finished (a slower server leaves time for that)
+    llm_server.set_handler(baseline_handler(), latency_s=0.25)
     env["MEDSAE_LLM_CACHE"] = str(tmp_path / "llm_cache")
     child = subprocess.Popen(
         [sys.executable, "-m", "medsae.cli.main", "explain", *args, "--registry", str(registry.path)],
@@ -122,6 +123,7 @@ def test_killed_explain_run_resumes_with_the_same_rows(tmp_path, llm_server):
     assert 2 <= len(finished) < 8
     killed_bodies = _bodies(llm_server)
     llm_server.reset()
+    llm_server.set_handler(baseline_handler(), latency_s=0.0)
 
     res = runner.invoke(
         app, [*args, "--registry", str(registry.path)], env={"MEDSAE_LLM_CACHE": env["MEDSAE_LLM_CACHE"]}

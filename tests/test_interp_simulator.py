@@ -25,8 +25,8 @@ from medsae.interp.simulator import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
-from llm_server import (  # noqa: E402
-    llm_server_fixture,  # noqa: E402,F401
+from llm_server import (
+    llm_server_fixture,  # noqa: F401
     logprob_handler,
     peaked,
     text_handler,

@@ -21,8 +21,8 @@ from medsae.interp.stage import summarize, write_summary
 
 sys.path.insert(0, str(Path(__file__).parent))
 from llm_server import (
-    llm_server_fixture,  # noqa: E402,F401
-    text_handler,  # noqa: E402
+    llm_server_fixture,  # noqa: F401
+    text_handler,
 )
 
 

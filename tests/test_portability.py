@@ -41,7 +41,7 @@ def micro_spec() -> dict:
     return spec
 
 
-def cli(*args: str, ok: bool = True, input: str | None = None):  # noqa: A002
+def cli(*args: str, ok: bool = True, input: str | None = None):
     """Run `medsae ARGS` (the real Typer app) in this process; fail the test on a non-zero exit if ``ok``."""
     result = CliRunner().invoke(app, list(args), input=input)
     if ok and result.exit_code != 0:

@@ -165,7 +165,9 @@ def test_compare_cli_prints_sql_and_table(registry):
     runner = CliRunner()
     result = runner.invoke(app, ["compare", "A", "B", "--registry", str(reg.path)], env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
-    assert "WITH wanted(name, ord)" in result.output and "FVU" in result.output
+    assert "FVU" in result.output and "--show-sql" in result.output  # the table says how to get its SQL
+    result = runner.invoke(app, ["compare", "A", "B", "--registry", str(reg.path), "--show-sql"])
+    assert result.exit_code == 0 and result.output.startswith("WITH wanted(name, ord)")
     result = runner.invoke(app, ["compare", "A", "B", "--registry", str(reg.path), "--format", "json"])
     payload = json.loads(result.output)
     assert [r["experiment"] for r in payload["rows"]] == ["A", "B"]

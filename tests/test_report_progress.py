@@ -15,7 +15,8 @@ def loud(monkeypatch):
     monkeypatch.setenv("MEDSAE_PROGRESS_INTERVAL", "0")
 
 
-def test_plain_lines_with_rate_and_eta(loud, monkeypatch, capsys):
+@pytest.mark.usefixtures("loud")
+def test_plain_lines_with_rate_and_eta(monkeypatch, capsys):
     monkeypatch.setenv("MEDSAE_PROGRESS", "plain")
     items = list(progress.track(range(5), description="encode", unit="slices"))
     assert items == [0, 1, 2, 3, 4]
@@ -36,7 +37,8 @@ def test_quiet_prints_nothing(monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_nested_rich_bars_share_one_display(loud, monkeypatch, capsys):
+@pytest.mark.usefixtures("loud")
+def test_nested_rich_bars_share_one_display(monkeypatch, capsys):
     monkeypatch.setenv("MEDSAE_PROGRESS", "rich")
     seen = []
     for i in progress.track(range(3), description="latents"):
@@ -48,7 +50,8 @@ def test_nested_rich_bars_share_one_display(loud, monkeypatch, capsys):
     assert "latents" in err and "3/3" in err
 
 
-def test_early_break_closes_the_display(loud, monkeypatch):
+@pytest.mark.usefixtures("loud")
+def test_early_break_closes_the_display(monkeypatch):
     monkeypatch.setenv("MEDSAE_PROGRESS", "rich")
     gen = progress.track(range(10), description="x")
     for i in gen:

@@ -21,7 +21,23 @@ def test_unknown_key_names_file_and_field(tmp_path):
     path = _write(tmp_path, {"name": "x", "data": {"root": "d", "strid": 2}})
     with pytest.raises(SpecError) as err:
         load_specs(path)
-    assert str(err.value) == f"{path}:data.strid: unknown key"
+    assert str(err.value) == f"{path}:data.strid: unknown key (did you mean 'stride'?)"
+
+
+def test_unknown_keys_are_all_listed_with_the_closest_field(tmp_path):
+    """Every problem is a line; a close field name of the same section is suggested, a far one is not."""
+    path = _write(
+        tmp_path,
+        {"name": "x", "data": {"root": "d"}, "sae": {"expanson": 4, "k": 0}, "embed": {"zzzz": 1}},
+    )
+    with pytest.raises(SpecError) as err:
+        load_specs(path)
+    lines = sorted(str(err.value).splitlines())
+    assert lines == [
+        f"{path}:embed.zzzz: unknown key",
+        f"{path}:sae.expanson: unknown key (did you mean 'expansion'?)",
+        f"{path}:sae.k: Input should be greater than or equal to 1",
+    ]
 
 
 def test_wrong_type_names_field(tmp_path):

@@ -41,7 +41,7 @@ def test_planner_cli_and_report_read_the_table():
 
     assert plan.STAGES == STAGES == build.STAGE_ORDER == tuple(d.kind for d in STAGE_TABLE)
     with pytest.raises(MedsaeError, match="unknown stage 'trian'") as err:
-        plan.run_plans([], None, force={"trian"})  # type: ignore[arg-type]  # rejected before any registry use
+        plan.run_plans([], None, force={"trian"})  # rejected before any registry use
     assert ", ".join(STAGES) in str(err.value)
 
 

@@ -23,7 +23,7 @@ def _parse_shape(text: str) -> tuple[int, int, int]:
         values = ()
     if len(values) != 3:
         raise SpecError(f"--shape: expected three integers like 64,64,80, got '{text}'")
-    return values  # type: ignore[return-value]
+    return values
 
 
 @app.command("phantom")
@@ -53,7 +53,7 @@ def _default(name: str) -> str:
 def ingest_command(
     root: Path = typer.Argument(..., help="TotalSegmentator folder (CT_Dataset_v201/ and/or MRI_Dataset_v200/)."),
     workers: int | None = typer.Option(
-        None, "--workers", "-w", help=f"Processes reading volumes [default: {_default('workers')}].", show_default=False
+        None, "--workers", "-w", help=f"Processes reading volumes (default {_default('workers')}).", show_default=False
     ),
     out: Path | None = typer.Option(
         None,
@@ -64,25 +64,24 @@ def ingest_command(
     size: int | None = typer.Option(
         None,
         "--size",
-        help=f"Side of the rendered slice images in pixels [default: {_default('size')}].",
+        help=f"Side of the rendered slice images in pixels (default {_default('size')}).",
         show_default=False,
     ),
     stride: int | None = typer.Option(
-        None, "--stride", help=f"Keep every stride-th slice [default: {_default('stride')}].", show_default=False
+        None, "--stride", help=f"Keep every stride-th slice (default {_default('stride')}).", show_default=False
     ),
     max_scans: int | None = typer.Option(None, "--max-scans", help="Read at most this many scans."),
     reorient: bool | None = typer.Option(
         None,
         "--reorient/--no-reorient",
-        help=f"Reorient volumes to RAS before slicing [default: {_default('reorient')}].",
+        help=f"Reorient volumes to RAS before slicing (default {_default('reorient')}).",
         show_default=False,
     ),
     registry: RegistryOption = None,
 ) -> None:
     """Index a dataset into slices and structure areas (the `slices` stage alone) and record it.
 
-    Options left out take the defaults of a spec's `data:` section, so the stage key (and folder)
-    is the one `medsae exp run` gives a spec with the same data settings: either reuses the other's.
+    Unset options take the `data:` section's defaults; `exp run` of a spec with the same data reuses the stage.
     """
     params = {"root": str(root), "workers": workers, "size": size, "stride": stride, "max_scans": max_scans,
               "reorient": reorient}  # fmt: skip

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
 
 from medsae.cli.common import RegistryOption, console, open_registry
+from medsae.registry import queries
 
 app = typer.Typer(help="Evaluation across experiments: configuration ranking, sweep plots.", no_args_is_help=True)
 
 
 @app.command()
 def rank(
-    experiments: list[str] = typer.Argument(None, help="Experiment names to rank (default: all evaluated)."),
+    experiments: list[str] = typer.Argument(
+        None, help="Experiment names to rank (default: all evaluated).", metavar="NAME..."
+    ),
     mono: str = typer.Option(
         "mono_config_top10",
         help="mono_config_top10 (study code) or monosemanticity_top50_mean (study's shipped ranking).",
@@ -29,7 +33,7 @@ def rank(
 
     if mono not in MONO_METRICS:
         raise MedsaeError(f"--mono must be one of {', '.join(MONO_METRICS)}")
-    rows = open_registry(registry).query(ranking_sql(experiments or None, split, mono, not together))
+    rows = queries.rows(open_registry(registry), ranking_sql(experiments or None, split, mono, not together))
     table = Table(title=f"configuration ranking ({split}, {mono})")
     for col in ("embed", "experiment", "mono", "mean N", "rank mono", "rank perf", "combined", "final"):
         table.add_column(col)
@@ -51,16 +55,32 @@ def rank(
 @app.command("plot-sweep")
 def plot_sweep(
     out: Path = typer.Option(Path("sweep.png"), "--out", "-o", help="PNG file to write."),
-    experiments: list[str] = typer.Argument(None, help="Experiment names (default: all evaluated)."),
+    experiments: list[str] = typer.Argument(
+        None, help="Experiment names (default: all evaluated).", metavar="NAME..."
+    ),
     split: str = typer.Option("val", help="Split whose metrics are plotted."),
     registry: RegistryOption = None,
 ) -> None:
     """FVU and the study's R² against L0, one point per experiment."""
-    from medsae.errors import MedsaeError
-    from medsae.eval.plots import plot_reconstruction_vs_l0, sweep_rows
+    import pandas as pd
 
-    rows = sweep_rows(open_registry(registry), experiments or None, split)
-    path = plot_reconstruction_vs_l0(rows, out)
+    from medsae import plots
+    from medsae.errors import MedsaeError
+
+    points = pd.DataFrame(sweep_points(open_registry(registry), experiments or None, split))
+    path = plots.save_png(plots.reconstruction_vs_l0(points), out)
     if path is None:
         raise MedsaeError(f"no evaluated experiment with L0 on split '{split}' in the registry")
     console().print(f"wrote {path}")
+
+
+def sweep_points(registry: Any, names: list[str] | None, split: str) -> list[dict[str, Any]]:
+    """One row per experiment (the latest registration of each name, or of the ``names`` given):
+    ``experiment`` and the evaluate stage's L0, FVU and R² on ``split``, for those that have any."""
+    from medsae import plots
+    from medsae.registry import queries
+
+    latest = {e["name"]: e["experiment_id"] for e in queries.list_experiments(registry)}  # oldest first
+    chosen = {name: eid for name, eid in latest.items() if names is None or name in names}
+    values = queries.key_metrics(registry, list(chosen.values()), [plots.L0, plots.FVU, plots.R2], split)
+    return [{"experiment": name, **values[eid]} for name, eid in sorted(chosen.items()) if eid in values]

@@ -7,21 +7,31 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from medsae.cli.common import RegistryOption, console, open_registry
-from medsae.report.names import listed_metrics
+from medsae.cli.common import (
+    FormatOption,
+    RegistryOption,
+    console,
+    name_help,
+    open_registry,
+    stage_choice,
+    stage_help,
+)
+from medsae.cli.output import Column, Listing, cell, columns, render
+from medsae.registry import Registry, queries
+from medsae.report.names import DEAD_ALIVE_DEFINITIONS, SPLIT_ORDER, listed_metrics, metric_definition
+from medsae.stages import STAGES
 
 app = typer.Typer(
     help="Experiments: validate, plan and run specs; list and show results.", no_args_is_help=True
 )
 
-#: Metrics shown by `exp list` (first match per name, val split preferred): the scalar key metrics.
+#: Metrics shown by `exp list` (val split, as `exp compare`): the scalar key metrics.
 KEY_METRICS = listed_metrics()
 
 SetOption = Annotated[
-    list[str] | None,  # noqa: UP007 - typer needs Optional on Python 3.10
+    list[str] | None,
     typer.Option(
         "--set",
         metavar="FIELD=VALUE",
@@ -34,7 +44,7 @@ SetOption = Annotated[
 
 @app.command()
 def validate(spec: Path = typer.Argument(..., help="Experiment YAML file."), sets: SetOption = None) -> None:
-    """Check a spec: unknown keys, wrong types and bad values are reported as file:field: message.
+    """Check a spec: every unknown key, wrong type and bad value, one file:field: message line each.
 
     Writes nothing. A data folder that does not exist yet is a warning (on stderr), not an error.
     """
@@ -42,9 +52,15 @@ def validate(spec: Path = typer.Argument(..., help="Experiment YAML file."), set
 
     from rich.markup import escape
 
+    from medsae.errors import SpecError
     from medsae.spec import load_specs, spec_warnings
 
-    specs = load_specs(spec, sets or ())
+    try:
+        specs = load_specs(spec, sets or ())
+    except SpecError as exc:  # every problem, not only the first (other commands print one line)
+        for line in str(exc).strip().splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        raise typer.Exit(exc.exit_code) from None
     for line in spec_warnings(specs, str(spec)):
         print(f"warning: {line}", file=sys.stderr)
     names = ", ".join(s.name for s in specs[:5]) + (" ..." if len(specs) > 5 else "")
@@ -85,8 +101,12 @@ def plan(
 @app.command()
 def run(
     spec: Path = typer.Argument(..., help="Experiment YAML file."),
-    force: list[str] = typer.Option([], "--force", help="Rerun this stage even if done (repeatable)."),
-    only: list[str] = typer.Option([], "--only", help="Run only these stages (repeatable)."),
+    force: list[str] = typer.Option(
+        [], "--force", help=stage_help("Rerun this stage even if done (repeatable)."), **stage_choice("--force")
+    ),
+    only: list[str] = typer.Option(
+        [], "--only", help=stage_help("Run only these stages (repeatable)."), **stage_choice("--only")
+    ),
     sets: SetOption = None,
     registry: RegistryOption = None,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
@@ -108,7 +128,7 @@ def run(
     plans = [plan_experiment(s) for s in specs]
     sweep = specs[0].name.split("@")[0] if len(specs) > 1 else None
 
-    def show(event) -> None:  # type: ignore[no-untyped-def]
+    def show(event) -> None:
         names = ", ".join(event.experiments[:3]) + (" ..." if len(event.experiments) > 3 else "")
         if event.action == "ran":
             out.print(f"[green]ran[/]   {event.kind:<10} {event.key[:12]}  {event.seconds:8.1f}s  {names}")
@@ -134,146 +154,164 @@ def run(
     )
 
 
-def _key_metric_rows(reg, experiment_id: str) -> dict[str, float]:  # type: ignore[no-untyped-def]
-    rows = reg.query(
-        """SELECT m.name, m.split, m.value FROM experiment_stages es JOIN metrics m ON m.stage_key = es.stage_key
-           WHERE es.experiment_id = ? AND es.kind = 'evaluate' AND m.target IS NULL AND m.n_features IS NULL""",
-        [experiment_id],
-    )
-    best: dict[str, tuple[int, float]] = {}
-    rank = {"val": 0, "test": 1, "all": 2, "train": 3}
-    for r in rows:
-        score = rank.get(r["split"] or "all", 4)
-        if r["value"] is not None and (r["name"] not in best or score < best[r["name"]][0]):
-            best[r["name"]] = (score, r["value"])
-    return {k: v for k, (_, v) in best.items()}
-
-
 @app.command("list")
-def list_(registry: RegistryOption = None) -> None:
-    """One line per experiment: stages done and key metrics."""
-    reg = open_registry(registry)
-    rows = reg.query(
-        """SELECT e.experiment_id, e.name, e.created_at,
-                  count(s.stage_key) AS done, count(es.kind) AS stages
-           FROM experiments e JOIN experiment_stages es USING (experiment_id)
-           LEFT JOIN stages s ON s.stage_key = es.stage_key AND s.status = 'done'
-           GROUP BY ALL ORDER BY e.created_at"""
-    )
-    from medsae.registry.maintenance import labels
+def list_(registry: RegistryOption = None, format: FormatOption = "table") -> None:
+    """One line per experiment: name, hash, stages done, key metrics (val split), tags.
 
-    tags = labels(reg)
-    table = Table(title=f"experiments in {reg.path}")
-    for col in ("name", "created", "stages", *(k.column for k in KEY_METRICS), "tags"):
-        table.add_column(col)
-    for r in rows:
-        metrics = _key_metric_rows(reg, r["experiment_id"])
-        table.add_row(
-            r["name"],
-            str(r["created_at"])[:19],
-            f"{r['done']}/{r['stages']}",
-            *(f"{metrics[k.name]:.4g}" if k.name in metrics else "" for k in KEY_METRICS),
-            ", ".join(tags.get(r["experiment_id"], {}).get("tags", [])),
+    NAME@HASH (a prefix of the hash shown) names one registration where a name has several.
+    """
+    reg = open_registry(registry)
+    experiments = queries.list_experiments(reg)
+    values = queries.key_metrics(reg, [e["experiment_id"] for e in experiments], [k.name for k in KEY_METRICS])
+    tags = queries.tags_by_experiment(reg)
+    rows = [
+        {
+            "name": e["name"],
+            "hash": e["experiment_id"][:12],
+            "created": e["created_at"],
+            "stages": f"{e['stages_done']}/{e['stages']}",
+            **{k.column: values.get(e["experiment_id"], {}).get(k.name) for k in KEY_METRICS},
+            "tags": tags.get(e["experiment_id"], []),
+        }
+        for e in experiments
+    ]
+    dead_alive = [k for k in KEY_METRICS if k.name in DEAD_ALIVE_DEFINITIONS]  # labelled with split and definition
+    label = {k.column: k.label or k.column for k in KEY_METRICS}
+    cols = [Column("name"), Column("hash"), Column("created"), Column("stages")]
+    cols += [Column(k.column, label[k.column]) for k in KEY_METRICS]
+    if queries.has_table(reg, "experiment_tags"):
+        cols.append(Column("tags"))
+    notes = [f"{label[k.column]}: {metric_definition(k.name, k.split)}" for k in dead_alive]
+    if not rows:
+        notes.append("no experiments yet: `medsae exp run SPEC` registers one")
+    render(Listing(cols, rows, title=f"experiments in {reg.path}", notes=notes), format)
+
+
+def _summary_text(summary_json: str | None, full: bool, fields: int = 6) -> str:
+    """A stage's summary: the whole JSON (``full``), else its first scalar fields as ``key=value``
+    (floats rounded) and how many fields were left out."""
+    if full or not summary_json:
+        return summary_json or ""
+    summary = json.loads(summary_json)
+    scalars = [f"{k}={'null' if v is None else cell(v)}" for k, v in summary.items() if not isinstance(v, dict | list)]
+    more = len(summary) - min(len(scalars), fields)
+    return ", ".join(scalars[:fields]) + (f" (+{more} more: --format json)" if more else "")
+
+
+def _split_order(split: str | None) -> tuple[int, str]:
+    """Reading order of splits: train, val, test, all, then any other (e.g. an explanation pool)."""
+    name = split or ""
+    return (SPLIT_ORDER.index(name) if name in SPLIT_ORDER else len(SPLIT_ORDER), name)
+
+
+def _metric_pivot(metrics: list[dict], limit: int, name: str) -> Listing:
+    """Scalar metrics as one row per metric and one column per split (train, val, test, ...)."""
+    splits = sorted({m["split"] or "(no split)" for m in metrics}, key=_split_order)
+    table: dict[str, dict[str, object]] = {}
+    for m in sorted(metrics, key=lambda m: m["stage"] != "evaluate"):  # the evaluate stage's row wins a tie
+        table.setdefault(m["metric"], {"metric": m["metric"]}).setdefault(m["split"] or "(no split)", m["value"])
+    ordered = [table[k] for k in sorted(table)]
+    shown = ordered[:limit] if limit else ordered
+    notes = [f"{k}: {metric_definition(k)}" for k in DEAD_ALIVE_DEFINITIONS if k in table]
+    if len(shown) < len(ordered):
+        notes.append(
+            f"{len(ordered) - len(shown)} more metric(s) not shown: `medsae exp show {name} --limit 0` shows "
+            "them all (--format csv or json prints every row)"
         )
-    console().print(table)
+    title = "metrics of the train and evaluate stages, one column per split (registry table `metrics`)"
+    return Listing([Column("metric"), *(Column(s) for s in splits)], shown, title=title, key="metrics", notes=notes)
+
+
+def _show_preamble(exp: dict, label: dict | None) -> list[str]:
+    """The lines above `exp show`'s tables: identity, spec summary, tags and note."""
+    spec = json.loads(exp["spec_json"])
+    embed, sae, data = spec.get("embed") or {}, spec.get("sae") or {}, spec.get("data") or {}
+    lines = [
+        f"{exp['name']}@{exp['experiment_id'][:12]}  created {str(exp['created_at'])[:19]}"
+        f"  spec {exp.get('spec_path') or '-'}",
+        *([spec["description"]] if spec.get("description") else []),
+        f"backbone {embed.get('source')}:{embed.get('model')} (pretrained={embed.get('pretrained')})"
+        f"  SAE {sae.get('arch')} k={sae.get('k')}  data {data.get('root')}",
+    ]
+    if label and label["tags"]:
+        lines.append(f"tags: {', '.join(label['tags'])}")
+    if label and label["note"]:
+        lines.append(f"note: {label['note']}")
+    return lines
+
+
+def _stage_rows(reg: Registry, experiment_id: str, full_keys: bool) -> list[dict]:
+    order = {kind: i for i, kind in enumerate(STAGES)}
+    stages = sorted(queries.experiment_stages(reg, experiment_id), key=lambda r: order.get(r["kind"], len(order)))
+    return [
+        {
+            "stage": r["kind"],
+            "key": r["stage_key"] if full_keys else r["stage_key"][:12],
+            "status": r["status"],
+            "seconds": round(r["seconds"], 1) if r["seconds"] is not None else None,
+            "device": r["device"],
+            "summary": _summary_text(r["summary_json"], full_keys),
+        }
+        for r in stages
+    ]
 
 
 @app.command()
-def show(name: str = typer.Argument(..., help="Experiment name."), registry: RegistryOption = None) -> None:
-    """Stages, keys, timings and the key metrics of one experiment."""
-    from medsae.plan import find_experiment
-
-    reg = open_registry(registry)
-    exp = find_experiment(reg, name)
-    out: Console = console()
-    spec = json.loads(exp["spec_json"])
-    out.print(f"[bold]{exp['name']}[/]  spec {exp['spec_hash'][:12]}  created {str(exp['created_at'])[:19]}")
-    if spec.get("description"):
-        out.print(spec["description"])
-    out.print(
-        f"backbone {spec['embed']['source']}:{spec['embed']['model']} (pretrained={spec['embed']['pretrained']})"
-        f"  SAE {spec['sae']['arch']} k={spec['sae']['k']}  data {spec['data']['root']}"
-    )
-    from rich.markup import escape
-
+def show(
+    name: str = typer.Argument(..., help=name_help()),
+    registry: RegistryOption = None,
+    format: FormatOption = "table",
+    limit: int = typer.Option(
+        60, "--limit", min=0, help="Metrics shown in table format (0: all; csv and json print every row)."
+    ),
+) -> None:
+    """Stages, keys, timings, every split's metrics and the explanations of one experiment."""
     from medsae.registry.maintenance import labels
 
-    label = labels(reg, [exp["experiment_id"]]).get(exp["experiment_id"])
-    if label and label["tags"]:
-        out.print(f"tags: {escape(', '.join(label['tags']))}")
-    if label and label["note"]:
-        out.print(f"note: {escape(label['note'])}")
-    stages = reg.query(
-        """SELECT es.kind, es.stage_key, s.status, s.seconds, s.device, s.summary_json
-           FROM experiment_stages es LEFT JOIN stages s ON s.stage_key = es.stage_key
-           WHERE es.experiment_id = ?""",
-        [exp["experiment_id"]],
+    reg = open_registry(registry)
+    exp = queries.find_experiment(reg, name)
+    eid = exp["experiment_id"]
+    label = labels(reg, [eid]).get(eid)
+    stages = Listing(
+        columns("stage", "key", "status", "seconds", "device", "summary"),
+        _stage_rows(reg, eid, full_keys=format != "table"),
+        title="stages",
+        key="stages",
     )
-    from medsae.stages import STAGES
-
-    order = list(STAGES)
-    stages.sort(key=lambda r: order.index(r["kind"]) if r["kind"] in order else 99)
-    table = Table(title="stages")
-    for col in ("stage", "key", "status", "seconds", "device", "summary"):
-        table.add_column(col)
-    for r in stages:
-        summary = json.loads(r["summary_json"]) if r["summary_json"] else {}
-        brief = ", ".join(f"{k}={v}" for k, v in list(summary.items())[:4] if not isinstance(v, dict | list))
-        table.add_row(
-            r["kind"],
-            r["stage_key"][:12],
-            r["status"] or "pending",
-            f"{r['seconds']:.1f}" if r["seconds"] is not None else "",
-            r["device"] or "",
-            brief[:80],
-        )
-    out.print(table)
-    metrics = reg.query(
-        """SELECT m.split, m.name, m.value, m.n FROM experiment_stages es JOIN metrics m ON m.stage_key = es.stage_key
-           WHERE es.experiment_id = ? AND es.kind IN ('evaluate', 'train') AND m.target IS NULL
-             AND m.n_features IS NULL AND m.name NOT LIKE 'seconds%'
-           ORDER BY m.split, m.name""",
-        [exp["experiment_id"]],
+    metrics = sorted(
+        queries.scalar_metrics(reg, eid), key=lambda m: (_split_order(m["split"]), m["metric"], m["stage"])
     )
-    if metrics:
-        mt = Table(title="key metrics (registry table `metrics`; more with `medsae sql`)")
-        for col in ("split", "metric", "value", "n"):
-            mt.add_column(col)
-        for r in metrics[:60]:
-            mt.add_row(
-                r["split"] or "",
-                r["name"],
-                f"{r['value']:.4g}" if r["value"] is not None else "NULL",
-                str(r["n"] or ""),
-            )
-        out.print(mt)
-    expl = reg.query(
-        """SELECT e.explainer_model, count(DISTINCT e.latent) AS latents,
-                  avg(s.value) FILTER (
-                    WHERE s.method = 'pearson' AND coalesce(s.extra_json, '') NOT LIKE '%"degenerate":%'
-                  ) AS mean_pearson
-           FROM explanations e LEFT JOIN explanation_scores s USING (explanation_id)
-           WHERE e.kind = 'explanation'  -- baselines (shuffled, best attribute) are not an explainer's score
-             AND e.sae_key = (SELECT stage_key FROM experiment_stages WHERE experiment_id = ? AND kind = 'train')
-           GROUP BY ALL""",
-        [exp["experiment_id"]],
+    if format == "table":
+        metric_listing = _metric_pivot(metrics, limit, name)
+    else:
+        metric_listing = Listing(columns("stage", "split", "metric", "value", "n"), metrics, key="metrics")
+    explainers = Listing(
+        columns("explainer", "latents", ("mean_pearson", "mean pearson")),
+        [
+            {"explainer": r["explainer_model"], "latents": r["latents"], "mean_pearson": r["mean_score"]}
+            for r in queries.explainer_summary(reg, eid)
+        ],
+        title="explanations: mean pearson r of each explainer's latest explanations "
+        "(baselines and degenerate scores left out)",
+        key="explanations",
     )
-    if expl:
-        et = Table(title="explanations")
-        for col in ("explainer", "latents", "mean pearson"):
-            et.add_column(col)
-        for r in expl:
-            mp = r["mean_pearson"]
-            et.add_row(r["explainer_model"], str(r["latents"]), f"{mp:.3f}" if mp is not None else "")
-        out.print(et)
+    meta = {
+        "experiment": exp["name"],
+        "experiment_id": eid,
+        "created_at": exp["created_at"],
+        "spec_path": exp.get("spec_path"),
+        "tags": (label or {}).get("tags", []),
+        "note": (label or {}).get("note"),
+    }
+    render([stages, metric_listing, explainers], format, preamble=_show_preamble(exp, label), meta=meta)
 
 
 @app.command()
 def tag(
     name: str = typer.Argument(..., help="Experiment name (its latest registration) or NAME@HASH-PREFIX."),
-    tags: list[str] = typer.Argument(None, help="Tags to add.", show_default=False),  # noqa: B008
-    remove: list[str] = typer.Option([], "--remove", help="Tag to remove (repeatable)."),  # noqa: B008
-    note: str | None = typer.Option(  # noqa: UP007
+    tags: list[str] = typer.Argument(None, help="Tags to add.", show_default=False, metavar="TAG..."),
+    remove: list[str] = typer.Option([], "--remove", help="Tag to remove (repeatable).", metavar="TAG"),
+    note: str | None = typer.Option(
         None, "--note", help="Free-text note (replaces the old one; '' clears it).", show_default=False
     ),
     registry: RegistryOption = None,

@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
-from medsae.cli.common import RegistryOption, console, open_registry
+from medsae.cli.common import FormatOption, RegistryOption, choice, console, name_help, open_registry
+from medsae.cli.output import Listing, cell, columns, render
+
+#: LLM cache modes (medsae.interp.llm.MODES, not imported here: the CLI starts without asyncio).
+LLM_MODES: tuple[str, ...] = ("live", "record", "replay")
 
 app = typer.Typer(
     help="Explain latents with an LLM, compare explainers, show one latent.", no_args_is_help=True
@@ -24,22 +27,24 @@ def _fmt(value: object, digits: int = 3) -> str:
 
 @app.command("run")
 def run_command(
-    experiment: str = typer.Argument(..., help="Experiment name (see `medsae exp list`)."),
+    experiment: str = typer.Argument(..., help=name_help()),
     model: str = typer.Option(
         ..., "--model", help="litellm model id of the explainer, e.g. openai/gpt-4o-mini."
     ),
-    scorer: str | None = typer.Option(  # noqa: UP007
+    scorer: str | None = typer.Option(
         None, "--scorer", help="Simulator model (default: the experiment's reference scorer)."
     ),
-    latents: str | None = typer.Option(None, "--latents", help="Only these latents, e.g. 1,2,10-20."),  # noqa: UP007
-    template: Path | None = typer.Option(None, "--template", help="Explainer prompt template (.j2 file)."),  # noqa: UP007
-    concurrency: int | None = typer.Option(None, "--concurrency", help="LLM calls in flight."),  # noqa: UP007
-    max_cost: float | None = typer.Option(None, "--max-cost", help="Stop calling above this cost (USD)."),  # noqa: UP007
-    api_base: str | None = typer.Option(None, "--api-base", help="Explainer API base URL."),  # noqa: UP007
-    scorer_api_base: str | None = typer.Option(None, "--scorer-api-base", help="Scorer API base URL."),  # noqa: UP007
-    mode: str | None = typer.Option(None, "--mode", help="LLM cache mode: live, record or replay."),  # noqa: UP007
-    timeout: float | None = typer.Option(None, "--timeout", help="Seconds one LLM call may take."),  # noqa: UP007
-    max_retries: int | None = typer.Option(  # noqa: UP007
+    latents: str | None = typer.Option(None, "--latents", help="Only these latents, e.g. 1,2,10-20."),
+    template: Path | None = typer.Option(None, "--template", help="Explainer prompt template (.j2 file)."),
+    concurrency: int | None = typer.Option(None, "--concurrency", help="LLM calls in flight."),
+    max_cost: float | None = typer.Option(None, "--max-cost", help="Stop calling above this cost (USD)."),
+    api_base: str | None = typer.Option(None, "--api-base", help="Explainer API base URL."),
+    scorer_api_base: str | None = typer.Option(None, "--scorer-api-base", help="Scorer API base URL."),
+    mode: str | None = typer.Option(
+        None, "--mode", help="LLM cache mode (default: the spec's).", **choice("--mode", "mode", LLM_MODES)
+    ),
+    timeout: float | None = typer.Option(None, "--timeout", help="Seconds one LLM call may take."),
+    max_retries: int | None = typer.Option(
         None, "--max-retries", help="Retries per LLM call (rate limits, timeouts, server errors)."
     ),
     registry: RegistryOption = None,
@@ -93,8 +98,9 @@ def run_command(
 
 @app.command("compare")
 def compare_command(
-    experiment: str = typer.Argument(..., help="Experiment name."),
+    experiment: str = typer.Argument(..., help=name_help()),
     registry: RegistryOption = None,
+    format: FormatOption = "table",
 ) -> None:
     """Models x score summary: every explainer and baseline, per scorer and method.
 
@@ -106,89 +112,77 @@ def compare_command(
 
     reg = open_registry(registry)
     frame = compare(reg, experiment)
-    if frame.empty:
-        console().print(f"{experiment}: no explanation scores yet (run `medsae explain run` or `exp run`)")
-        return
-    table = Table(title=f"explanation scores of {experiment}")
-    for col in (
+    rows = [] if frame.empty else frame.to_dict("records")
+    gaps = scorer_gaps(reg, experiment) if rows else []
+    notes = [gap["words"] for gap in gaps]
+    if not rows:
+        notes = [f"{experiment}: no explanation scores yet (run `medsae explain run` or `exp run`)"]
+    elif not gaps:
+        notes = ["no shuffled baseline scored yet: nothing says whether the scorer can tell explanations apart"]
+    cols = columns(
         "method",
         "explainer",
         "kind",
         "scorer",
         "mode",
         "n",
-        "null",
+        ("n_null", "null"),
         "mean",
         "median",
-        "≥0.5",
+        ("share_ge_0.5", "≥0.5"),
         "chance",
-        "degenerate",
-    ):
-        numeric = ("n", "null", "mean", "median", "≥0.5", "chance", "degenerate")
-        table.add_column(col, justify="right" if col in numeric else "left")
-    for r in frame.to_dict("records"):
-        table.add_row(
-            r["method"],
-            r["explainer"],
-            r["kind"],
-            str(r["scorer"]),
-            str(r["mode"]),
-            str(r["n"]),
-            str(r["n_null"]),
-            _fmt(r["mean"]),
-            _fmt(r["median"]),
-            _fmt(r["share_ge_0.5"], 2),
-            _fmt(r["chance"], 2),
-            str(r["n_degenerate"]),
-        )
-    out = console()
-    out.print(table)
-    gaps = scorer_gaps(reg, experiment)
-    if not gaps:
-        out.print("no shuffled baseline scored yet: nothing says whether the scorer can tell explanations apart")
-    for gap in gaps:
-        out.print(gap["words"], highlight=False, soft_wrap=True)
+        ("n_degenerate", "degenerate"),
+    )
+    listing = Listing(cols, rows, title=f"explanation scores of {experiment}", notes=notes)
+    meta = {"scorer_gaps": [gap["words"] for gap in gaps]} if format == "json" else None
+    render(listing, format, meta=meta)
+
+
+def _score_text(sc: dict) -> str:
+    ci = f" [{cell(sc['ci_low'])}, {cell(sc['ci_high'])}]" if sc["ci_low"] is not None else ""
+    flag = " DEGENERATE" if sc.get("degenerate") else ""
+    repaired = f", {sc['n_repaired']} repaired" if sc.get("n_repaired") else ""
+    return f"{sc['method']}={cell(sc['value'])}{ci} ({sc['scorer_model']}{repaired}){flag}"
 
 
 @app.command("show")
 def show_command(
-    experiment: str = typer.Argument(..., help="Experiment name."),
+    experiment: str = typer.Argument(..., help=name_help()),
     latent: int = typer.Argument(..., help="Latent index."),
     registry: RegistryOption = None,
+    format: FormatOption = "table",
 ) -> None:
     """One latent: statistics, every explanation version with its scores, the slices shown."""
     from medsae.interp.runs import show
 
     info = show(open_registry(registry), experiment, latent)
-    out = console()
     s = info["latent"]
-    out.print(
-        f"latent {latent}: status {s.get('status')}, frequency {_fmt(s.get('frequency'), 4)}, "
-        f"n_active {s.get('n_active')}, scans {s.get('n_patients')}, mean {_fmt(s.get('mean_act'))}, "
-        f"max {_fmt(s.get('max_act'))}"
+    stats = (
+        f"latent {latent}: status {s.get('status')}, frequency {cell(s.get('frequency'))}, "
+        f"n_active {s.get('n_active')}, scans {s.get('n_patients')}, mean {cell(s.get('mean_act'))}, "
+        f"max {cell(s.get('max_act'))}"
     )
-    table = Table(title="explanations (all versions)")
-    for col in ("explainer", "kind", "status", "examples", "text", "scores"):
-        table.add_column(col)
-    for e in info["explanations"]:
-        parts = []
-        for sc in e["scores"]:
-            ci = f" [{_fmt(sc['ci_low'], 2)}, {_fmt(sc['ci_high'], 2)}]" if sc["ci_low"] is not None else ""
-            flag = " DEGENERATE" if sc.get("degenerate") else ""
-            repaired = f", {sc['n_repaired']} repaired" if sc.get("n_repaired") else ""
-            parts.append(f"{sc['method']}={_fmt(sc['value'])}{ci} ({sc['scorer_model']}{repaired}){flag}")
-        table.add_row(
-            e["explainer_model"],
-            e["kind"],
-            e["status"],
-            _fmt(e.get("n_examples")),
-            e["text"] or "-",
-            "\n".join(parts) or "-",
-        )
-    out.print(table)
-    shown = Table(title="slices shown to the explainer")
-    for col in ("id", "strength", "role", "slice", "metadata"):
-        shown.add_column(col)
-    for ex in info["examples"]:
-        shown.add_row(ex["id"], str(ex["strength"]), str(ex["role"]), str(ex["slice_uid"]), ex["line"])
-    out.print(shown)
+    explanations = Listing(
+        columns("explainer", "kind", "status", "examples", "text", "scores"),
+        [
+            {
+                "explainer": e["explainer_model"],
+                "kind": e["kind"],
+                "status": e["status"],
+                "examples": e.get("n_examples"),
+                "text": e["text"],
+                "scores": [_score_text(sc) for sc in e["scores"]] if format == "table" else e["scores"],
+            }
+            for e in info["explanations"]
+        ],
+        title="explanations (all versions)",
+        key="explanations",
+    )
+    shown = Listing(
+        columns("id", "strength", "role", ("slice_uid", "slice"), ("line", "metadata")),
+        info["examples"],
+        title="slices shown to the explainer",
+        key="examples",
+    )
+    latent_stats = {k: v for k, v in s.items() if k not in ("stage_key", "sae_key")}
+    render([explanations, shown], format, preamble=[stats], meta={"latent": latent_stats})

@@ -43,7 +43,7 @@ def export_command(
         files = open_registry(registry).experiment(experiment).export_parquet(out_dir)
         console().print(f"[green]exported[/] {experiment} -> {out_dir}: {', '.join(p.name for p in files)} [parquet]")
         return
-    from medsae.sae.checkpoint import export_experiment_saelens
+    from medsae.api import export_experiment_saelens
 
     out = export_experiment_saelens(experiment, out_dir, registry, l2=l2)
     files = sorted(p.name for p in out.iterdir() if p.is_file())

@@ -24,14 +24,14 @@ def _shown(path: Path, base: Path) -> str:
 
 def gc_command(
     delete: bool = typer.Option(False, "--delete", help="Delete what is listed (default: a dry run)."),
-    artifacts: list[Path] = typer.Option(  # noqa: B008
+    artifacts: list[Path] = typer.Option(
         [],
         "--artifacts",
         metavar="DIR",
         help="Also look in this artifacts folder (repeatable; the registry's own folders are always looked at).",
         show_default=False,
     ),
-    llm_cache: list[Path] = typer.Option(  # noqa: B008
+    llm_cache: list[Path] = typer.Option(
         [],
         "--llm-cache",
         metavar="DIR",

@@ -10,7 +10,7 @@ import typer
 
 from medsae.cli import exp
 from medsae.cli.sql import sql_command
-from medsae.errors import MedsaeError
+from medsae.errors import MedsaeError, SpecError
 
 # litellm would otherwise try to download its price table at import (slow, and offline it retries).
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -20,7 +20,8 @@ app = typer.Typer(
     help="Sparse autoencoders on medical image embeddings: slice, embed, train, evaluate, explain.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion: commands, options, stage names, formats
+    rich_markup_mode=None,  # plain help: option types as readable metavars, no <bool> on flags
 )
 
 
@@ -34,7 +35,7 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    registry: Path | None = typer.Option(  # noqa: UP007
+    registry: Path | None = typer.Option(
         None,
         "--registry",
         help="Registry file for every command (also $MEDSAE_REGISTRY).",
@@ -81,6 +82,8 @@ def main() -> None:
     except MedsaeError as exc:
         lines = str(exc).strip().splitlines() or ["error"]
         extra = f" (+{len(lines) - 1} more)" if len(lines) > 1 else ""
+        if len(lines) > 1 and isinstance(exc, SpecError):
+            extra = f" (+{len(lines) - 1} more: `medsae exp validate SPEC` lists every problem)"
         print(f"error: {lines[0]}{extra}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:

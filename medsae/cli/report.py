@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import csv
-import json
-import sys
 from pathlib import Path
 
 import typer
 
-from medsae.cli.common import RegistryOption, console, open_registry
-from medsae.errors import MedsaeError
+from medsae.cli.common import FormatOption, RegistryOption, console, name_help, open_registry
+from medsae.cli.output import Column, Listing, render
 
 
 def report_command(
-    exp: str = typer.Argument(..., help="Experiment name (see `medsae exp list`)."),
+    exp: str = typer.Argument(..., help=name_help()),
     output: Path = typer.Option(Path("report.html"), "--output", "-o", help="HTML file to write."),
     latents: int = typer.Option(50, "--latents", "-n", help="Number of latent cards."),
     sort_by: str = typer.Option(
@@ -36,39 +33,26 @@ def report_command(
 
 
 def compare_command(
-    experiments: list[str] = typer.Argument(..., help="Experiment names to put side by side."),
+    experiments: list[str] = typer.Argument(
+        ..., help=name_help("Experiments to put side by side"), metavar="NAME..."
+    ),
     registry: RegistryOption = None,
-    format: str = typer.Option("table", "--format", "-f", help="table, csv or json."),
+    format: FormatOption = "table",
     split: str = typer.Option("val", "--split", help="Split of the metrics (the study reports val)."),
+    show_sql: bool = typer.Option(
+        False,
+        "--show-sql",
+        help="Print only the SQL behind the table; it runs as printed (... --show-sql | medsae sql -).",
+    ),
 ) -> None:
-    """Key metrics of several experiments side by side; prints the SQL it ran first."""
-    from rich.syntax import Syntax
-    from rich.table import Table
-
+    """Key metrics of several experiments side by side (one SQL query over the registry)."""
     from medsae.report.compare import column_labels, compare_experiments
 
-    if format not in ("table", "csv", "json"):
-        raise MedsaeError(f"--format: expected table, csv or json, got '{format}'")
     sql, rows = compare_experiments(open_registry(registry), experiments, split=split)
-    columns = list(rows[0]) if rows else ["experiment"]
-    if format == "csv":
-        writer = csv.writer(sys.stdout)
-        writer.writerow(columns)
-        writer.writerows([r[c] for c in columns] for r in rows)
+    if show_sql:
+        print(sql)
         return
-    if format == "json":
-        print(json.dumps({"sql": sql, "rows": rows}, default=str, indent=1))
-        return
-    out = console()
-    out.print("[bold]SQL[/] (paste into `medsae sql` to rerun):")
-    out.print(Syntax(sql, "sql", word_wrap=True, theme="ansi_dark"))
     labels = column_labels()
-    table = Table(*(labels.get(c, c) for c in columns))
-    for r in rows:
-        table.add_row(
-            *(
-                "—" if r[c] is None else f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c])
-                for c in columns
-            )
-        )
-    out.print(table)
+    cols = [Column(c, labels.get(c, c)) for c in (list(rows[0]) if rows else ["experiment"])]
+    note = f"the SQL behind this table: medsae exp compare {' '.join(experiments)} --show-sql"
+    render(Listing(cols, rows, title=f"key metrics, {split} split", notes=[note]), format, meta={"sql": sql})

@@ -23,7 +23,8 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from medsae.cli.common import RegistryOption, console, open_registry
+from medsae.cli.common import FormatOption, RegistryOption, console, open_registry
+from medsae.cli.output import print_table
 from medsae.errors import MedsaeError
 
 #: PRAGMAs that only report (everything else may change settings or the database).
@@ -60,12 +61,12 @@ class SqlRefused(MedsaeError):
 def _kind(statement: object) -> str:
     """The statement's kind (SELECT, COPY...); UNKNOWN for kinds this duckdb's Python API cannot name."""
     try:
-        return str(statement.type).rsplit(".", 1)[-1]  # type: ignore[attr-defined]
+        return str(statement.type).rsplit(".", 1)[-1]
     except ValueError:  # e.g. UPDATE EXTENSIONS: "29 is not a valid StatementType"
         return "UNKNOWN"
 
 
-def check_statement(con, query: str, allow_files: bool = False) -> str:  # type: ignore[no-untyped-def]
+def check_statement(con, query: str, allow_files: bool = False) -> str:
     """The one statement in ``query`` if medsae sql may run it; else SqlRefused with one line."""
     statements = con.extract_statements(query)
     if not statements:
@@ -110,7 +111,7 @@ def _short(text: str, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def artifact_dirs(con, registry_path: str | Path | None = None) -> list[Path]:  # type: ignore[no-untyped-def]
+def artifact_dirs(con, registry_path: str | Path | None = None) -> list[Path]:
     """The stage folders the registry records (``stages.artifact_dir``, ``<artifacts>/<kind>/<key>``).
 
     These are what the sandbox leaves readable: each stage's own folder, not the whole artifacts root
@@ -133,7 +134,7 @@ def artifact_dirs(con, registry_path: str | Path | None = None) -> list[Path]:  
     return sorted(folders)
 
 
-def sandbox_connection(con, allowed_dirs: Iterable[str | Path] = (), allow_files: bool = False) -> None:  # type: ignore[no-untyped-def]
+def sandbox_connection(con, allowed_dirs: Iterable[str | Path] = (), allow_files: bool = False) -> None:
     """Lock ``con`` down: no extensions, a locked configuration, and unless ``allow_files``, no file or
     network access except reading under ``allowed_dirs`` (DuckDB's ``allowed_directories``).
 
@@ -155,7 +156,7 @@ def sandbox_connection(con, allowed_dirs: Iterable[str | Path] = (), allow_files
     con.execute("SET lock_configuration = true")
 
 
-def _register_views(con, registry_path: Path) -> None:  # type: ignore[no-untyped-def]
+def _register_views(con, registry_path: Path) -> None:
     """The TEMP views over the stages' Parquet files (``codes``...), read inside the sandbox's folders."""
     from medsae.registry.codes_view import register_code_views
 
@@ -189,8 +190,10 @@ def _fail(exc: Exception) -> None:
 
 
 def sql_command(
-    query: str = typer.Argument(..., help="One SQL statement (the registry is opened read-only)."),
-    format: str = typer.Option("table", "--format", "-f", help="table, csv or json."),
+    query: str = typer.Argument(
+        ..., help="One SQL statement (the registry is opened read-only); - reads it from stdin."
+    ),
+    format: FormatOption = "table",
     limit: int = typer.Option(200, min=0, help="Rows shown in table format (csv/json print all)."),
     allow_files: bool = typer.Option(
         False,
@@ -204,8 +207,8 @@ def sql_command(
     unless --allow-files); tables: experiments, stages, metrics, latents, explanations..."""
     import duckdb
 
-    if format not in ("table", "csv", "json"):
-        raise MedsaeError(f"--format: expected table, csv or json, got '{format}'")
+    if query == "-":  # e.g. medsae exp compare A B --show-sql | medsae sql -
+        query = sys.stdin.read()
     reg = open_registry(registry)
     with reg.read() as con:
         try:
@@ -235,10 +238,10 @@ def sql_command(
         print(json.dumps([dict(zip(columns, r, strict=False)) for r in rows], default=str, indent=1))
     else:
         table = Table()
-        for c in columns:
-            table.add_column(Text(c))  # Text: names and values are never read as rich markup
-        for r in rows:
+        for c in columns:  # cells wrap and are never cut (medsae.cli.output)
+            table.add_column(Text(c), overflow="fold", no_wrap=False)
+        for r in rows:  # Text: names and values are never read as rich markup
             table.add_row(*(Text("NULL" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)) for v in r))
-        console().print(table)
+        print_table(table)
         if more:
             console().print(f"[dim]{more} more rows (use --limit or --format csv)[/]")

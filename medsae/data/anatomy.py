@@ -3,16 +3,14 @@
 Two mappings:
 
 * :data:`CLINICAL_REGION` — each of the 121 TotalSegmentator v2 labels (CT 117 + MRI-only 4) to one
-  of the study's 30 clinical regions (study-method.md Appendix B), used to describe slices.
+  of the study's 30 clinical regions (docs/method.md#regions), used to describe slices.
 * :data:`BODY_REGION` — each clinical region to a coarse body region (head, neck, thorax, abdomen,
   pelvis, extremities) or ``None`` for structures that span several regions (aorta, spinal canal,
-  paraspinal and hip-flexor muscles). :func:`body_region_of` gives a slice the coarse region with
-  the largest summed area among its present, region-specific structures.
+  paraspinal and hip-flexor muscles). :func:`medsae.data.ingest.body_region_codes` gives a slice the
+  coarse region with the largest summed area among its present, region-specific structures.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterable, Mapping
 
 _VERTEBRAE_C = [f"vertebrae_C{i}" for i in range(1, 8)]
 _VERTEBRAE_T = [f"vertebrae_T{i}" for i in range(1, 13)]
@@ -24,7 +22,7 @@ def _lr(*names: str) -> list[str]:
     return [f"{n}_{side}" for n in names for side in ("left", "right")]
 
 
-#: structure -> clinical region (study Appendix B; 121 labels, 30 regions)
+#: structure -> clinical region (docs/method.md#regions; 121 labels, 30 regions)
 CLINICAL_REGION: dict[str, str] = {
     **{n: "cervical spine" for n in _VERTEBRAE_C},
     **{n: "thoracic spine" for n in _VERTEBRAE_T},
@@ -94,9 +92,6 @@ CLINICAL_REGION: dict[str, str] = {
     "prostate": "prostate",
 }
 
-#: MRI-only labels (the rest of the 121 are CT labels; MRI shares 46 of them)
-MRI_ONLY = ("lung_left", "lung_right", "vertebrae", "intervertebral_discs")
-
 #: clinical region -> coarse body region; None = spans regions, ignored when voting
 BODY_REGION: dict[str, str | None] = {
     "cervical spine": "neck",
@@ -145,19 +140,3 @@ def structure_body_region(structure: str) -> str | None:
     clinical = CLINICAL_REGION.get(structure)
     return BODY_REGION.get(clinical) if clinical else None
 
-
-def body_region_of(areas: Mapping[str, int] | Iterable[tuple[str, int]]) -> str | None:
-    """The body region with the largest summed area among the given (structure, pixels) pairs.
-
-    Spanning structures (aorta, spinal cord, ...) do not vote; ties go to the more cranial region.
-    Returns None when no region-specific structure is present.
-    """
-    items = areas.items() if isinstance(areas, Mapping) else areas
-    totals: dict[str, int] = {}
-    for structure, pixels in items:
-        region = structure_body_region(structure)
-        if region is not None and pixels > 0:
-            totals[region] = totals.get(region, 0) + int(pixels)
-    if not totals:
-        return None
-    return max(BODY_REGIONS, key=lambda r: (totals.get(r, 0), -BODY_REGIONS.index(r)))

@@ -426,7 +426,7 @@ def summarize(result: IngestResult) -> dict[str, Any]:
     }
 
 
-def _mp_context():  # noqa: ANN202
+def _mp_context():
     """Fork where available: workers start instantly and scripts need no ``__main__`` guard.
 
     Workers only run numpy/nibabel code, so forking a parent that imported torch or duckdb is safe.

@@ -41,7 +41,7 @@ class PhantomSpec(Section):
 
 
 class DataSpec(Section):
-    """Slicing rules; defaults follow the study (study-method.md section 1 and 3)."""
+    """Slicing rules; defaults follow the study (docs/method.md#data)."""
 
     root: PathStr = Field(
         ...,

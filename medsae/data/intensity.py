@@ -5,12 +5,12 @@ Every mapping is stored as four numbers per scan, ``(clip_lo, clip_hi, out_lo, o
 them once (they need the whole volume: min/max, percentiles) and records them in ``scans.parquet``;
 rendering reuses them, so every image the embed stage or a thumbnail shows is mapped identically.
 
-* CT (study §1.2): window (centre c, width w) looked up by normalised study type in the study's
-  table of 38 types (Appendix A); unknown types use the spec's default window and are recorded
+* CT (docs/method.md#ct-slices): window (centre c, width w) looked up by normalised study type in the study's
+  table of 38 types (docs/method.md#ct-windows); unknown types use the spec's default window and are recorded
   (``window_source = 'default'``) instead of dropping the scan as the study did. The clipped
   volume is rescaled by its own min/max (``ct_scaling='volume'``, the study's skimage default) or
   by the window limits (``ct_scaling='window'``, scan-independent contrast).
-* MRI (study §1.3): clip to the 1st..99th percentile of voxels > 0, rescale by those limits.
+* MRI (docs/method.md#mri-slices): clip to the 1st..99th percentile of voxels > 0, rescale by those limits.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-#: study type (normalised) -> (centre, width) in HU; study-method.md Appendix A (38 rows)
+#: study type (normalised) -> (centre, width) in HU; docs/method.md#ct-windows (38 rows)
 CT_WINDOWS: dict[str, tuple[float, float]] = {
     "ct thorax-abdomen-pelvis": (-100, 1400),
     "ct neck-thorax-abdomen-pelvis": (-100, 1400),
@@ -108,7 +108,7 @@ def ct_map(volume: np.ndarray, centre: float, width: float, scaling: str = "volu
 
 
 def mri_map(volume: np.ndarray, percentiles: tuple[float, float] = (1.0, 99.0)) -> IntensityMap:
-    """Clip to the given percentiles of voxels > 0 and rescale by them (study §1.3)."""
+    """Clip to the given percentiles of voxels > 0 and rescale by them (docs/method.md#mri-slices)."""
     positive = volume[volume > 0]
     if positive.size == 0:
         return IntensityMap(0.0, 0.0, 0.0, 0.0)

@@ -327,7 +327,7 @@ def _generate(root: Path, recipe: _Recipe) -> None:
 def _scaled(spacing: tuple[float, ...], shape: tuple[int, ...]) -> tuple[float, float, float]:
     """Voxel size for a grid other than the nominal 64 x 64 x 80, keeping the field of view."""
     nominal = (64, 64, 80)
-    return tuple(round(s * n / m, 4) for s, n, m in zip(spacing, nominal, shape, strict=True))  # type: ignore[return-value]
+    return tuple(round(s * n / m, 4) for s, n, m in zip(spacing, nominal, shape, strict=True))
 
 
 def _axes(shape: tuple[int, ...], spacing: tuple[float, ...], z_centre: float) -> list[np.ndarray]:

@@ -209,7 +209,7 @@ def thumbnail(slices_dir: str | Path, slice_id: int, size: int = 128) -> bytes:
     return data
 
 
-def _mp_context():  # noqa: ANN202
+def _mp_context():
     """Fork where available: workers start instantly and scripts need no ``__main__`` guard.
 
     Workers only run numpy/nibabel code, so forking a parent that imported torch or duckdb is safe.

@@ -4,7 +4,7 @@ All functions are pure array maths (numpy, PIL for Lanczos) shared by ingest (wh
 pixels) and rendering (which makes the images the embed stage sees), so both agree on which
 pixels a slice holds.
 
-Conventions (study §1.2): a slice along stored array axis ``a`` is ``vol.take(i, axis=a)``, a 2-D
+Conventions (docs/method.md#slice-geometry): a slice along stored array axis ``a`` is ``vol.take(i, axis=a)``, a 2-D
 array whose rows and columns are the two remaining axes in increasing order. The in-plane crop is
 the central square (side = the smaller in-plane dimension, start = (dim - side) // 2). Display:
 rotate 90° counter-clockwise, then mirror left-right for slices along axes 0 and 1.
@@ -23,7 +23,7 @@ def axis_codes(affine: np.ndarray) -> tuple[str, str, str]:
     codes = aff2axcodes(affine)
     if any(c is None for c in codes):
         raise ValueError("affine has a degenerate axis")
-    return tuple(codes)  # type: ignore[return-value]
+    return tuple(codes)
 
 
 def planes_of(affine: np.ndarray) -> tuple[str, str, str]:
@@ -32,7 +32,7 @@ def planes_of(affine: np.ndarray) -> tuple[str, str, str]:
     Slicing along the axis that points left/right gives a sagittal image, anterior/posterior a
     coronal one, superior/inferior an axial one — whatever the storage order (LPS, RAS, PIR ...).
     """
-    return tuple(PLANE_OF_CODE[c] for c in axis_codes(affine))  # type: ignore[return-value]
+    return tuple(PLANE_OF_CODE[c] for c in axis_codes(affine))
 
 
 def reorient_to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -51,7 +51,7 @@ def spacing_of(affine: np.ndarray) -> np.ndarray:
 
 def inplane_axes(axis: int) -> tuple[int, int]:
     """The two stored axes spanning a slice taken along ``axis`` (rows, columns)."""
-    return tuple(a for a in range(3) if a != axis)  # type: ignore[return-value]
+    return tuple(a for a in range(3) if a != axis)
 
 
 def crop_bounds(rows: int, cols: int, mode: str = "center_square") -> tuple[slice, slice]:
@@ -69,7 +69,7 @@ def volume_crop(shape: tuple[int, ...], axis: int, mode: str = "center_square") 
     sb, sc = crop_bounds(shape[b], shape[c], mode)
     index = [slice(None)] * 3
     index[b], index[c] = sb, sc
-    return tuple(index)  # type: ignore[return-value]
+    return tuple(index)
 
 
 def take_slices(volume: np.ndarray, axis: int, idx: np.ndarray, crop: str = "center_square") -> np.ndarray:

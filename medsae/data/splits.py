@@ -1,4 +1,4 @@
-"""Train / val / test assignment of scans (study §3.2), stored once per dataset and reused.
+"""Train / val / test assignment of scans (docs/method.md#splits), stored once per dataset and reused.
 
 * test = every scan from a held-out institute (A, D, E by default);
 * the other scans with known sex and age: 80/20 train/val, stratified by

@@ -1,6 +1,6 @@
 """The TotalSegmentator folder layout: finding scans, reading meta.csv, listing masks.
 
-Layout (study-method.md §1.1)::
+Layout (docs/method.md#dataset-layout)::
 
     ROOT/CT_Dataset_v201/meta.csv            ';'-separated, one row per scan
     ROOT/CT_Dataset_v201/sNNNN/ct.nii.gz

@@ -8,7 +8,7 @@ rendering (images) both call it, so a slice index means the same pixels in both:
    named plane; plane names come from the affine, so LPS, RAS or permuted storage all name
    axial / coronal / sagittal correctly;
 3. MRI only: when the two in-plane spacings differ by more than 1e-3 mm, linear resampling of
-   the image (nearest for masks) to the finer in-plane spacing (study §1.3).
+   the image (nearest for masks) to the finer in-plane spacing (docs/method.md#mri-slices).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """BiomedParse's image encoder (a FocalNet) without the BiomedParse repository or detectron2.
 
 The study ran only ``model.model.backbone`` of BiomedParse v1 and mean-pooled the output of its
-last stage norm (``norm3``: 1536 channels, stride 32) into a 1536-d vector (study-method.md 2.2).
+last stage norm (``norm3``: 1536 channels, stride 32) into a 1536-d vector (docs/method.md#biomedparse).
 That backbone is the SEEM/X-Decoder FocalNet built from ``configs/biomedparse_inference.yaml``:
 embed dim 192, depths (2, 2, 18, 2), focal levels 4, focal windows 3, overlapping conv embeddings,
 post-norm blocks, a normalised modulator and layer scale.

@@ -142,7 +142,7 @@ def seeded(seed: int) -> Iterator[None]:
 def study_init_(model: nn.Module, seed: int) -> nn.Module:
     """The study's random-init control: Linear/Conv2d weights ~ trunc. normal(std 0.02), biases 0, norms 1/0.
 
-    Other module types keep their constructor defaults (study-method.md section 2.3). The order in
+    Other module types keep their constructor defaults (docs/method.md#random-init). The order in
     which modules draw numbers follows ``model.modules()``, seeded by ``seed``.
     """
     from timm.layers import trunc_normal_

@@ -16,7 +16,7 @@ Fraction = Annotated[float, Field(ge=0, le=1)]
 
 
 class EvalSpec(Section):
-    """Evaluation suite settings; defaults follow the study where it defines them (study-method.md §5-6)."""
+    """Evaluation suite settings; defaults follow the study where it defines them (docs/method.md#evaluation)."""
 
     splits: list[Annotated[str, Field(max_length=64)]] = Field(
         ["val", "test"], max_length=16, description="Splits evaluated (train always used to fit probes)."
@@ -29,7 +29,7 @@ class EvalSpec(Section):
     probe_targets: list[Literal["modality", "plane", "sex", "age_group", "institute", "pathology", "structure"]] = (
         Field(
             ["modality", "plane", "sex", "age_group", "institute", "pathology", "structure"],
-            description="Probe target groups (study §5.4).",
+            description="Probe target groups (docs/method.md#probes).",
         )
     )
     probe_structures: list[Annotated[str, Field(max_length=256)]] | None = Field(

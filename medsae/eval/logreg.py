@@ -8,7 +8,7 @@ divided by the constant ``C·n``)::
 over the ``n`` labelled training rows, with balanced weights ``s_i = n / (K · n_{y_i})`` and the
 intercept ``b`` unpenalised. ``ℓ_i`` is the binary cross-entropy of ``sigmoid(x_i w + b)`` for a
 binary problem and the softmax cross-entropy for a multinomial one (scikit-learn's multinomial
-``saga`` fit of the study, §5.4).
+``saga`` fit of the study, docs/method.md#probes).
 
 * ``backend="torch"``: full-batch FISTA (accelerated proximal gradient) with adaptive restart, the
   prox of the L1 part being soft-thresholding. Many binary problems sharing one design matrix (all
@@ -172,33 +172,6 @@ def fit_multinomial(
     )
 
 
-def objective(fit: LogRegFit, x: Matrix, y: np.ndarray, C: float = 1.0, l1_ratio: float = 0.5) -> np.ndarray:
-    """``F(W, b)`` of the module docstring per problem (one value for a multinomial fit)."""
-    y = np.asarray(y)
-    z = fit.decision(x)
-    if fit.multinomial:
-        w = balanced_weights(y, fit.coef.shape[1])
-        lab = y >= 0
-        zmax = z.max(axis=1, keepdims=True)
-        logp = z - zmax - np.log(np.exp(z - zmax).sum(axis=1, keepdims=True))
-        loss = np.zeros(len(y))
-        loss[lab] = -logp[np.flatnonzero(lab), y[lab]]
-        n = lab.sum()
-        pen = 0.5 * (1 - l1_ratio) * np.sum(fit.coef**2) + l1_ratio * np.abs(fit.coef).sum()
-        return np.array([np.sum(w * loss) / n + pen / (C * n)])
-    if y.ndim == 1:
-        y = y[:, None]
-    out = []
-    for t in range(y.shape[1]):
-        w = balanced_weights(y[:, t], 2)
-        n = (y[:, t] >= 0).sum()
-        loss = np.logaddexp(0, z[:, t]) - (y[:, t] > 0) * z[:, t]
-        coef = fit.coef[:, t]
-        pen = 0.5 * (1 - l1_ratio) * np.sum(coef**2) + l1_ratio * np.abs(coef).sum()
-        out.append(np.sum(w * loss) / n + pen / (C * n))
-    return np.array(out)
-
-
 # -- torch FISTA -----------------------------------------------------------------------------------
 
 
@@ -337,7 +310,7 @@ def _torch_fista(
     zw, zb = w, b
     tk = torch.ones(t_rows, device=device)
     n_iter, converged = 0, False
-    for n_iter in range(1, max_iter + 1):  # noqa: B007 (n_iter is reported)
+    for n_iter in range(1, max_iter + 1):  # n_iter is reported after the loop
         gw, gb = grad(zw, zb)
         vw = zw - step * gw
         wn = torch.sign(vw) * torch.clamp(vw.abs() - thresh, min=0.0)

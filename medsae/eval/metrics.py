@@ -5,8 +5,8 @@ the study), ``x_hat`` the reconstruction in the same space, both ``[n, d]``. ``c
 ``scipy.sparse.csr_matrix [n, d_sae]``. A latent *fires* on a sample when its activation is
 ``> FIRE_EPS`` (the study's alive threshold, 1e-8).
 
-The study's reported numbers are reproduced next to the sound ones (study-method.md §5.1-5.3, §11
-item 27): its R² subtracts one scalar mean from the whole ``[2048, d]`` block (so it credits the
+The study's reported numbers are reproduced next to the sound ones (docs/method.md#reconstruction and
+docs/method.md#problem-27): its R² subtracts one scalar mean from the whole ``[2048, d]`` block (so it credits the
 SAE for the per-dimension means, which inflates it) and its "alive" count is per 2,048-sample
 batch, not per dataset. :func:`fvu` (per-dimension means) and :func:`dead_fraction` (never fires on
 the whole split) are the sound versions.
@@ -66,7 +66,7 @@ def variance_explained(x: np.ndarray, x_hat: np.ndarray) -> float:
 
 
 def r2_scalar_mean(x: np.ndarray, x_hat: np.ndarray) -> float:
-    """R² of one block with ONE scalar mean (the study's per-batch formula, study-method.md §5.1).
+    """R² of one block with ONE scalar mean (the study's per-batch formula, docs/method.md#reconstruction).
 
     ``R² = 1 - Σ_{b,j} (x_bj - x̂_bj)² / Σ_{b,j} (x_bj - m)²`` with ``m = mean_{b,j} x_bj`` the mean
     of all entries. Because ``Σ (x - m)² >= Σ (x - μ_j)²``, this is never smaller than
@@ -192,7 +192,7 @@ def l0_summary(l0: np.ndarray, quantiles: tuple[float, ...] = L0_QUANTILES) -> d
     """Mean, standard deviation, min, max and quantiles (``numpy.quantile``, linear) of the L0s.
 
     Keys: ``l0_mean``, ``l0_std``, ``l0_min``, ``l0_max``, ``l0_p1`` ... ``l0_p99``. The study
-    reports only the mean (``L0 = mean_b #{j : a_bj ≠ 0}``, §5.2); the spread shows whether a
+    reports only the mean (``L0 = mean_b #{j : a_bj ≠ 0}``, docs/method.md#sparsity); the spread shows whether a
     BatchTopK threshold gives some samples many more latents than others.
     """
     l0 = np.asarray(l0, dtype=np.float64)
@@ -231,7 +231,7 @@ def dense_fraction(fire_counts: np.ndarray, n_samples: int, threshold: float = D
 
 
 def alive_per_batch_study(codes: sp.csr_matrix, batch: int = STUDY_BATCH) -> float:
-    """The study's alive count (§5.3): per batch of ``batch`` consecutive rows,
+    """The study's alive count (docs/method.md#latent-usage): per batch of ``batch`` consecutive rows,
     ``alive = #{j : max_b a_bj > 1e-8}``; the value is the batch-size-weighted mean over batches.
 
     This is *not* a dead-latent measure: a latent alive in one batch in ten counts in that batch

@@ -1,4 +1,4 @@
-"""The study's monosemanticity score (study-method.md §5.6): do a latent's top slices share anatomy?
+"""The study's monosemanticity score (docs/method.md#monosemanticity): do a latent's top slices share anatomy?
 
 Per latent ``f`` (on one split's codes; the study uses val):
 
@@ -20,7 +20,7 @@ Configuration scores (:func:`config_scores`): ``mono_config_top10`` = mean of th
 (the value the study's shipped ranking used).
 
 Deviation: "one slice per scan" keys on the scan (modality, image_id) the caller passes; the study
-keyed on ``image_id`` alone, which CT and MRI reuse (§11 item 24).
+keyed on ``image_id`` alone, which CT and MRI reuse (docs/method.md#problem-24).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Linear probes (study-method.md §5.4): which slice labels are linearly readable from a representation.
+"""Linear probes (docs/method.md#probes): which slice labels are linearly readable from a representation.
 
 Targets (the study's groups, from the slice table and the structure-presence matrix):
 
@@ -19,7 +19,7 @@ feature scaling (:mod:`medsae.eval.logreg`), fitted on a stratified sub-sample (
 of the train split, scored on the evaluated splits by ROC-AUC (binary; multiclass: one-vs-rest per
 class and their unweighted mean). Dense input = raw embeddings; sparse input = the full SAE code.
 
-Deliberate differences from the study's code, each fixing an issue of study-method.md §11:
+Deliberate differences from the study's code, each fixing a problem listed in docs/method.md#study-code-problems:
 a class without enough training rows is removed from its target (item 20: the study scored
 institutes A/D/E, absent from training, on the wrong probability columns); a two-class target is
 one binary target, not two mirror-image ones (item 21); every structure is its own target with its
@@ -43,7 +43,7 @@ from medsae.eval.logreg import LogRegFit, Matrix, fit_binary, fit_multinomial
 GROUPS = ("modality", "plane", "sex", "age_group", "institute", "pathology", "structure")
 #: The study's pathology targets.
 PATHOLOGIES = ("inflammation", "tumor", "trauma")
-#: Targets with at least this dense AUC enter the study's averages (§5.5 "dense > 0.6").
+#: Targets with at least this dense AUC enter the study's averages (docs/method.md#recovery: "dense > 0.6").
 MEAN_MIN_DENSE_AUC = 0.6
 
 #: A feature source: a matrix indexed by global row, or a loader ``rows -> matrix``.

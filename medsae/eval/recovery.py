@@ -1,4 +1,4 @@
-"""Performance recovery (study-method.md §5.5): how much of the dense probe's quality the top-N latents keep.
+"""Performance recovery (docs/method.md#recovery): how much of the dense probe's quality the top-N latents keep.
 
 For every binary leaf task (a binary target, or one class of a multiclass target one-vs-rest)
 whose dense-probe val ROC-AUC is at least 0.55:
@@ -25,9 +25,8 @@ import numpy as np
 from medsae.eval.logreg import Matrix, fit_binary
 from medsae.eval.probes import ProbeResult, ProbeSettings, roc_auc_columns, stratified_subsample, take_rows
 
-#: The study's N values and recovery thresholds.
+#: The study's N values.
 STUDY_NS = (1, 2, 3, 5, 10, 20, 30, 50, 75, 100)
-STUDY_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 #: Tasks whose dense val AUC is below this are skipped (the study's filter).
 MIN_DENSE_AUC = 0.55
 #: Latents kept from the coefficient ranking.
@@ -70,7 +69,7 @@ def n_to_reach(ns: Sequence[int], ratios: Sequence[float], threshold: float) -> 
 
 
 def mean_n_features_study(table: np.ndarray) -> float:
-    """The study's ranking quantity (§5.7): ``table [targets, thresholds]`` of N-to-reach values;
+    """The study's ranking quantity (docs/method.md#ranking): ``table [targets, thresholds]`` of N-to-reach values;
     NaN in a column is replaced by that column's max + 1 (100 if the whole column is NaN); the
     mean over all cells. Lower = fewer latents needed."""
     t = np.array(table, dtype=np.float64)

@@ -1,4 +1,4 @@
-"""Retrieval (study-method.md §6): find slices like a reference slice, and judge what was found.
+"""Retrieval (docs/method.md#retrieval): find slices like a reference slice, and judge what was found.
 
 Methods (each returns, per reference, the rows of the ``top`` = 5 most similar slices, at most one
 per scan, never from the reference's own scan):
@@ -16,7 +16,7 @@ Quality measures:
 
 * :func:`dense_space_quality` - the study's: mean cosine, in the dense embedding space, between
   the reference and its retrievals. Dense retrieval is by construction its optimum, and a
-  random-weights model scores 0.998 on it (§11 item 28): it cannot tell real features from
+  random-weights model scores 0.998 on it (docs/method.md#problem-28): it cannot tell real features from
   random ones;
 * :func:`label_agreement` / :func:`structure_jaccard` - label-based precision@k: the fraction of
   retrievals with the reference's modality / plane / body region, and the mean Jaccard overlap
@@ -35,7 +35,6 @@ import scipy.sparse as sp
 
 from medsae.eval.metrics import FIRE_EPS
 
-STUDY_KS = (1, 2, 3, 5, 10, 20, 50, 100)
 TOP = 5
 
 

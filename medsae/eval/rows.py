@@ -6,7 +6,8 @@ Columns: T = ``target``, N = ``n_features`` ("-" = NULL). All rows carry their `
 Dead latents are counted in three places, always as "never fires on any slice of a set", and the
 set is the row's ``split``: the train stage's ``dead_fraction`` (split ``train``), this stage's
 ``dead_fraction`` (``val``, ``test``) and the summarize stage's ``latents_dead`` (the explanation
-pool, e.g. ``test+val``). Show them with their split (``medsae.report.names.metric_label``).
+pool, e.g. ``test+val``). Show them with their split and definition
+(``medsae.report.names.metric_definition``).
 
 =================================  ======  ====  ===============================================
 name                               T       N     meaning
@@ -35,10 +36,10 @@ recovery_n_features_XXpct          task    -     smallest N reaching XX % (NULL:
 recovery_auc_mean, recovery_mean,  -       N     means over tasks with dense AUC > 0.6
 recovery_chance_adjusted_mean
 recovery_mean_n_features_XXpct     -       -     mean N to reach XX % (never -> 100)
-recovery_mean_n_features           -       -     the study's ranking quantity (§5.7)
+recovery_mean_n_features           -       -     the study's ranking quantity (docs/method.md#ranking)
 mono_config_top10                  -       -     mean of the 10 largest M_10 (study code)
 monosemanticity_top50_mean         -       -     mean of the 50 largest M_10 (shipped ranking)
-coherence_score, specificity_score -       -     further §5.6 aggregates
+coherence_score, specificity_score -       -     further aggregates (docs/method.md#monosemanticity)
 breadth_score, n_features_scored,  -       -
 n_features_above_null,
 mono_null_10, mono_null_50

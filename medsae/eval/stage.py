@@ -25,11 +25,12 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from medsae import plots
 from medsae.data.index import load_slices, presence_matrix
 from medsae.embed.store import open_embeddings
 from medsae.errors import MissingInputError
 from medsae.eval import metrics as M
-from medsae.eval import mono, plots, probes, recovery, retrieval, rows
+from medsae.eval import mono, probes, recovery, retrieval, rows
 from medsae.eval.config import EvalSpec
 from medsae.eval.logreg import resolve_device
 from medsae.sae.checkpoint import load_sae
@@ -184,12 +185,8 @@ def run_evaluate(ctx: StageContext) -> StageResult:
             metrics += rows.scalar_rows(split, values, n=len(srows))
         if spec.plots:
             with timer.part("plots"):
-                plots.plot_latent_frequency(
-                    counts / len(srows),
-                    plot_dir / f"latent_frequency_{split}.png",
-                    spec.dense_threshold,
-                    title=f"{split}:",
-                )
+                figure = plots.latent_frequency(counts / len(srows), spec.dense_threshold, title=f"{split}:")
+                plots.save_png(figure, plot_dir / f"latent_frequency_{split}.png")
 
     settings = probes.ProbeSettings(
         C=spec.probe_C,
@@ -240,12 +237,9 @@ def run_evaluate(ctx: StageContext) -> StageResult:
         if spec.plots:
             with timer.part("plots"):
                 for split in splits:
-                    plots.plot_recovery_curves(curves, split, plot_dir / f"recovery_{split}.png")
-                    plots.plot_probe_aucs(
-                        _auc_table(results, split),
-                        plot_dir / f"probe_auc_{split}.png",
-                        title=f"linear probes ({split})",
-                    )
+                    plots.save_png(plots.recovery_curves(metrics, [split]), plot_dir / f"recovery_{split}.png")
+                    figure = plots.probe_aucs(_auc_table(results, split), title=f"linear probes ({split})")
+                    plots.save_png(figure, plot_dir / f"probe_auc_{split}.png")
 
     if spec.monosemanticity:
         with timer.part("monosemanticity"):

@@ -301,18 +301,20 @@ class Agent:
         self._emit_prompts()
 
         description = self._describe("score")
-        finished = run_latents(self.gateway, works, lines, workers=max(2, self.concurrency))
+        finished = run_latents(
+            self.gateway, works, lines, workers=max(2, self.concurrency), finish=lambda w: self._latent_rows(w, context)
+        )
         if description is not None:
             from medsae.progress import track
 
             finished = track(finished, total=len(works), description=description, unit="latent")
         for work in finished:
             self._n_repairs += work.n_repairs
-            try:
-                rows, complete = self._latent_rows(work, context)
-            except Exception as exc:  # one latent's failure never stops the others
-                log.warning("latent %d: %s: %s; not scored", work.latent, type(exc).__name__, exc)
+            if work.failure:  # one latent's failure never stops the others
+                log.warning("latent %d: %s; not scored", work.latent, work.failure)
                 rows, complete = {"explanations": [work.context["explanation"]]}, False
+            else:
+                rows, complete = work.result
             self._emit(rows, work.latent if complete else None)
         self._emit_prompts()
 
@@ -518,9 +520,6 @@ class Agent:
         latent, expl = work.latent, work.context["explanation"]
         rows = self._best_attribute(latent, context)
         rows["explanations"].insert(0, expl)
-        if work.failure:
-            log.warning("latent %d: %s; not scored", latent, work.failure)
-            return rows, False
         complete = True
         shuffled = work.context.get("shuffled")
         if shuffled is not None:

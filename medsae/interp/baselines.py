@@ -1,4 +1,4 @@
-"""Controls every explanation score is reported against (A7.8).
+"""Controls every explanation score is reported against (docs/method.md#baselines).
 
 * **Shuffled explanation**: latent i is simulated with the explanation of a seeded-random other
   latent through the same scorer. Expect r near 0; the gap to the real explanation is the signal.

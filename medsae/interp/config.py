@@ -2,7 +2,7 @@
 
 The same section parameterises two stages: ``summarize`` (statistics and example sets, no LLM)
 and ``interpret`` (explain + simulate + score through the LLM gateway). Defaults follow the
-recipe in ``autointerp-and-registry.md`` section A7, scaled down where the phantom demo needs it.
+recipe in ``docs/method.md#autointerp``, scaled down where the phantom demo needs it.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class InterpretSpec(Section):
         10, ge=2, le=10**7, description="Widen the pool (to val+test, then every split) below this many scans."
     )
 
-    # -- sampling (A7.3-A7.4) --------------------------------------------------------------------
+    # -- sampling (docs/method.md#example-sets) --------------------------------------------------
     explain_fraction: float = Field(
         0.5, gt=0, lt=1, description="Share of scans hashed into the explain partition."
     )
@@ -118,7 +118,7 @@ class InterpretSpec(Section):
         0, ge=0, le=2**32 - 1, description="Seed of every sampler (combined per SAE, latent and purpose)."
     )
 
-    # -- scoring (A7.6-A7.8) ---------------------------------------------------------------------
+    # -- scoring (docs/method.md#scoring) --------------------------------------------------------
     simulate_batch: int = Field(10, ge=1, le=99, description="Held-out slices per simulator call.")
     shuffled_fraction: float = Field(
         0.2, ge=0, le=1, description="Share of latents also scored with a random other latent's explanation."

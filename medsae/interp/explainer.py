@@ -1,4 +1,4 @@
-"""The explainer: one prompt per latent from its explain set, one parsed sentence back (A7.5).
+"""The explainer: one prompt per latent from its explain set, one parsed sentence back (docs/method.md#explainer).
 
 Each example is one compact metadata line (:mod:`medsae.interp.metadata`) with the latent's
 strength 0-10 = floor(10 * activation / max activation of the set), at least 1 for a firing slice;

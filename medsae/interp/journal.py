@@ -1,8 +1,10 @@
 """Where finished latents go while the agent is still running, so a kill loses (almost) nothing.
 
 The agent hands every finished latent's rows to a :class:`RowSink`, which writes them in small
-batches (every ``flush_s`` seconds or ``flush_latents`` latents, and at the end, also when the run
-fails):
+batches (every ``flush_latents`` latents or after an interval, and at the end, also when the run
+fails). The interval adapts to what a write costs: 20 times the last write's duration, between
+``MIN_INTERVAL_S`` and ``MAX_INTERVAL_S``, so writing takes about 5 % of the run at most and a
+kill loses at most the last few seconds of work:
 
 * :class:`RowSink` itself keeps nothing (the agent keeps every row in memory anyway);
 * :class:`WorkDirJournal` — the ``interpret`` stage: one JSON part file per batch in the stage's
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 TABLES = ("explanations", "explanation_scores", "llm_calls", "prompts")
+MIN_INTERVAL_S, MAX_INTERVAL_S, COST_FACTOR = 1.0, 10.0, 20.0
 Tables = dict[str, list[dict[str, Any]]]
 
 
@@ -32,8 +35,8 @@ def empty_tables() -> Tables:
 class RowSink:
     """Batches rows of finished latents and writes them with :meth:`_write` (here: nowhere)."""
 
-    def __init__(self, flush_s: float = 2.0, flush_latents: int = 50):
-        self.flush_s = float(flush_s)
+    def __init__(self, flush_latents: int = 100):
+        self.interval_s = MIN_INTERVAL_S
         self.flush_latents = int(flush_latents)
         self._pending: Tables = empty_tables()
         self._pending_latents: list[int] = []
@@ -55,18 +58,20 @@ class RowSink:
                 self._pending.setdefault(table, []).extend(rows)
         if latent is not None:
             self._pending_latents.append(int(latent))
-        if len(self._pending_latents) >= self.flush_latents or time.monotonic() - self._last >= self.flush_s:
+        if len(self._pending_latents) >= self.flush_latents or time.monotonic() - self._last >= self.interval_s:
             self.flush()
 
     def flush(self) -> None:
         """Write what is pending (one batch)."""
-        self._last = time.monotonic()
+        start = self._last = time.monotonic()
         if not any(self._pending.values()) and not self._pending_latents:
             return
         tables, latents = self._pending, self._pending_latents
         self._pending, self._pending_latents = empty_tables(), []
         self._write(tables, latents)
         self.n_flushes += 1
+        self._last = time.monotonic()
+        self.interval_s = min(MAX_INTERVAL_S, max(MIN_INTERVAL_S, COST_FACTOR * (self._last - start)))
 
     def _write(self, tables: Tables, latents: list[int]) -> None:
         """Persist one batch (subclasses)."""
@@ -75,8 +80,8 @@ class RowSink:
 class WorkDirJournal(RowSink):
     """Part files ``part-NNNNNN.json`` in a folder that survives a killed stage."""
 
-    def __init__(self, folder: Path, flush_s: float = 2.0, flush_latents: int = 50):
-        super().__init__(flush_s, flush_latents)
+    def __init__(self, folder: Path, flush_latents: int = 100):
+        super().__init__(flush_latents)
         self.folder = Path(folder)
 
     def _parts(self) -> list[Path]:
@@ -108,8 +113,8 @@ class WorkDirJournal(RowSink):
 class RegistrySink(RowSink):
     """Each batch is one registry transaction; counts the rows that were new."""
 
-    def __init__(self, registry: Any, flush_s: float = 2.0, flush_latents: int = 50):
-        super().__init__(flush_s, flush_latents)
+    def __init__(self, registry: Any, flush_latents: int = 100):
+        super().__init__(flush_latents)
         self.registry = registry
         self.new_rows: dict[str, int] = dict.fromkeys(TABLES, 0)
 

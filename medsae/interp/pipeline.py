@@ -4,8 +4,10 @@ Each latent's work (its simulation and detection batches, the shuffled baseline'
 ranking request, then the repair re-asks of its malformed batches) runs as one unit in the
 gateway's event loop. ``workers`` units run at once, so the gateway's concurrency limit stays
 saturated while latents keep finishing in a steady stream (a latent never waits for a global
-repair round). Finished units are yielded to the calling thread, which scores them and writes
-their rows: a run killed halfway keeps every latent it finished.
+repair round). A unit's ``finish`` step (scoring it) runs in the loop too, right after its calls,
+so the calling thread does not compete with the loop for the interpreter; finished units are
+yielded to the calling thread, which writes their rows: a run killed halfway keeps every latent
+it finished.
 
 One latent's unexpected failure (a bug in reading an answer) is recorded on its unit and never
 stops the others; user errors (:class:`MedsaeError`: replay cache miss, rejected key) stop the run.
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,19 +39,28 @@ class LatentWork:
     extra_responses: list[LLMResponse] = field(default_factory=list)
     n_repairs: int = 0
     failure: str | None = None  # an unexpected exception while running this latent
+    result: Any = None  # what ``finish`` returned
 
 
-async def _run_one(gateway: Any, work: LatentWork, lines: dict[int, str]) -> None:
+Finish = Callable[[LatentWork], Any]
+
+
+async def _run_one(gateway: Any, work: LatentWork, lines: dict[int, str], finish: Finish | None) -> None:
     try:
         work.extra_responses, work.n_repairs = await arun_jobs(gateway, work.jobs, lines, work.extra)
+        if finish is not None:
+            work.result = finish(work)
     except MedsaeError:
         raise
     except Exception as exc:  # one latent's failure never stops the others
         work.failure = f"{type(exc).__name__}: {exc}"
 
 
-def run_latents(gateway: Any, works: Sequence[LatentWork], lines: dict[int, str], workers: int) -> Iterator[LatentWork]:
-    """Run ``works`` with ``workers`` latents in flight; yield each as soon as it is finished."""
+def run_latents(
+    gateway: Any, works: Sequence[LatentWork], lines: dict[int, str], workers: int, finish: Finish | None = None
+) -> Iterator[LatentWork]:
+    """Run ``works`` with ``workers`` latents in flight (then ``finish(work)`` -> ``work.result``, in
+    the loop); yield each as soon as it is finished."""
     if not works:
         return
     finished: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -57,7 +68,7 @@ def run_latents(gateway: Any, works: Sequence[LatentWork], lines: dict[int, str]
 
     async def worker() -> None:
         for work in pending:  # one shared iterator: each latent is taken by exactly one worker
-            await _run_one(gateway, work, lines)
+            await _run_one(gateway, work, lines, finish)
             finished.put(work)
 
     async def main() -> None:

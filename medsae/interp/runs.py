@@ -1,10 +1,10 @@
 """Explaining a registered experiment again, comparing explainers, showing one latent.
 
 These are the library side of ``medsae explain run|compare|show``: they find an experiment's
-summarize / slices stage folders through the registry (``experiments`` -> ``experiment_stages``
--> ``stages.artifact_dir``), run the agent with another explainer or scorer, and write the rows
-straight into the registry as latents finish (small batches, one short transaction each), so a
-killed run keeps what it finished. Ids are content hashes, so rows that exist already are skipped
+summarize / slices stage folders through the registry's read layer (:mod:`medsae.registry.queries`),
+run the agent with another explainer or scorer, and write the rows straight into the registry
+as latents finish (small batches, one short transaction each), so a killed run keeps what it
+finished. Ids are content hashes, so rows that exist already are skipped
 (INSERT OR IGNORE): a rerun adds nothing and makes no LLM call for what is in the cache, a new
 model adds its own rows.
 
@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from medsae.errors import MedsaeError, MissingInputError
+from medsae.registry import queries
 from medsae.registry.db import Registry, insert_rows
 
 #: Registry table -> its id column (None: no id; rows are appended).
@@ -52,27 +53,9 @@ class ExperimentInputs:
 
 def experiment_inputs(registry: Registry, name: str) -> ExperimentInputs:
     """Locate the summarize and slices stages of experiment ``name`` (one-line errors if absent)."""
-    from medsae.paths import resolve_stored
-    from medsae.plan import find_experiment
-
-    exp = find_experiment(registry, name)
-    rows = registry.query(
-        """SELECT es.kind, es.stage_key, s.artifact_dir FROM experiment_stages es
-           LEFT JOIN stages s ON s.stage_key = es.stage_key WHERE es.experiment_id = ?""",
-        [exp["experiment_id"]],
-    )
-    stages = {r["kind"]: r for r in rows}
-    dirs: dict[str, Path] = {}
-    for kind in ("summarize", "slices"):
-        row = stages.get(kind)
-        if row is None or not row["artifact_dir"]:
-            raise MissingInputError(
-                f"experiment '{name}': stage '{kind}' has not run (run `medsae exp run` first)"
-            )
-        path = resolve_stored(row["artifact_dir"], registry.path)
-        if not path.is_dir():
-            raise MissingInputError(f"experiment '{name}': {kind} folder {path} is missing")
-        dirs[kind] = path
+    exp = queries.find_experiment(registry, name)
+    stages = {r["kind"]: r for r in queries.experiment_stages(registry, exp["experiment_id"])}
+    dirs = {kind: queries.stage_folder(registry, exp, kind) for kind in ("summarize", "slices")}
     spec = json.loads(exp["spec_json"])
     latents = pd.read_parquet(dirs["summarize"] / "latents.parquet", columns=["sae_key"])
     sae_key = (

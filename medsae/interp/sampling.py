@@ -1,4 +1,4 @@
-"""Which slices the explainer sees and which ones score it (autointerp-and-registry.md A7.2-A7.4).
+"""Which slices the explainer sees and which ones score it (docs/method.md#example-sets).
 
 Leak-proof by construction:
 
@@ -44,7 +44,6 @@ import scipy.sparse as sp
 from medsae.errors import MedsaeError
 
 EXPLAIN, SIMULATE, DETECT = "explain", "simulate", "detect"
-PURPOSES = (EXPLAIN, SIMULATE, DETECT)
 N_DECILES = 10
 MATCH_CANDIDATES = 2000  # non-firing slices considered when matching contrasts
 CHUNK = 512  # candidates screened at a time by the near-duplicate picker

@@ -1,4 +1,4 @@
-"""Scores of simulated against true activations (A7.7), each with n, chance level and uncertainty.
+"""Scores of simulated against true activations (docs/method.md#scoring), each with n, chance level and uncertainty.
 
 * ``pearson`` (the headline): Pearson r between predictions and the raw true activations over
   the held-out simulation set; seeded bootstrap 95 % interval; one-sided permutation p-value.
@@ -190,7 +190,7 @@ def score_detection(pred: np.ndarray, true: np.ndarray, scale: int = 1) -> list[
 
 
 def _calibration(pred: np.ndarray, true: np.ndarray) -> list[float | None]:
-    """Mean prediction per true-activation decile of the firing slices, non-firing first (A7.7)."""
+    """Mean prediction per true-activation decile of the firing slices, non-firing first (docs/method.md#scoring)."""
     if len(pred) == 0:
         return []
     out: list[float | None] = [float(pred[true <= 0].mean()) if (true <= 0).any() else None]
@@ -202,7 +202,7 @@ def _calibration(pred: np.ndarray, true: np.ndarray) -> list[float | None]:
 
 
 def summarize_values(values: np.ndarray) -> dict[str, float | int | None]:
-    """Aggregate of per-latent scores (A7.7): NULL excluded and NULL as 0."""
+    """Aggregate of per-latent scores (docs/method.md#scoring): NULL excluded and NULL as 0."""
     v = np.asarray([x for x in values], dtype=float)
     ok = v[np.isfinite(v)]
     as_zero = np.nan_to_num(v, nan=0.0)

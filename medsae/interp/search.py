@@ -1,4 +1,4 @@
-"""Language-driven retrieval (study-method.md section 8), measured instead of eyeballed.
+"""Language-driven retrieval (docs/method.md#language-retrieval), measured instead of eyeballed.
 
 1. Candidate latents: the experiment's explanations (kind ``explanation``, status ``ok``: never a
    too long, repetitive or unparsed one) whose headline score is at least ``min_score`` (the study
@@ -277,7 +277,7 @@ def run_search(
     latents = match_latents(gateway, model, template, legend, query, candidates, n_latents)
     stats = pd.read_parquet(exp.summarize_dir / "latents.parquet").set_index("latent")
     weights = stats.loc[latents, "mean_act"].to_numpy(dtype=float)
-    encode_dir = _stage_dir(registry, exp.experiment_id, "encode")
+    encode_dir = _stage_dir(registry, exp.experiment_id, name, "encode")
     codes, code_ids = load_codes(encode_dir)
     found = rank_slices(codes, code_ids, slices.reset_index(drop=True), latents, weights, k)
     crit = dict(criteria) if criteria is not None else criteria_from_text(query, legend)
@@ -301,19 +301,10 @@ def run_search(
     }
 
 
-def _stage_dir(registry: Any, experiment_id: str, kind: str) -> Any:
-    from medsae.errors import MissingInputError
-    from medsae.paths import resolve_stored
+def _stage_dir(registry: Any, experiment_id: str, name: str, kind: str) -> Any:
+    from medsae.registry import queries
 
-    rows = registry.query(
-        """SELECT s.artifact_dir FROM experiment_stages es JOIN stages s ON s.stage_key = es.stage_key
-           WHERE es.experiment_id = ? AND es.kind = ?""",
-        [experiment_id, kind],
-    )
-    folder = resolve_stored(rows[0]["artifact_dir"], registry.path) if rows and rows[0]["artifact_dir"] else None
-    if folder is None or not folder.is_dir():
-        raise MissingInputError(f"search: the experiment's {kind} stage folder is missing")
-    return folder
+    return queries.stage_folder(registry, {"experiment_id": experiment_id, "name": name}, kind)
 
 
 def metric_rows(result: dict[str, Any], name: str) -> list[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""The simulator: predict each held-out slice's strength from an explanation (A7.6).
+"""The simulator: predict each held-out slice's strength from an explanation (docs/method.md#simulator).
 
 * **Batches**: a job's slices are shuffled with a seeded generator and cut into batches of
   ``simulate_batch``; every call relabels its slices ``X01``, ``X02``... so neither position nor

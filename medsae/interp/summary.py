@@ -1,7 +1,8 @@
 """Per-latent statistics over the interpretation pool (registry table ``latents``), vectorised.
 
 For every latent: how often it fires (frequency, n_active, n_patients = scans), how strongly
-(mean / max / quantiles of firing activations), its status (A7.2: ``dead`` never fires in the pool,
+(mean / max / quantiles of firing activations), its status (docs/method.md#eligibility:
+``dead`` never fires in the pool,
 ``too_rare`` fires on fewer than ``min_active`` slices or ``min_patients`` scans, ``dense`` fires
 on more than ``dense_frequency`` of slices, else ``live``) and an enrichment summary: the
 metadata terms most over-represented among its firing slices, and the best single attribute
@@ -69,7 +70,7 @@ def activation_stats(csc: sp.csc_matrix, scan: np.ndarray) -> pd.DataFrame:
 
 
 def statuses(stats: pd.DataFrame, n_pool: int, params: dict[str, Any]) -> np.ndarray:
-    """live / dead / dense / too_rare per latent (A7.2)."""
+    """live / dead / dense / too_rare per latent (docs/method.md#eligibility)."""
     n_active = stats["n_active"].to_numpy()
     freq = n_active / max(n_pool, 1)
     status = np.full(len(stats), "live", dtype=object)

@@ -1,4 +1,4 @@
-"""Synthetic slices and "puzzle" latents whose activation is a known metadata rule (A8).
+"""Synthetic slices and "puzzle" latents whose activation is a known metadata rule (docs/method.md#offline-agent).
 
 Used by the tests and the bench to run the whole agent with a known answer: a latent defined
 as "liver present" must be explained as such and score high; another latent's explanation must

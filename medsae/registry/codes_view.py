@@ -25,7 +25,9 @@ from pathlib import Path
 
 import duckdb
 
-from medsae.sae.codes_table import CODES_TABLE
+#: File name of an encode stage's long codes table (written by medsae.sae.codes_table, which
+#: imports it from here: the registry layer imports no stage package).
+CODES_TABLE = "codes.parquet"
 
 VIEW_COLUMNS = ("experiment", "experiment_id", "slice_id", "latent", "value", "slices_key", "encode_key")
 _EMPTY = (

@@ -29,6 +29,7 @@ from typing import Any
 from medsae.errors import MedsaeError
 from medsae.paths import registry_folder, resolve_spec_path, resolve_stored
 from medsae.registry.db import Registry
+from medsae.registry.queries import require
 
 #: Stage kinds (folders under an artifacts root), as in medsae.plan.STAGES (kept import-light here).
 STAGE_KINDS = ("slices", "embed", "train", "encode", "evaluate", "summarize", "interpret")
@@ -55,6 +56,7 @@ EXPERIMENT_TABLES = ("experiment_tags", "experiment_notes", "experiment_stages",
 
 def registrations(registry: Registry, name: str) -> list[dict[str, Any]]:
     """Registered experiments called ``name`` (newest first), or ``name@hash-prefix`` for one of them."""
+    require(registry)  # no registry file: the one "no registry here yet" message
     rows = registry.query(
         "SELECT experiment_id, name, created_at, spec_path FROM experiments WHERE name = ? ORDER BY created_at DESC",
         [name],
@@ -111,6 +113,8 @@ def plan_removal(registry: Registry, name: str) -> Removal:
         else:
             folder = resolve_stored(r["artifact_dir"], registry.path) if r["artifact_dir"] else None
             removed.append({"stage_key": r["stage_key"], "kind": r["kind"], "folder": folder})
+    order = {kind: i for i, kind in enumerate(STAGE_KINDS)}
+    removed.sort(key=lambda s: (order.get(s["kind"], len(order)), s["stage_key"]))
     return Removal(experiments, removed, kept)
 
 

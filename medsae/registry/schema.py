@@ -10,10 +10,10 @@ never updated in place); "latest" and "best" are views.
 
 from __future__ import annotations
 
-from medsae.eval.ranking import RANKING_VIEW
+from medsae.registry.ranking import RANKING_VIEW
 
 MIGRATIONS: list[list[str]] = [
-    # 1: the initial schema (design.md section 4)
+    # 1: the initial schema (docs/method.md#registry)
     [
         """CREATE TABLE IF NOT EXISTS experiments (
             experiment_id VARCHAR PRIMARY KEY,      -- sha256 of the resolved spec
@@ -223,5 +223,5 @@ VIEWS: list[str] = [
          SELECT *, row_number() OVER (PARTITION BY sae_key, latent, explainer_model, kind
                                       ORDER BY created_at DESC, explanation_id) AS rn
          FROM explanations) WHERE rn = 1""",
-    RANKING_VIEW,  # the study's configuration ranking (medsae/eval/ranking.py)
+    RANKING_VIEW,  # the study's configuration ranking (medsae/registry/ranking.py)
 ]

@@ -6,7 +6,7 @@
   SQL query (the key-metric list is :data:`medsae.report.names.KEY_METRICS`).
 
 Modules: ``gather`` (registry queries), ``cards`` (latent selection, top slices, thumbnails),
-``plots`` (matplotlib -> PNG data URLs), ``templates/report.html.j2`` (autoescaped jinja2).
+``templates/report.html.j2`` (autoescaped jinja2); the figures come from :mod:`medsae.plots`.
 """
 
 from __future__ import annotations

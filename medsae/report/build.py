@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from medsae import plots
 from medsae.errors import MedsaeError
 from medsae.registry import Registry
 from medsae.report import cards as cardlib
-from medsae.report import gather, plots
-from medsae.report.names import EXPLANATION_KIND, SCORE_METHOD_ORDER
+from medsae.report import gather
+from medsae.report.names import EXPLANATION_KIND, PREFERRED_SPLITS, SCORE_METHOD_ORDER
 from medsae.stages import STAGES
 
 STAGE_ORDER = STAGES  # sections follow the stage table
@@ -143,6 +144,11 @@ def score_groups(scores: pd.DataFrame) -> dict[str, dict[str, list[float]]]:
         labels = sorted(sel["group"].unique(), key=lambda g: (g.startswith("baseline:"), g))
         out[method] = {g: sel.loc[sel["group"] == g, "value"].astype(float).tolist() for g in labels}
     return out
+
+
+def _n_dense(latents: pd.DataFrame) -> int | None:
+    """How many latents the summarize stage marked dense (None without a status column)."""
+    return int((latents["status"] == "dense").sum()) if "status" in latents else None
 
 
 def chance_levels(scores: pd.DataFrame) -> dict[str, float]:
@@ -278,19 +284,19 @@ def build_report(
         {
             "id": "sweep",
             "title": "FVU and R² vs L0 across the sweep",
-            "url": plots.sweep_plot(sweep),
+            "url": plots.data_url(plots.reconstruction_vs_l0(sweep)),
             "missing": "no FVU / R² / L0 metrics recorded yet",
         },
         {
             "id": "recovery",
             "title": "Performance recovery vs number of latents",
-            "url": plots.recovery_plot(metrics),
+            "url": plots.data_url(plots.recovery_curves(metrics, PREFERRED_SPLITS)),
             "missing": "no performance-recovery rows recorded yet",
         },
         {
             "id": "frequency",
             "title": "Latent firing frequency",
-            "url": plots.frequency_histogram(table["frequency"], table.get("status"))
+            "url": plots.data_url(plots.latent_frequency(table["frequency"], n_dense=_n_dense(table)))
             if not table.empty
             else None,
             "missing": "no latent statistics yet",
@@ -298,7 +304,7 @@ def build_report(
         {
             "id": "scores",
             "title": "Explanation scores per explainer vs baselines",
-            "url": plots.score_distributions(groups, chance_levels(scores)),
+            "url": plots.data_url(plots.score_distributions(groups, chance_levels(scores))),
             "missing": "no explanation scores yet",
         },
     ]

@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 
 from medsae.errors import MedsaeError
+from medsae.plots import png_data_url
 from medsae.progress import track
 from medsae.report.names import EXPLANATION_KIND, HEADLINE_SCORE
-from medsae.report.plots import png_data_url
 
 log = logging.getLogger("medsae")
 

@@ -1,7 +1,10 @@
 """``compare_experiments``: the key metrics of several experiments side by side, in one SQL query.
 
 The query is generated from :data:`medsae.report.names.KEY_METRICS` with the experiment names
-inlined as SQL literals, so the text the CLI prints can be pasted into ``medsae sql`` as is.
+inlined as SQL literals, so the text ``medsae exp compare --show-sql`` prints runs as printed
+(``medsae exp compare A B --show-sql | medsae sql -``). A name means its latest registration;
+``NAME@HASH`` one registration (written into the SQL with the 12-character hash
+``medsae exp list`` shows).
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ from dataclasses import replace
 from typing import Any
 
 from medsae.errors import MedsaeError
-from medsae.registry import Registry
+from medsae.registry import Registry, queries
+from medsae.registry.queries import SHOWN_HASH
 from medsae.report.names import ANY, EXPLANATION_KIND, KEY_METRICS, KeyMetric
 
 _AGGS = {"avg", "min", "max", "median", "count"}
@@ -63,9 +67,10 @@ def compare_sql(
     metric_cols = [_metric_column(k) for k in key_metrics if k.source == "metrics"]
     score_cols = [k for k in key_metrics if k.source == "explanations"]
     sql = f"""WITH wanted(name, ord) AS (VALUES {values}),
-chosen AS (  -- the latest experiment of each name
-  SELECT e.experiment_id, e.name, w.ord FROM experiments e JOIN wanted w USING (name)
-  QUALIFY row_number() OVER (PARTITION BY e.name ORDER BY e.created_at DESC) = 1
+chosen AS (  -- the latest registration of each name (NAME@HASH: the one whose id starts with HASH)
+  SELECT e.experiment_id, w.name, w.ord FROM experiments e JOIN wanted w
+    ON w.name = e.name OR w.name = e.name || '@' || left(e.experiment_id, {SHOWN_HASH})
+  QUALIFY row_number() OVER (PARTITION BY w.ord ORDER BY e.created_at DESC) = 1
 ),
 metric_cols AS (
   SELECT c.name AS experiment, c.ord{"".join("," + chr(10) + col for col in metric_cols)}
@@ -103,17 +108,20 @@ def compare_experiments(
 ) -> tuple[str, list[dict[str, Any]]]:
     """Run :func:`compare_sql` for ``names``; one row per experiment, in the order given.
 
-    Raises a one-line :class:`MedsaeError` naming any experiment the registry does not hold.
+    Each name is looked up first (:func:`medsae.registry.queries.find_experiment`): an unknown
+    name or an ambiguous ``NAME@HASH`` is a one-line :class:`MedsaeError` listing the candidates.
     """
     if not names:
         raise MedsaeError("compare: name at least one experiment")
-    names = list(dict.fromkeys(names))
+    names = list(dict.fromkeys(_pinned(registry, n) for n in names))
     sql = compare_sql(names, split=split)
-    rows = registry.query(sql)
-    missing = [n for n in names if n not in {r["experiment"] for r in rows}]
-    if missing:
-        raise MedsaeError(f"{registry.path}: no experiment named {', '.join(repr(m) for m in missing)}")
-    return sql, rows
+    return sql, queries.rows(registry, sql)
+
+
+def _pinned(registry: Registry, name: str) -> str:
+    """``name`` if it names experiments as is, else ``NAME@HASH`` with the 12-character hash."""
+    row = queries.find_experiment(registry, name)
+    return name if row["name"] == name else f"{row['name']}@{row['experiment_id'][:SHOWN_HASH]}"
 
 
 def column_labels(key_metrics: tuple[KeyMetric, ...] = KEY_METRICS) -> dict[str, str]:

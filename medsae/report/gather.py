@@ -14,7 +14,7 @@ from typing import Any
 import duckdb
 import pandas as pd
 
-from medsae.errors import MedsaeError
+from medsae.registry import queries
 from medsae.report.names import EXPLANATION_KIND, FVU, L0, R2, preferred_split
 
 
@@ -53,28 +53,12 @@ def _frame(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = 
 
 
 def load_experiment(con: duckdb.DuckDBPyConnection, name: str) -> ExperimentRecord:
-    """The experiment called ``name`` and its stages; a one-line error lists known names if absent."""
-    rows = _rows(con, "SELECT * FROM experiments WHERE name = ? ORDER BY created_at DESC", [name])
-    if not rows:
-        known = [r["name"] for r in _rows(con, "SELECT name FROM experiments ORDER BY name LIMIT 11")]
-        hint = ", ".join(known[:10]) + (", ..." if len(known) > 10 else "") if known else "none"
-        raise MedsaeError(f"experiment '{name}' is not in the registry (known: {hint})")
-    stages = _rows(
-        con,
-        """SELECT es.kind, es.stage_key, coalesce(s.status, 'not run') AS status, s.code_version,
-                  s.params_json, s.upstream_keys, s.started_at, s.finished_at, s.seconds, s.device,
-                  s.artifact_dir, s.summary_json
-           FROM experiment_stages es LEFT JOIN stages s USING (stage_key)
-           WHERE es.experiment_id = ?""",
-        [rows[0]["experiment_id"]],
-    )
-    from medsae.paths import connection_file, resolve_stored
-
-    registry_file = connection_file(con)
+    """The experiment ``name`` (or ``NAME@HASH``) and its stages; a one-line error lists candidates if absent."""
+    row = queries.find_experiment(con, name)
+    stages = queries.experiment_stages(con, row["experiment_id"])
     for s in stages:  # stored next to the registry file: absolute here
-        if s["artifact_dir"]:
-            s["artifact_dir"] = str(resolve_stored(s["artifact_dir"], registry_file))
-    return ExperimentRecord(row=rows[0], stages={s["kind"]: s for s in stages})
+        s["artifact_dir"] = str(s.pop("folder")) if s["folder"] is not None else None
+    return ExperimentRecord(row=row, stages={s["kind"]: s for s in stages})
 
 
 def experiment_metrics(con: duckdb.DuckDBPyConnection, exp: ExperimentRecord) -> pd.DataFrame:

@@ -14,12 +14,6 @@ FVU = "fvu"
 R2 = "r2_scalar_mean_study"
 L0 = "l0_mean"
 
-#: Performance-recovery curves: (per-task metric, mean over tasks), both with ``n_features`` = N.
-RECOVERY_CURVES: tuple[tuple[str, str], ...] = (
-    ("recovery", "recovery_mean"),
-    ("recovery_chance_adjusted", "recovery_chance_adjusted_mean"),
-)
-
 #: Splits in order of preference when one number per experiment is wanted.
 PREFERRED_SPLITS: tuple[str, ...] = ("val", "test", "all", "train")
 
@@ -58,18 +52,6 @@ def metric_definition(name: str, split: str | None = None) -> str:
     """One line saying what ``name`` measures (and on which slices, when ``split`` is given)."""
     text = METRIC_DEFINITIONS.get(name, name)
     return f"{text} [{split}]" if split else text
-
-
-def metric_label(name: str, split: str | None) -> str:
-    """A short label that keeps the split and definition with a dead / alive number, e.g. ``dead on val``."""
-    short = {
-        "dead_fraction": "dead (never fire)",
-        "n_dead": "dead latents (never fire)",
-        "latents_dead": "dead in explanation pool",
-        "alive_per_batch_study": "alive per 2,048-batch (study)",
-        "dense_fraction": "dense (> 10 % of slices)",
-    }.get(name, name)
-    return f"{short}, {split}" if split else short
 
 
 def preferred_split(splits: Iterable[str | None]) -> str | None:

@@ -19,7 +19,7 @@ right after an encode) or, with ``l2="unit"``, no normalisation at all (unit-nor
 decode is stateless). Next to them go ``sparsity.safetensors`` (log10 firing frequency on the train
 split, SAELens' convention) and a ``README.md`` model card. Files are written atomically with
 umask-respecting modes, and no absolute path of this machine is written into them.
-:func:`export_experiment_saelens` gathers all of that for a registered experiment.
+:func:`medsae.api.export_experiment_saelens` gathers all of that for a registered experiment.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 from safetensors.torch import load_file, save_file
 from safetensors.torch import save as save_tensors
@@ -133,12 +132,6 @@ class FeatureDensity:
     frequency: np.ndarray
     n_rows: int
     source: str  # what the slices are, for the model card ("the train split of 'demo'")
-
-    @classmethod
-    def from_codes(cls, codes: sp.csr_matrix, source: str) -> FeatureDensity:
-        from medsae.eval.metrics import latent_frequencies  # the evaluation's own firing rule
-
-        return cls(latent_frequencies(codes), int(codes.shape[0]), source)
 
     def log10(self) -> np.ndarray:
         """SAELens' ``sparsity`` tensor: ``log10(frequency + 1e-10)`` (a never-firing latent gets -10)."""
@@ -386,98 +379,3 @@ def model_card(body: dict[str, Any], train_key: str, density: FeatureDensity | N
             "",
         ]
     return "\n".join(lines).rstrip() + "\n"
-
-
-def _stage_dirs(experiment: str, registry_path: str | Path | None) -> tuple[Any, dict[str, Any], dict[str, Path]]:
-    """``(registry, experiment row, kind -> artifact folder)`` of a registered experiment."""
-    from medsae.plan import experiment_stage_dirs, find_experiment
-    from medsae.registry import Registry
-
-    registry = Registry(registry_path)
-    row = find_experiment(registry, experiment)
-    return registry, row, experiment_stage_dirs(registry, experiment)
-
-
-def _existing(dirs: dict[str, Path], kind: str, experiment: str, registry: Any) -> Path:
-    what = "trained SAE" if kind == "train" else f"'{kind}' stage"
-    if kind not in dirs:
-        raise MedsaeError(f"{registry.path}: no {what} for experiment '{experiment}' (run `medsae exp run` first)")
-    if not dirs[kind].is_dir():
-        raise MissingInputError(f"{dirs[kind]}: {kind} folder of '{experiment}' is missing")
-    return dirs[kind]
-
-
-def resolve_train_dir(experiment: str, registry_path: str | Path | None = None) -> Path:
-    """The completed train folder of a registered experiment (via the registry)."""
-    registry, _, dirs = _stage_dirs(experiment, registry_path)
-    return _existing(dirs, "train", experiment, registry)
-
-
-def train_density(encode_dir: Path, slices_dir: Path, experiment: str, split: str = "train") -> FeatureDensity:
-    """Firing frequency of each latent on one split of the experiment's slices (from the encode stage's codes)."""
-    import pandas as pd
-
-    from medsae.sae.codes import load_codes
-
-    codes, slice_ids = load_codes(encode_dir)
-    path = slices_dir / "slices.parquet"
-    if not path.is_file():
-        raise MissingInputError(f"{path}: slice table not found")
-    splits = pd.read_parquet(path, columns=["slice_id", "split"]).set_index("slice_id")["split"]
-    rows = np.flatnonzero(splits.reindex(slice_ids).to_numpy() == split)
-    if rows.size == 0:
-        raise MedsaeError(f"{encode_dir}: no '{split}' slices among the codes of '{experiment}'")
-    return FeatureDensity.from_codes(codes[rows], f"the {split} split of experiment '{experiment}'")
-
-
-def _embedding_facts(spec_json: str | None) -> tuple[str | None, str | None]:
-    """``(backbone id, "source, pooling, input size")`` from an experiment's resolved spec."""
-    try:
-        embed = json.loads(spec_json or "{}").get("embed") or {}
-    except json.JSONDecodeError:
-        return None, None
-    parts = [
-        str(embed["source"]) if embed.get("source") not in (None, embed.get("model")) else None,
-        f"{embed['pooling']} pooling" if embed.get("pooling") else None,
-        f"{embed['input_size']} px input" if embed.get("input_size") else None,
-    ]
-    return embed.get("model"), ", ".join(p for p in parts if p) or None
-
-
-def _card_metrics(registry: Any, experiment_id: str) -> tuple[tuple[str, str, str, float], ...]:
-    """The train and evaluate stages' reconstruction and dead-latent rows, with their definitions."""
-    from medsae.report.names import CARD_METRICS, SPLIT_ORDER, metric_definition
-
-    rows = registry.query(
-        """SELECT m.name, m.split, avg(m.value) AS value FROM experiment_stages es
-           JOIN metrics m ON m.stage_key = es.stage_key
-           WHERE es.experiment_id = ? AND es.kind IN ('train', 'evaluate') AND m.target IS NULL
-             AND m.n_features IS NULL AND m.value IS NOT NULL AND m.name IN ({})
-           GROUP BY 1, 2""".format(", ".join("?" * len(CARD_METRICS))),
-        [experiment_id, *CARD_METRICS],
-    )
-    order = {s: i for i, s in enumerate(SPLIT_ORDER)}
-    rows.sort(key=lambda r: (CARD_METRICS.index(r["name"]), order.get(r["split"], len(order)), r["split"] or ""))
-    return tuple((r["name"], r["split"], metric_definition(r["name"]), r["value"]) for r in rows)
-
-
-def export_experiment_saelens(
-    experiment: str, out_dir: str | Path, registry_path: str | Path | None = None, l2: str = "rescale"
-) -> Path:
-    """:func:`export_saelens` of a registered experiment, with its train-split feature density and a
-    model card naming its embeddings and metrics."""
-    if l2 not in L2_EXPORTS:
-        raise MedsaeError(f"--l2: expected one of {', '.join(L2_EXPORTS)}, got '{l2}'")
-    registry, row, dirs = _stage_dirs(experiment, registry_path)
-    train_dir = _existing(dirs, "train", experiment, registry)
-    density = train_density(
-        _existing(dirs, "encode", experiment, registry), _existing(dirs, "slices", experiment, registry), experiment
-    )
-    model, embedding = _embedding_facts(row.get("spec_json"))
-    facts = CardFacts(
-        experiment=experiment,
-        embedding_model=model,
-        embedding=embedding,
-        metrics=_card_metrics(registry, row["experiment_id"]),
-    )
-    return export_saelens(train_dir, out_dir, density=density, l2=l2, facts=facts)

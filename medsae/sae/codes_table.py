@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from medsae.errors import MedsaeError
+from medsae.registry.codes_view import CODES_TABLE  # the file name the registry's views read
 
-CODES_TABLE = "codes.parquet"
 ROW_GROUP_ROWS = 128 * 1024
 SCHEMA = pa.schema(
     [

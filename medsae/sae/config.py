@@ -1,7 +1,7 @@
 """The ``sae:`` section: the sparse autoencoder and its training recipe.
 
 Every field is documented where it is declared. ``preset: study`` fills in the study's exact
-recipe (study-method.md section 4) for every field the spec does not set explicitly; see
+recipe (docs/method.md#study-preset) for every field the spec does not set explicitly; see
 :data:`STUDY_PRESET` for the list of fields it sets and why.
 """
 
@@ -14,20 +14,20 @@ from pydantic import Field, model_validator
 from medsae.specbase import Section, execution_only, seed_field
 
 #: Fields that ``preset: study`` fills in (explicitly given fields win). Each value is the study's
-#: (study-method.md section 4):
-#: * Matryoshka BatchTopK, per-level independent selection, no ReLU on the kept values (4.3);
-#: * tied weights whose decoder reads the encoder weight *detached* (4.2);
-#: * no unit-norm constraint after init (4.2); every medsae SAE starts from uniform random rows
+#: (docs/method.md#study-preset):
+#: * Matryoshka BatchTopK, per-level independent selection, no ReLU on the kept values;
+#: * tied weights whose decoder reads the encoder weight *detached*;
+#: * no unit-norm constraint after init; every medsae SAE starts from uniform random rows
 #:   scaled to unit norm, which is what the study's Xavier-uniform init + row scaling gives;
-#: * b_dec = 0 (4.2); per-sample L2 inputs (4.1);
+#: * b_dec = 0; per-sample L2 inputs;
 #: * inference threshold θ = running mean over the whole run of the smallest positive kept value
 #:   at the largest level, applied as a shifted ReLU max(0, z - θ), per-sample top-k before 100
-#:   batches (4.3-4.4);
-#: * no AuxK, no L1 (4.5);
+#:   batches;
+#: * no AuxK, no L1;
 #: * Adam lr 1e-4, linear warm-up from 0.1·lr over min(1000, steps/10) steps, then cosine to 1e-6,
-#:   batch 2048, 100 epochs, global grad-norm clip 0.5, one shuffle reused every epoch (4.6).
+#:   batch 2048, 100 epochs, global grad-norm clip 0.5, one shuffle reused every epoch.
 #: The study's bf16-mixed precision is what ``precision: auto`` gives on a GPU. ``levels`` and
-#: ``level_k`` are the grid's (4.7) and must be given.
+#: ``level_k`` come from the grid (docs/method.md#study-grid) and must be given.
 STUDY_PRESET: dict[str, Any] = {
     "arch": "matryoshka",
     "matryoshka_inner": "batchtopk",

@@ -121,7 +121,7 @@ def _encode_grads(ctx, grad_w_fn, g_sum_per_col, cols, w_enc):
 
 class _GatherEncode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_c, w_enc, b_enc, b_dec, z, rows, cols):  # noqa: ARG004 (b_enc, b_dec: for grads)
+    def forward(ctx, x_c, w_enc, b_enc, b_dec, z, rows, cols):  # b_enc, b_dec: inputs for their gradients
         ctx.save_for_backward(x_c, w_enc, rows, cols)
         return z[rows, cols].float()
 
@@ -153,7 +153,7 @@ def gather_encode(
 
 class _ColumnsEncode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_c, w_enc, b_enc, b_dec, z, cols):  # noqa: ARG004
+    def forward(ctx, x_c, w_enc, b_enc, b_dec, z, cols):
         ctx.save_for_backward(x_c, w_enc, cols)
         return z[:, cols].float()
 
