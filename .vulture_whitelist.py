@@ -42,3 +42,40 @@ _.handle_data
 # pytest reads these: module-level marks, and a fixture that tests receive by importing it.
 pytestmark
 llm_server_fixture
+
+# InterpretSpec fields that medsae/interp reads by string key from the stage's params dict
+# (issue 13's typed interp inputs are not done yet; remove these lines when interp reads ctx.spec).
+_.explainer_template  # medsae/interp/config.py InterpretSpec
+_.vision_template  # medsae/interp/config.py InterpretSpec
+_.simulator_template  # medsae/interp/config.py InterpretSpec
+_.detector_template  # medsae/interp/config.py InterpretSpec
+_.ranking_template  # medsae/interp/config.py InterpretSpec
+_.explainer_max_tokens  # medsae/interp/config.py InterpretSpec
+_.simulation_mode  # medsae/interp/config.py InterpretSpec
+_.explanation_max_words  # medsae/interp/config.py InterpretSpec
+_.explanation_max_chars  # medsae/interp/config.py InterpretSpec
+_.min_active  # medsae/interp/config.py InterpretSpec
+_.min_patients  # medsae/interp/config.py InterpretSpec
+_.dense_frequency  # medsae/interp/config.py InterpretSpec
+_.pool_splits  # medsae/interp/config.py InterpretSpec
+_.min_pool_scans  # medsae/interp/config.py InterpretSpec
+_.explain_fraction  # medsae/interp/config.py InterpretSpec
+_.explain_top  # medsae/interp/config.py InterpretSpec
+_.explain_per_decile  # medsae/interp/config.py InterpretSpec
+_.explain_negatives  # medsae/interp/config.py InterpretSpec
+_.matched_fraction  # medsae/interp/config.py InterpretSpec
+_.simulate_per_decile  # medsae/interp/config.py InterpretSpec
+_.simulate_random  # medsae/interp/config.py InterpretSpec
+_.detect  # medsae/interp/config.py InterpretSpec
+_.detect_per_decile  # medsae/interp/config.py InterpretSpec
+_.detect_negatives  # medsae/interp/config.py InterpretSpec
+_.max_per_volume  # medsae/interp/config.py InterpretSpec
+_.max_per_volume_score  # medsae/interp/config.py InterpretSpec
+_.min_slice_gap  # medsae/interp/config.py InterpretSpec
+_.simulate_batch  # medsae/interp/config.py InterpretSpec
+_.shuffled_fraction  # medsae/interp/config.py InterpretSpec
+_.shuffled_min  # medsae/interp/config.py InterpretSpec
+_.bootstrap  # medsae/interp/config.py InterpretSpec
+_.permutations  # medsae/interp/config.py InterpretSpec
+_.llm_mode  # medsae/interp/config.py InterpretSpec
+_.retry_backoff_s  # medsae/interp/config.py InterpretSpec

@@ -96,9 +96,22 @@ def test_a_scorer_that_ignores_the_explanation_is_degenerate(experiment):
     gap, lo, hi = map(float, honest.groups())
     assert 0 < lo <= gap <= hi
     # the table leaves degenerate scores out of the means: by_position has no mean at all
-    line = next(ln for ln in res.output.splitlines() if "pearson" in ln and "by_position" in ln and "explanation" in ln)
-    cells = [c.strip() for c in line.split("│") if c.strip()]
-    assert cells[-1] == "8" and "-" in cells  # 8 degenerate, mean "-"
+    res = runner.invoke(app, ["compare", "puzzles", "--format", "json", *reg])
+    assert res.exit_code == 0, res.output
+    payload = json.loads(res.output)
+    row = next(
+        r
+        for r in payload["rows"]
+        if r["method"] == "pearson" and r["scorer"] == "medsae/by_position" and r["kind"] == "explanation"
+    )
+    assert row["n_degenerate"] == 8 and row["n"] == 0 and row["mean"] is None
+    honest_row = next(
+        r
+        for r in payload["rows"]
+        if r["method"] == "pearson" and r["scorer"] == "medsae/baseline" and r["kind"] == "explanation"
+    )
+    assert honest_row["n_degenerate"] == 0 and honest_row["n"] == 8 and honest_row["mean"] > 0.5
+    assert any("cannot tell" in w and "by_position" in w for w in payload["scorer_gaps"])
 
     # explain show flags them
     res = runner.invoke(app, ["show", "puzzles", "0", *reg])

@@ -137,6 +137,15 @@ def test_moved_project_plans_every_stage_done_and_runs_nothing(tmp_path_factory,
     n_codes = int(sql.output.strip().splitlines()[-1])
     assert n_codes > 0 and n_codes == np.count_nonzero(np.load(dirs["encode"] / "codes_values.npy"))
 
+    # slices render from the copy's data folder (the original dataset is gone with disk-a)
+    from medsae.data.render import render_index, render_slice
+
+    monkeypatch.delenv("MEDSAE_DATA_ROOT", raising=False)
+    index = render_index(dirs["slices"])
+    assert index.root.resolve() == (moved / "phantom").resolve()
+    image = render_slice(dirs["slices"], 0)
+    assert image.ndim >= 2 and image.size > 0 and float(image.std()) > 0
+
 
 def test_migration_makes_old_absolute_folders_relative(tmp_path_factory, tmp_path, monkeypatch):
     """A registry written before relative paths (absolute folders, schema version 2) is converted on open."""

@@ -126,4 +126,3 @@ __all__ = [
     "stage_choice",
     "stage_help",
 ]
-

@@ -12,9 +12,7 @@ from medsae.cli.output import Listing, cell, columns, render
 #: LLM cache modes (medsae.interp.llm.MODES, not imported here: the CLI starts without asyncio).
 LLM_MODES: tuple[str, ...] = ("live", "record", "replay")
 
-app = typer.Typer(
-    help="Explain latents with an LLM, compare explainers, show one latent.", no_args_is_help=True
-)
+app = typer.Typer(help="Explain latents with an LLM, compare explainers, show one latent.", no_args_is_help=True)
 
 
 def _fmt(value: object, digits: int = 3) -> str:
@@ -28,9 +26,7 @@ def _fmt(value: object, digits: int = 3) -> str:
 @app.command("run")
 def run_command(
     experiment: str = typer.Argument(..., help=name_help()),
-    model: str = typer.Option(
-        ..., "--model", help="litellm model id of the explainer, e.g. openai/gpt-4o-mini."
-    ),
+    model: str = typer.Option(..., "--model", help="litellm model id of the explainer, e.g. openai/gpt-4o-mini."),
     scorer: str | None = typer.Option(
         None, "--scorer", help="Simulator model (default: the experiment's reference scorer)."
     ),
@@ -83,9 +79,7 @@ def run_command(
         f"{summary['seconds']:.1f}s"
     )
     for kind, agg in summary["pearson"].items():
-        out.print(
-            f"  pearson r ({kind}): mean {_fmt(agg['mean'])}, median {_fmt(agg['median'])} (n={agg['n']})"
-        )
+        out.print(f"  pearson r ({kind}): mean {_fmt(agg['mean'])}, median {_fmt(agg['median'])} (n={agg['n']})")
     new = summary["new_rows"]
     out.print("  new rows: " + ", ".join(f"{t} {n}" for t, n in new.items()))
     if summary.get("no_logprobs_batches"):

@@ -109,9 +109,7 @@ def rich_table(listing: Listing) -> Table:
     for col in listing.columns:
         values = [r.get(col.key) for r in listing.rows if r.get(col.key) is not None]
         numeric = bool(values) and all(_is_number(v) for v in values)
-        table.add_column(
-            Text(col.header), justify="right" if numeric else "left", overflow="fold", no_wrap=False
-        )
+        table.add_column(Text(col.header), justify="right" if numeric else "left", overflow="fold", no_wrap=False)
     for r in listing.rows:
         # Text: names, explanations and values are never read as rich markup
         table.add_row(*(Text(cell(r.get(col.key))) for col in listing.columns))

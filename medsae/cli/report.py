@@ -33,9 +33,7 @@ def report_command(
 
 
 def compare_command(
-    experiments: list[str] = typer.Argument(
-        ..., help=name_help("Experiments to put side by side"), metavar="NAME..."
-    ),
+    experiments: list[str] = typer.Argument(..., help=name_help("Experiments to put side by side"), metavar="NAME..."),
     registry: RegistryOption = None,
     format: FormatOption = "table",
     split: str = typer.Option("val", "--split", help="Split of the metrics (the study reports val)."),

@@ -14,9 +14,7 @@ def search_command(
     model: str | None = typer.Option(None, "--model", help="Matching LLM (default: the reference scorer)."),
     k: int = typer.Option(10, "--k", help="Slices returned (one per scan)."),
     n_latents: int = typer.Option(3, "--latents", help="Latents the LLM picks per query."),
-    min_score: float = typer.Option(
-        0.3, "--min-score", help="Only explanations with pearson r at least this."
-    ),
+    min_score: float = typer.Option(0.3, "--min-score", help="Only explanations with pearson r at least this."),
     explainer: str | None = typer.Option(None, "--explainer", help="Use this explainer's explanations."),
     evaluate: bool = typer.Option(False, "--evaluate", help="Run the study's 12 queries; store precision@k."),
     registry: RegistryOption = None,

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -390,7 +391,13 @@ def _write_outputs(
     _write_table(scans, out_dir / "scans.parquet")
     keys = slices[["modality", "image_id"]].drop_duplicates()
     _write_table(split_table.merge(keys, on=["modality", "image_id"]), out_dir / "splits.parquet")
-    render = {"root": str(root), "datasets": DATASETS, "options": opts.to_json(), "format": 1}
+    render = {
+        "root": str(root),
+        "root_from_artifacts": _relative_to_artifacts(root, out_dir),
+        "datasets": DATASETS,
+        "options": opts.to_json(),
+        "format": 1,
+    }
     (out_dir / "render.json").write_text(json.dumps(render, indent=1))
 
 
@@ -434,3 +441,15 @@ def _mp_context():
     import multiprocessing as mp
 
     return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+
+
+def _relative_to_artifacts(root: Path, out_dir: Path) -> str:
+    """The dataset folder relative to the artifacts root (``<artifacts>/slices/<key>/../..``).
+
+    ``out_dir`` is the stage's temporary folder (``<artifacts>/slices/.tmp/<key>``) or, for
+    ``data ingest --out``, the finished folder itself. Stored beside the absolute root so that a
+    moved project folder (data and artifacts moved together) still renders its slices.
+    """
+    folder = Path(out_dir).resolve()
+    anchor = folder.parent.parent.parent if folder.parent.name == ".tmp" else folder.parent.parent
+    return os.path.relpath(Path(root).resolve(), anchor)

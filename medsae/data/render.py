@@ -10,8 +10,9 @@ along its axis, crop, resize to ``size`` and apply the study's display orientati
 * :func:`thumbnail` — a PNG, cached on disk in ``<slices_dir>/../.cache/<key>/thumbs/<size>/``
   (next to the planner's ``.tmp``/``.work`` folders, outside the artifact itself).
 
-Volumes are found under the dataset root recorded in ``render.json``; set ``MEDSAE_DATA_ROOT`` to
-render from a copy of the dataset elsewhere.
+Volumes are found under the dataset root recorded in ``render.json``: first relative to the
+artifacts folder (a project folder moved with its data), then as an absolute path; set
+``MEDSAE_DATA_ROOT`` to render from a copy of the dataset anywhere else.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def _load_index(slices_dir: str, stamp: float) -> RenderIndex:
         dtype=np.int32,
         count=len(slices),
     )
-    root = Path(os.environ.get("MEDSAE_DATA_ROOT") or spec["root"])
+    root = _dataset_root(base, spec)
     return RenderIndex(
         root=root,
         options=SliceOptions.from_json(spec["options"]),
@@ -69,6 +70,18 @@ def _load_index(slices_dir: str, stamp: float) -> RenderIndex:
         axis=slices["axis"].to_numpy(np.int8),
         idx=slices["idx"].to_numpy(np.int32),
     )
+
+
+def _dataset_root(base: Path, spec: dict) -> Path:
+    """``$MEDSAE_DATA_ROOT``, else the dataset beside the artifacts (moved projects), else as recorded."""
+    if os.environ.get("MEDSAE_DATA_ROOT"):
+        return Path(os.environ["MEDSAE_DATA_ROOT"])
+    relative = spec.get("root_from_artifacts")
+    if relative:
+        moved = (base.parent.parent / relative).resolve()
+        if moved.is_dir():
+            return moved
+    return Path(spec["root"])
 
 
 def render_index(slices_dir: str | Path) -> RenderIndex:

@@ -19,8 +19,6 @@ import re
 from collections import Counter
 
 OK, TOO_LONG, REPETITIVE, PARSE_FAILED = "ok", "too_long", "repetitive", "parse_failed"
-#: Statuses of explanations that were rejected after parsing (they keep their text).
-REJECTED = (TOO_LONG, REPETITIVE)
 
 _WORD = re.compile(r"[^\W_]+(?:['’-][^\W_]+)*", re.UNICODE)
 _STOPWORDS = frozenset(

@@ -13,8 +13,6 @@ import json
 import re
 from typing import Any
 
-import numpy as np
-
 from medsae.interp import scoring
 from medsae.interp.sampling import sha256_json
 
@@ -183,7 +181,3 @@ def ranking_score(text: str | None, truth: str, distractors: list[int]) -> scori
         0 if ok else 1,
         extra={"rank": rank, "distractors": distractors} | ({} if ok else {"reason": "parse_failed"}),
     )
-
-
-def finite_or_none(values: list[float | None]) -> np.ndarray:
-    return np.array([np.nan if v is None else v for v in values], dtype=float)

@@ -83,7 +83,8 @@ def _unknown(source: Source, name: str) -> MedsaeError:
         hint = "known: " + ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
     else:
         hint = "the registry holds no experiment yet"
-    return MedsaeError(f"{source_path(source)}: no experiment named '{name}' ({hint})")
+    where = source_path(source)
+    return MedsaeError(f"{where}: no experiment named '{name}' (that name is not in the registry; {hint})")
 
 
 def find_experiment(source: Source, name: str) -> dict[str, Any]:
@@ -238,16 +239,6 @@ def stage_key(source: Source, experiment_id: str, kind: str) -> str | None:
     return found[0]["stage_key"] if found else None
 
 
-def latest_explanations(source: Source, summarize_key: str) -> list[dict[str, Any]]:
-    """The newest explanation per (latent, explainer, kind) made on this summarize stage's example sets."""
-    return rows(
-        source,
-        """SELECT * FROM latest_explanations WHERE stage_key = ?
-           ORDER BY latent, (kind = 'explanation') DESC, explainer_model, kind""",
-        [summarize_key],
-    )
-
-
 def explainer_summary(source: Source, experiment_id: str, method: str = "pearson") -> list[dict[str, Any]]:
     """Per explainer model: latents explained and the mean ``method`` score of its explanations.
 
@@ -281,7 +272,6 @@ __all__ = [
     "find_experiment",
     "has_table",
     "key_metrics",
-    "latest_explanations",
     "list_experiments",
     "require",
     "rows",

@@ -54,9 +54,7 @@ def _metric_column(k: KeyMetric) -> str:
     return f"  {k.agg}(m.value) FILTER (WHERE {' AND '.join(conds)}) AS {k.column}"
 
 
-def compare_sql(
-    names: list[str], key_metrics: tuple[KeyMetric, ...] = KEY_METRICS, split: str | None = None
-) -> str:
+def compare_sql(names: list[str], key_metrics: tuple[KeyMetric, ...] = KEY_METRICS, split: str | None = None) -> str:
     """The comparison query for ``names`` (in that order), one column per key metric.
 
     ``split`` replaces the split of every key metric that has one (default: each metric's own).

@@ -169,9 +169,7 @@ def scores_frame(con: duckdb.DuckDBPyConnection, exp: ExperimentRecord) -> pd.Da
     )
 
 
-def explain_sets(
-    con: duckdb.DuckDBPyConnection, exp: ExperimentRecord, latents: list[int]
-) -> dict[int, dict]:
+def explain_sets(con: duckdb.DuckDBPyConnection, exp: ExperimentRecord, latents: list[int]) -> dict[int, dict]:
     """The 'explain' example set of each latent (slice_ids, activations, roles), if summarize ran."""
     key = exp.key("summarize")
     if key is None or not latents:
@@ -189,9 +187,7 @@ def explain_sets(
     return out
 
 
-def slice_metadata(
-    con: duckdb.DuckDBPyConnection, exp: ExperimentRecord, slice_ids: list[int]
-) -> pd.DataFrame:
+def slice_metadata(con: duckdb.DuckDBPyConnection, exp: ExperimentRecord, slice_ids: list[int]) -> pd.DataFrame:
     """``slices`` rows (indexed by slice_id) plus their three largest structures, for the cards."""
     key = exp.key("slices")
     if key is None or not slice_ids:
