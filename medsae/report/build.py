@@ -25,7 +25,7 @@ from medsae.errors import MedsaeError
 from medsae.registry import Registry
 from medsae.report import cards as cardlib
 from medsae.report import gather
-from medsae.report.names import EXPLANATION_KIND, PREFERRED_SPLITS, SCORE_METHOD_ORDER
+from medsae.report.names import DEAD_ALIVE_DEFINITIONS, EXPLANATION_KIND, PREFERRED_SPLITS, SCORE_METHOD_ORDER
 from medsae.stages import STAGES
 
 STAGE_ORDER = STAGES  # sections follow the stage table
@@ -101,7 +101,7 @@ def metric_tables(metrics: pd.DataFrame) -> list[dict[str, Any]]:
         cols = [s for s in splits if s in pivot.columns]
         pivot = pivot[cols]
         rows = [
-            list(idx if isinstance(idx, tuple) else (idx,)) + [row[c] for c in cols]
+            _with_definition(list(idx if isinstance(idx, tuple) else (idx,)), keys) + [row[c] for c in cols]
             for idx, row in pivot.iterrows()
         ]
         tables.append(
@@ -114,6 +114,15 @@ def metric_tables(metrics: pd.DataFrame) -> list[dict[str, Any]]:
             }
         )
     return tables
+
+
+def _with_definition(key_values: list[Any], keys: list[str]) -> list[Any]:
+    """Dead/alive metric names carry their definition (the split is the column): several differ."""
+    at = keys.index("name")
+    name = key_values[at]
+    if name in DEAD_ALIVE_DEFINITIONS:
+        key_values[at] = f"{name}: {DEAD_ALIVE_DEFINITIONS[name]}"
+    return key_values
 
 
 def _group_label(kind: str | None, model: str, scorer: str | None) -> str:
