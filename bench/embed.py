@@ -33,10 +33,11 @@ from medsae.data.stage import run_slices
 from medsae.embed.backbones import load_backbone
 from medsae.embed.config import EmbedSpec
 from medsae.embed.stage import run_embed
+from medsae.specbase import Section
 from medsae.stage import StageContext
 
 
-def _ctx(kind: str, params: dict, root: Path, name: str, inputs: dict | None = None) -> StageContext:
+def _ctx(kind: str, spec: Section, root: Path, name: str, inputs: dict | None = None) -> StageContext:
     out = root / name
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(root / f"{name}.work", ignore_errors=True)
@@ -44,7 +45,7 @@ def _ctx(kind: str, params: dict, root: Path, name: str, inputs: dict | None = N
     return StageContext(
         kind=kind,
         key=name,
-        params=params,
+        spec=spec,
         out_dir=out,
         work_dir=root / f"{name}.work",
         inputs=inputs or {},
@@ -79,7 +80,7 @@ def _sync(device: torch.device) -> None:
 
 
 def pipeline_rate(spec: EmbedSpec, root: Path, slices_dir: Path, name: str) -> tuple[float, int, float]:
-    result = run_embed(_ctx("embed", spec.model_dump(mode="json"), root, name, {"slices": slices_dir}))
+    result = run_embed(_ctx("embed", spec, root, name, {"slices": slices_dir}))
     n = result.summary["n"]
     return result.summary["images_per_s"], n, n / result.summary["images_per_s"]
 
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             phantom={"subjects": args.subjects, "seed": 0, "shape": tuple(args.shape)},
         )
         t0 = time.perf_counter()
-        slices_ctx = _ctx("slices", data.model_dump(mode="json"), root, "slices")
+        slices_ctx = _ctx("slices", data, root, "slices")
         run_slices(slices_ctx)
         slices_dir = slices_ctx.out_dir
         print(f"phantom + slices: {time.perf_counter() - t0:.1f}s", file=sys.stderr)

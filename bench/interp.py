@@ -28,10 +28,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+
+if TYPE_CHECKING:
+    from medsae.interp.config import InterpretSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -62,8 +66,9 @@ def rule_codes(slices: pd.DataFrame, structures: pd.DataFrame, n_latents: int, s
     return sp.hstack(cols, format="csr").astype(np.float32)
 
 
-def build(root: Path, n_latents: int, params: dict) -> tuple[object, float]:
-    from medsae.interp import synthetic
+def build(root: Path, n_latents: int, spec: InterpretSpec) -> tuple[object, float]:
+    import interp_fixtures as synthetic
+
     from medsae.interp.agent import AgentInputs
     from medsae.interp.stage import summarize, write_summary
 
@@ -74,7 +79,7 @@ def build(root: Path, n_latents: int, params: dict) -> tuple[object, float]:
 
     presence, vocab = presence_matrix(slices_dir)
     t0 = time.perf_counter()
-    result = summarize(slices, presence, vocab, codes, slices["slice_id"].to_numpy(), params, "bench-sae")
+    result = summarize(slices, presence, vocab, codes, slices["slice_id"].to_numpy(), spec, "bench-sae")
     seconds = time.perf_counter() - t0
     out = root / "summarize" / "key"
     write_summary(out, result)
@@ -140,7 +145,7 @@ def throughput(n_latents: int, latency: float, concurrency: int, skip_full: bool
             min_active=10,
             min_patients=3,
             concurrency=concurrency,
-        ).model_dump(mode="json")
+        )
         inputs, t_summarize = build(root, n_latents, base)
         n_slices = len(pd.read_parquet(inputs.slices_dir / "slices.parquet"))
         print(f"summarize ({n_latents} latents, {n_slices} slices): {t_summarize:.1f}s")
@@ -148,11 +153,11 @@ def throughput(n_latents: int, latency: float, concurrency: int, skip_full: bool
         if not skip_full:
             settings["full"] = {}
         for name, extra in settings.items():
-            params = base | extra
+            spec = base.model_copy(update=extra)
             for run in ("first", "rerun"):
                 writer = RegistrySink(Registry(root / f"registry-{name}.duckdb")) if sink == "registry" else RowSink()
                 t0, c0 = time.perf_counter(), time.process_time()
-                result = Agent(inputs, params, root / "llm_cache").run(sink=writer)
+                result = Agent(inputs, spec, root / "llm_cache").run(sink=writer)
                 seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
                 s = result.summary
                 rows.append(

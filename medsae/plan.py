@@ -435,8 +435,6 @@ def _context(node: StageNode, quiet: bool, registry: Registry) -> StageContext:
     return StageContext(
         kind=node.kind,
         key=node.key,
-        # transition: the interp stages still read the section as plain data
-        params=node.spec.model_dump(mode="json") if node.spec is not None else {},
         out_dir=node.tmp_dir,
         work_dir=node.work_dir,
         inputs=dict(node.inputs),
@@ -579,7 +577,7 @@ def _build(
 ) -> list[str]:
     """Build stages of one kind under their locks (one ``run_many`` call when several); their keys."""
     with _stage_locks(batch, users, emit):
-        batch = _settle(batch, registry, forced, users, emit)  # built by another process?
+        batch = _settle(batch, registry, forced, users, emit, locked=True)  # built by another process?
         if not batch:
             return []
         d = stage_def(batch[0].kind)
@@ -602,14 +600,20 @@ def _settle(
     forced: set[str],
     users: dict[str, list[str]],
     emit: Callable[[StageOutcome], None],
+    *,
+    locked: bool = False,
 ) -> list[StageNode]:
-    """Report the stages that are done (or only need registering); return the ones still to build."""
+    """Report the stages that are done (or only need registering); return the ones still to build.
+
+    A renamed folder without registry rows is registered only under the stage's lock (``locked``):
+    without it, the folder may be another process's that is writing those rows right now.
+    """
     done = done_keys(registry, [node.key for node in nodes])
     rest = []
     for node in nodes:
         if node.key in done and node.key not in forced:
             emit(StageOutcome(node.kind, node.key, "done", experiments=users[node.key]))
-        elif node.key not in forced and (node.final_dir / "_registry" / "result.json").is_file():
+        elif locked and node.key not in forced and (node.final_dir / "_registry" / "result.json").is_file():
             _register_stage(registry, node, forced=False)  # renamed, then killed before the rows
             shutil.rmtree(node.work_dir, ignore_errors=True)
             emit(StageOutcome(node.kind, node.key, "registered", experiments=users[node.key]))

@@ -55,13 +55,10 @@ class StageContext:
 
     ``spec`` is the stage's typed spec section (a pydantic :class:`~medsae.specbase.Section`, e.g.
     ``SAESpec``; None for a stage without one, e.g. encode); stages read it through :meth:`section`.
-    ``params`` is the same section as plain data, kept only until the interp stages read ``spec``
-    too; new code must not read it.
     """
 
     kind: str
     key: str
-    params: dict[str, Any]  # transition: the section as plain data (only the interp stages read it)
     out_dir: Path  # write outputs here; renamed into place when the stage returns
     work_dir: Path  # resumable state; survives a crash, deleted on completion
     inputs: dict[str, Path]  # upstream kind -> completed artifact folder
@@ -73,12 +70,10 @@ class StageContext:
     spec: Section | None = None  # the stage's typed spec section (what stages read)
 
     def section(self, cls: type[S]) -> S:
-        """The stage's spec section as ``cls``; a one-line error if the context holds another kind.
-
-        A context built by hand with plain ``params`` only (tests and benchmarks written before
-        ``spec`` existed) has them validated into ``cls`` here.
-        """
-        spec = self.spec if self.spec is not None else as_section(cls, self.params)
+        """The stage's spec section as ``cls``; a one-line error if the context holds another kind or none."""
+        spec = self.spec
+        if spec is None:
+            raise MedsaeError(f"stage {self.kind}: expected the {cls.__name__} section, got none")
         if not isinstance(spec, cls):
             raise MedsaeError(f"stage {self.kind}: expected the {cls.__name__} section, got {type(spec).__name__}")
         return spec

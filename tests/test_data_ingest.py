@@ -313,7 +313,7 @@ def test_corrupt_inputs_are_skipped_and_recorded(dataset, tmp_path):
 def test_stage_writes_phantom_and_missing_root_is_one_line(tmp_path):
     root = tmp_path / "gen"
     data = DataSpec(root=str(root), size=32, phantom=PhantomSpec(subjects=3, seed=0, shape=(16, 16, 20)))
-    ctx = StageContext("slices", "k", {}, tmp_path / "o", tmp_path / "w", {}, {}, seed=0, quiet=True, spec=data)
+    ctx = StageContext("slices", "k", tmp_path / "o", tmp_path / "w", {}, {}, seed=0, quiet=True, spec=data)
     result = run_slices(ctx)
     n = len(load_slices(tmp_path / "o"))
     assert result.tables["slices"].num_rows == n > 0

@@ -77,7 +77,6 @@ def make_ctx(root: Path, out: Path, work: Path, **params) -> StageContext:
     return StageContext(
         kind="embed",
         key="test",
-        params={},
         spec=EmbedSpec(**{**TINY, **params}),
         out_dir=out,
         work_dir=work,
@@ -255,7 +254,6 @@ def test_run_embed_on_a_phantom_embeds_what_render_slice_shows(tmp_path):
         StageContext(
             kind="slices",
             key="s",
-            params={},
             spec=data,
             out_dir=slices_dir,
             work_dir=tmp_path / "slices.work",

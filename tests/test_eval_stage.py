@@ -102,7 +102,6 @@ def test_stage_metrics_match_direct_computations(tmp_path):
     ctx = StageContext(
         kind="evaluate",
         key="k" * 64,
-        params={},
         out_dir=out,
         work_dir=tmp_path / "work",
         inputs={k: tmp_path / k for k in ("slices", "embed", "train", "encode")},

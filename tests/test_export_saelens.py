@@ -133,15 +133,15 @@ def experiment(tmp_path: Path):
     shards = [write_shard(embed_dir, i, x[order[s : s + 128]]) for i, s in enumerate(range(0, n, 128))]
     write_manifest(embed_dir, shards=shards, slice_ids=order, d=d, dtype="float32", shard_size=128)
 
-    def ctx(kind: str, key: str, params: dict, inputs: dict) -> StageContext:
+    def ctx(kind: str, key: str, spec: SAESpec | None, inputs: dict) -> StageContext:
         out = art / kind / key
         out.mkdir(parents=True)
-        return StageContext(kind, key, params, out, tmp_path / "work" / key, inputs, {}, 0, "demo", True)
+        return StageContext(kind, key, out, tmp_path / "work" / key, inputs, {}, 0, "demo", True, spec=spec)
 
-    params = SAESpec(arch="topk", d_sae=48, k=3, batch_size=50, epochs=3, lr=3e-3).model_dump(mode="json")
-    train = ctx("train", "t1", params, {"slices": slices_dir, "embed": embed_dir})
+    sae = SAESpec(arch="topk", d_sae=48, k=3, batch_size=50, epochs=3, lr=3e-3)
+    train = ctx("train", "t1", sae, {"slices": slices_dir, "embed": embed_dir})
     run_train(train)
-    run_encode(ctx("encode", "e1", {}, {"train": train.out_dir, "embed": embed_dir}))
+    run_encode(ctx("encode", "e1", None, {"train": train.out_dir, "embed": embed_dir}))
 
     reg = Registry(tmp_path / "registry.duckdb")
     spec = {"embed": {"source": "timm", "model": "resnet18", "pooling": "mean", "input_size": 224}}

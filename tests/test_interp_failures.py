@@ -14,6 +14,7 @@ import math
 import re
 
 import pytest
+from interp_fixtures import puzzle_experiment
 from llm_server import (  # noqa: F401  (llm_server_fixture provides the llm_server fixture)
     RUN_ON,
     baseline_handler,
@@ -26,7 +27,6 @@ from typer.testing import CliRunner
 from medsae.interp.config import InterpretSpec
 from medsae.interp.llm import MalformedAnswer, TokenLogprob, parse_logprobs, read_answer
 from medsae.interp.simulator import expected_values, parse_values
-from medsae.interp.synthetic import puzzle_experiment
 from medsae.registry import Registry
 
 # --------------------------------------------------------------------------- answer shapes, no server
@@ -238,7 +238,7 @@ def test_provider_without_logprobs_falls_back_to_parsed_values(tmp_path, llm_ser
         "simulation_mode": "logprob_ev", "max_latents": 2, "shuffled_min": 0, "shuffled_fraction": 0.0,
     }  # fmt: skip
     inputs = AgentInputs(dirs["summarize"], dirs["slices"], "train-key", "summarize-key")
-    result = Agent(inputs, params, tmp_path / "cache").run()
+    result = Agent(inputs, InterpretSpec.model_validate(params), tmp_path / "cache").run()
     rows = [r for r in result.tables["explanation_scores"] if r["method"] == "pearson" and r["scorer_model"] != "rule"]
     assert len(rows) == 2
     for r in rows:
@@ -252,15 +252,15 @@ def test_provider_without_logprobs_falls_back_to_parsed_values(tmp_path, llm_ser
 
 def test_a_widened_pool_and_an_empty_split_are_said():
     import scipy.sparse as sp
+    from interp_fixtures import VOCAB, make_slices
 
     from medsae.interp.sampling import build_pool
     from medsae.interp.stage import pool_warnings
-    from medsae.interp.synthetic import VOCAB, make_slices
 
     slices, _ = make_slices(n_scans=12, slices_per_scan=4, seed=0, split="train")
     presence = sp.csr_matrix((len(slices), len(VOCAB)), dtype=bool)
     params = {"pool_splits": ["val"], "min_pool_scans": 10, "explain_fraction": 0.5, "seed": 0}
-    pool = build_pool(slices, slices["slice_id"].to_numpy(), presence, params)
+    pool = build_pool(slices, slices["slice_id"].to_numpy(), presence, InterpretSpec.model_validate(params))
     lines = pool_warnings(pool, ["val"], slices)
     assert lines[0] == "interpretation pool: split(s) val hold no slice"
     assert lines[1].startswith("interpretation pool widened from val to train (12 scans)")

@@ -11,12 +11,12 @@ import json
 import re
 from pathlib import Path
 
+import interp_fixtures as synthetic
 import pandas as pd
 import pytest
 import typer
 from typer.testing import CliRunner
 
-from medsae.interp import synthetic
 from medsae.interp.agent import Agent, AgentInputs
 from medsae.interp.config import InterpretSpec
 from medsae.interp.offline import register_offline_model
@@ -46,7 +46,7 @@ def _ctx(kind: str, root: Path, inputs: dict[str, Path], params: dict) -> StageC
     return StageContext(
         kind=kind,
         key=f"{kind}-key",
-        params=params,
+        spec=InterpretSpec.model_validate(params),
         out_dir=out,
         work_dir=root / ".work" / kind,
         inputs=inputs,
@@ -138,7 +138,7 @@ def test_rerun_inserts_nothing_and_a_new_model_adds_rows(workspace, tmp_path):
 
     inputs = workspace["inputs"]
     agent_inputs = AgentInputs(inputs["summarize"], inputs["slices"], "train-key", "summarize-key")
-    again = Agent(agent_inputs, PARAMS, workspace["root"] / "llm_cache").run()
+    again = Agent(agent_inputs, InterpretSpec.model_validate(PARAMS), workspace["root"] / "llm_cache").run()
     assert again.summary["llm_calls"] == 0 and again.summary["cache_hits"] > 0
     new = insert_results(registry, again.tables)
     assert new["explanations"] == 0 and new["explanation_scores"] == 0 and new["prompts"] == 0
@@ -149,9 +149,8 @@ def test_rerun_inserts_nothing_and_a_new_model_adds_rows(workspace, tmp_path):
     from medsae.interp import baseline_provider
 
     register_offline_model("baseline_twin", baseline_provider.handle)
-    twin = Agent(
-        agent_inputs, PARAMS | {"explainer_model": "medsae/baseline_twin"}, workspace["root"] / "llm_cache"
-    )
+    twin_spec = InterpretSpec.model_validate(PARAMS | {"explainer_model": "medsae/baseline_twin"})
+    twin = Agent(agent_inputs, twin_spec, workspace["root"] / "llm_cache")
     added = insert_results(registry, twin.run().tables)
     assert added["explanations"] == 8 + 8  # 8 explanations + 8 shuffled controls of the new explainer
     rows = registry.query(
@@ -165,7 +164,7 @@ def test_parse_failures_are_recorded_without_text(workspace):
     inputs = workspace["inputs"]
     agent = Agent(
         AgentInputs(inputs["summarize"], inputs["slices"], "train-key", "summarize-key"),
-        PARAMS | {"explainer_model": "medsae/mute", "max_latents": 3},
+        InterpretSpec.model_validate(PARAMS | {"explainer_model": "medsae/mute", "max_latents": 3}),
         workspace["root"] / "llm_cache",
     )
     result = agent.run()

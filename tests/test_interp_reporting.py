@@ -13,12 +13,12 @@ from __future__ import annotations
 import re
 
 import pytest
+from interp_fixtures import puzzle_experiment
 from typer.testing import CliRunner
 
 from medsae.interp import baseline_provider
 from medsae.interp.config import InterpretSpec
 from medsae.interp.offline import register_offline_model
-from medsae.interp.synthetic import puzzle_experiment
 from medsae.registry import Registry
 
 PARAMS = InterpretSpec(

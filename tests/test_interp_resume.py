@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from interp_fixtures import puzzle_experiment
 from llm_server import (  # noqa: F401  (llm_server_fixture provides the llm_server fixture)
     baseline_handler,
     error_json,
@@ -31,7 +32,6 @@ from typer.testing import CliRunner
 
 from medsae.errors import MedsaeError
 from medsae.interp.config import InterpretSpec
-from medsae.interp.synthetic import puzzle_experiment
 from medsae.registry import Registry
 from medsae.stage import StageContext
 
@@ -93,8 +93,9 @@ def test_killed_explain_run_resumes_with_the_same_rows(tmp_path, llm_server):
     reference_bodies = _bodies(llm_server)
     llm_server.reset()
 
-    # the same command, killed once some latents are finished (a slower server leaves time for that)
-    llm_server.set_handler(baseline_handler(), latency_s=0.25)
+    # the same command, killed once some latents are finished: the slower server makes the run (~30 s)
+    # outlast the journal's longest flush interval (10 s), so finished latents reach the registry first
+    llm_server.set_handler(baseline_handler(), latency_s=0.8)
     env["MEDSAE_LLM_CACHE"] = str(tmp_path / "llm_cache")
     child = subprocess.Popen(
         [sys.executable, "-m", "medsae.cli.main", "explain", *args, "--registry", str(registry.path)],
@@ -156,7 +157,7 @@ def _stage_context(tmp_path: Path, dirs: dict[str, Path], url: str, name: str) -
     return StageContext(
         kind="interpret",
         key="interpret-key",
-        params=params,
+        spec=InterpretSpec.model_validate(params),
         out_dir=tmp_path / name / "out",
         work_dir=tmp_path / name / "work",
         inputs={k: dirs[k] for k in ("summarize", "slices", "encode")},

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 
+import interp_fixtures as synthetic
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from medsae.interp import synthetic
 from medsae.interp.config import InterpretSpec
 from medsae.interp.metadata import attribute_matrix, slice_attributes
 from medsae.interp.sampling import DETECT, EXPLAIN, SIMULATE, build_pool, partition_scans, sample_all
@@ -33,9 +33,7 @@ def data():
 
 
 def params(**overrides):
-    return InterpretSpec(**({"pool_splits": ["val", "test"], "min_pool_scans": 4} | overrides)).model_dump(
-        mode="json"
-    )
+    return InterpretSpec(**({"pool_splits": ["val", "test"], "min_pool_scans": 4} | overrides))
 
 
 def run(data, p, latents=None, sae_key="sae"):

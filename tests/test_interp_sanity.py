@@ -16,13 +16,13 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+from interp_fixtures import puzzle_experiment
 from typer.testing import CliRunner
 
 from medsae.errors import MedsaeError
 from medsae.interp import budget, hygiene, sanity
 from medsae.interp.config import InterpretSpec
 from medsae.interp.offline import message_text, register_offline_model
-from medsae.interp.synthetic import puzzle_experiment
 from medsae.registry import Registry
 
 PARAMS = InterpretSpec(
@@ -236,20 +236,21 @@ def test_fewer_examples_rather_than_a_cut_prompt(tmp_path, monkeypatch):
     register_offline_model("counting", counting)
     params = PARAMS | {"explainer_model": "medsae/counting", "max_latents": 3, "detect": False}
     inputs = AgentInputs(dirs["summarize"], dirs["slices"], "train-key", "summarize-key")
-    full = Agent(inputs, params, tmp_path / "cache").run()
+    full = Agent(inputs, InterpretSpec.model_validate(params), tmp_path / "cache").run()
     n_full = [r["n_examples"] for r in full.tables["explanations"] if r["kind"] == "explanation"]
     template = shown[0]
 
     limit = 1600  # explainer prompts need 2,200-2,600 tokens here, simulator batches about 1,100
     shown.clear()
-    fitted = Agent(inputs, params | {"max_prompt_tokens": limit}, tmp_path / "cache").run()
+    fitted_spec = InterpretSpec.model_validate(params | {"max_prompt_tokens": limit})
+    fitted = Agent(inputs, fitted_spec, tmp_path / "cache").run()
     rows = [r for r in fitted.tables["explanations"] if r["kind"] == "explanation"]
     assert [r["n_examples"] for r in rows] == [len(s) for s in shown]
     assert all(1 <= len(s) < n for s, n in zip(shown, n_full, strict=True))
     assert all(s[0] == "10" and s[-1] == "0" for s in shown)  # the strongest example and a contrast stay
     assert len(template) == n_full[0]
     with pytest.raises(MedsaeError, match="a single example"):
-        Agent(inputs, params | {"max_prompt_tokens": 64}, tmp_path / "cache2").run()
+        Agent(inputs, InterpretSpec.model_validate(params | {"max_prompt_tokens": 64}), tmp_path / "cache2").run()
     assert not (tmp_path / "cache2").exists()  # failed before any call
 
 

@@ -46,7 +46,7 @@ def test_vision_explainer_sends_a_montage(tmp_path, llm_server):
         min_pool_scans=2,
         ranking=False,
         detect=False,
-    ).model_dump(mode="json")
+    )
     result = summarize(slices, presence, vocab, codes, slices["slice_id"].to_numpy(), p, "sae")
     out = tmp_path / "summarize"
     write_summary(out, result)

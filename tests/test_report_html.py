@@ -46,7 +46,7 @@ def real_slices(root: Path, out_dir: Path) -> dict:
     ctx = StageContext(
         kind="slices",
         key=out_dir.name,
-        params=spec.model_dump(mode="json"),
+        spec=spec,
         out_dir=out_dir,
         work_dir=root / "work",
         inputs={},

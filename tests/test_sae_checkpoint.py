@@ -176,7 +176,6 @@ def _ctx(tmp_path: Path, kind: str, name: str, spec: SAESpec | None, inputs: dic
     return StageContext(
         kind=kind,
         key=name,
-        params={},
         spec=spec,
         out_dir=out,
         work_dir=tmp_path / "work" / name,

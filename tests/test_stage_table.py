@@ -75,20 +75,21 @@ def test_each_stage_gets_its_typed_section(tmp_path, monkeypatch):
     assert "explainer_model" in interpret and "explainer_model" not in summarize
 
 
-def test_context_section_is_checked_and_plain_params_are_validated(tmp_path):
+def test_context_section_is_checked(tmp_path):
     from medsae.eval.config import EvalSpec
     from medsae.sae.config import SAESpec
 
     def ctx(**kw):
-        return StageContext("train", "k", kw.pop("params", {}), tmp_path, tmp_path, {}, {}, 0, **kw)
+        return StageContext("train", "k", tmp_path, tmp_path, {}, {}, 0, **kw)
 
     typed = SAESpec(k=5)
     assert ctx(spec=typed).section(SAESpec) is typed
     with pytest.raises(MedsaeError, match="expected the EvalSpec section, got SAESpec") as err:
         ctx(spec=typed).section(EvalSpec)
     assert "\n" not in str(err.value)
-    from_plain = ctx(params={"k": 3, "arch": "batchtopk"}).section(SAESpec)
-    assert isinstance(from_plain, SAESpec) and (from_plain.k, from_plain.arch) == (3, "batchtopk")
+    with pytest.raises(MedsaeError, match="expected the SAESpec section, got none") as err:
+        ctx().section(SAESpec)
+    assert "\n" not in str(err.value)
 
 
 def test_train_stages_on_one_embedding_are_built_in_one_pass(tmp_path):

@@ -35,6 +35,7 @@ import pandas as pd
 
 from medsae.errors import MedsaeError, MissingInputError
 from medsae.interp import baselines, budget, explainer, hygiene, sanity, scoring, simulator
+from medsae.interp.config import InterpretSpec
 from medsae.interp.journal import RowSink, Tables, empty_tables
 from medsae.interp.metadata import Term, format_lines, legend_lines, slice_attributes
 from medsae.interp.pipeline import LatentWork, run_latents
@@ -172,29 +173,29 @@ class Agent:
     def __init__(
         self,
         inputs: AgentInputs,
-        params: dict[str, Any],
+        spec: InterpretSpec,
         cache_dir: Path,
         progress: Callable | None = None,
     ):
         import medsae.interp.baseline_provider  # noqa: F401  registers medsae/baseline
         from medsae.interp.llm import LLMGateway
 
-        self.inputs, self.params = inputs, params
-        self.seed = int(params["seed"])
+        self.inputs, self.spec = inputs, spec
+        self.seed = int(spec.seed)
         self.sae_key = inputs.sae_key
-        self.explainer_model = str(params["explainer_model"])
-        self.scorer_model = str(params["scorer_model"])
-        self.explainer_api_base = params.get("explainer_api_base") or None
-        self.scorer_api_base = params.get("scorer_api_base") or None
-        self.concurrency = int(params.get("concurrency", 8))
+        self.explainer_model = str(spec.explainer_model)
+        self.scorer_model = str(spec.scorer_model)
+        self.explainer_api_base = spec.explainer_api_base or None
+        self.scorer_api_base = spec.scorer_api_base or None
+        self.concurrency = int(spec.concurrency)
         self.gateway = LLMGateway(
             cache_dir,
-            mode=params.get("llm_mode", "record"),
+            mode=spec.llm_mode,
             concurrency=self.concurrency,
-            max_retries=int(params.get("max_retries", 4)),
-            timeout_s=float(params.get("timeout_s", 120.0)),
-            max_cost_usd=params.get("max_cost_usd"),
-            backoff_s=float(params.get("retry_backoff_s", 0.5)),
+            max_retries=int(spec.max_retries),
+            timeout_s=float(spec.timeout_s),
+            max_cost_usd=spec.max_cost_usd,
+            backoff_s=float(spec.retry_backoff_s),
         )
         self.progress = progress
         self.templates: dict[str, Template] = {}
@@ -248,7 +249,7 @@ class Agent:
         self._sink = sink or RowSink()
         self._check_models()
         latents_df, sets = _read_summary(self.inputs.summarize_dir)
-        chosen = select_latents(latents_df, sets, latents_wanted, self.params.get("max_latents"))
+        chosen = select_latents(latents_df, sets, latents_wanted, self.spec.max_latents)
         if not chosen:
             raise MedsaeError(f"{self.inputs.summarize_dir}: no latent is eligible for explanation")
         note = pool_note(self.inputs.summarize_dir)
@@ -330,16 +331,16 @@ class Agent:
     def _explain(self, todo: list[int], sets: dict, lines: dict[int, str]) -> dict[int, dict]:
         from medsae.interp.llm import LLMRequest
 
-        p = self.params
-        vision = bool(p["vision"]) and explainer.supports_vision(self.explainer_model)
-        if bool(p["vision"]) and not vision:
+        p = self.spec
+        vision = bool(p.vision) and explainer.supports_vision(self.explainer_model)
+        if bool(p.vision) and not vision:
             log.warning("vision is on but %s does not accept images: using the text explainer", self.explainer_model)
-        template = self._template(p["vision_template"] if vision else p["explainer_template"])
+        template = self._template(p.vision_template if vision else p.explainer_template)
         if not todo:
             return {}
         settings = explainer.request_params(p) | {"vision": vision}
         limit = budget.prompt_budget(
-            self.explainer_model, int(p["explainer_max_tokens"]), p.get("max_prompt_tokens"), "explainer"
+            self.explainer_model, int(p.explainer_max_tokens), p.max_prompt_tokens, "explainer"
         )
         requests, meta = [], []
         n_fewer = 0
@@ -357,8 +358,8 @@ class Agent:
                 LLMRequest(
                     model=self.explainer_model,
                     messages=messages,
-                    temperature=float(p["temperature"]),
-                    max_tokens=int(p["explainer_max_tokens"]),
+                    temperature=float(p.temperature),
+                    max_tokens=int(p.explainer_max_tokens),
                     seed=0,
                     template_hash=template.hash,
                     api_base=self.explainer_api_base,
@@ -379,7 +380,7 @@ class Agent:
             if resp.error:
                 continue  # no row: a later run can fill it in (the failure is an llm_calls row)
             text = explainer.parse_explanation(resp.text)
-            status = hygiene.explanation_status(text, int(p["explanation_max_words"]), int(p["explanation_max_chars"]))
+            status = hygiene.explanation_status(text, int(p.explanation_max_words), int(p.explanation_max_chars))
             out[latent] = explanation_row(
                 latent=latent,
                 sae_key=self.sae_key,
@@ -399,32 +400,32 @@ class Agent:
     # ---------------------------------------------------------------- phase 2: score
 
     def _simulators(self, legend: list[str]) -> tuple[simulator.Simulator, simulator.Simulator]:
-        p = self.params
-        mode = simulator.resolve_mode(self.scorer_model, str(p["simulation_mode"]))
+        p = self.spec
+        mode = simulator.resolve_mode(self.scorer_model, str(p.simulation_mode))
         common = {
             "model": self.scorer_model,
             "mode": mode,
-            "batch_size": int(p["simulate_batch"]),
-            "temperature": float(p["temperature"]),
-            "top_logprobs": int(p["top_logprobs"]),
+            "batch_size": int(p.simulate_batch),
+            "temperature": float(p.temperature),
+            "top_logprobs": int(p.top_logprobs),
             "legend": legend,
             "api_base": self.scorer_api_base,
         }
-        sim = simulator.Simulator(template=self._template(p["simulator_template"]), scale=10, **common)
-        det = simulator.Simulator(template=self._template(p["detector_template"]), scale=1, **common)
+        sim = simulator.Simulator(template=self._template(p.simulator_template), scale=10, **common)
+        det = simulator.Simulator(template=self._template(p.detector_template), scale=1, **common)
         return sim, det
 
     def _check_scorer_prompts(
         self, sim: simulator.Simulator, det: simulator.Simulator, lines: dict[int, str], needed: np.ndarray
     ) -> None:
         """One-line error before any scoring call when a batch of the longest lines cannot fit."""
-        n = int(self.params["simulate_batch"])
-        limit = budget.prompt_budget(self.scorer_model, 8 * n + 16, self.params.get("max_prompt_tokens"), "scorer")
+        n = int(self.spec.simulate_batch)
+        limit = budget.prompt_budget(self.scorer_model, 8 * n + 16, self.spec.max_prompt_tokens, "scorer")
         if limit is None:
             return
         longest = sorted((lines[int(s)] for s in needed), key=len, reverse=True)[:n]
         rows = [{"id": i, "line": line} for i, line in zip(simulator.labels(len(longest)), longest, strict=True)]
-        words = "x" * int(self.params["explanation_max_chars"])
+        words = "x" * int(self.spec.explanation_max_chars)
         for s in (sim, det):
             messages = s.template.render(explanation=words, slices=rows, legend=s.legend)
             budget.check_batch_prompt(self.scorer_model, messages, limit, n)
@@ -450,11 +451,11 @@ class Agent:
         det: simulator.Simulator,
     ) -> LatentWork:
         """Every scoring call of one latent (explanation, shuffled baseline, detection, ranking)."""
-        p = self.params
+        p = self.spec
         work = LatentWork(latent, context={"explanation": expl, "roles": []})
         work.jobs.append((sim, self._job(latent, expl, sets[(latent, SIMULATE)], SIMULATE)))
         work.context["roles"].append("simulate")
-        if p["detect"] and (latent, DETECT) in sets:
+        if p.detect and (latent, DETECT) in sets:
             work.jobs.append((det, self._job(latent, expl, sets[(latent, DETECT)], DETECT)))
             work.context["roles"].append("detect")
         targets = self._shuffled_targets(ok)
@@ -465,7 +466,7 @@ class Agent:
                 work.context["shuffled"] = row
                 work.jobs.append((sim, self._job(latent, row, sets[(latent, SIMULATE)], SIMULATE)))
                 work.context["roles"].append("shuffled")
-        if p["ranking"]:
+        if p.ranking:
             ranking = self._ranking_request(latent, expl, ok, sets, lines, legend)
             if ranking is not None:
                 request, truth, others = ranking
@@ -476,10 +477,10 @@ class Agent:
     def _shuffled_targets(self, ok: dict[int, dict]) -> set[int]:
         key = tuple(sorted(ok))
         if getattr(self, "_targets_key", None) != key:
-            p = self.params
+            p = self.spec
             self._targets = set(
                 baselines.shuffled_targets(
-                    list(ok), float(p["shuffled_fraction"]), int(p["shuffled_min"]), self.seed, self.sae_key
+                    list(ok), float(p.shuffled_fraction), int(p.shuffled_min), self.seed, self.sae_key
                 )
             )
             self._targets_key = key
@@ -490,7 +491,7 @@ class Agent:
     ) -> tuple[Any, str, list[int]] | None:
         from medsae.interp.llm import LLMRequest
 
-        template = self._template(self.params["ranking_template"])
+        template = self._template(self.spec.ranking_template)
         others = baselines.distractors(latent, list(ok), N_DISTRACTORS, self.seed, self.sae_key)
         if not others:
             return None
@@ -507,7 +508,7 @@ class Agent:
         request = LLMRequest(
             model=self.scorer_model,
             messages=messages,
-            temperature=float(self.params["temperature"]),
+            temperature=float(self.spec.temperature),
             max_tokens=50,
             seed=0,
             template_hash=template.hash,
@@ -555,7 +556,7 @@ class Agent:
         else:
             seed = purpose_seed(self.seed, self.sae_key, latent, "bootstrap")
             scores = scoring.score_simulation(
-                job.values, truth, int(self.params["bootstrap"]), int(self.params["permutations"]), seed
+                job.values, truth, int(self.spec.bootstrap), int(self.spec.permutations), seed
             )
         reason, r2 = sanity.degenerate_reason(job.values, job.batch_positions, twin)
         extra: dict[str, Any] = {}
@@ -572,7 +573,7 @@ class Agent:
                 set_id,
                 score,
                 sim.identity(),
-                self.params,
+                self.spec,
                 extra,
                 digest,
                 n_repaired=job.n_repaired,
@@ -586,12 +587,12 @@ class Agent:
             "model": self.scorer_model,
             "mode": "ranking",
             "api_base": self.scorer_api_base,
-            "template_hash": self._template(self.params["ranking_template"]).hash,
-            "temperature": float(self.params["temperature"]),
+            "template_hash": self._template(self.spec.ranking_template).hash,
+            "temperature": float(self.spec.temperature),
         }
         set_id = context["sets"][(latent, SIMULATE)]["set_id"]
         score = ranking_score(resp.text, truth, others)
-        return score_row(expl["explanation_id"], set_id, score, scorer, self.params, None, resp.request_hash)
+        return score_row(expl["explanation_id"], set_id, score, scorer, self.spec, None, resp.request_hash)
 
     # ---------------------------------------------------------------- best single attribute
 
@@ -617,10 +618,10 @@ class Agent:
         pred = baselines.rule_predictions(term, eset["slice_ids"], context["attrs"], context["structures"])
         seed = purpose_seed(self.seed, self.sae_key, latent, "bootstrap")
         for score in scoring.score_simulation(
-            pred, eset["activations"], int(self.params["bootstrap"]), int(self.params["permutations"]), seed
+            pred, eset["activations"], int(self.spec.bootstrap), int(self.spec.permutations), seed
         ):
             rows["explanation_scores"].append(
-                score_row(row["explanation_id"], eset["set_id"], score, scorer, self.params)
+                score_row(row["explanation_id"], eset["set_id"], score, scorer, self.spec)
             )
         return rows
 

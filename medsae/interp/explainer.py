@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from medsae.interp.config import InterpretSpec
 from medsae.interp.prompts import Template
 
 MAX_THUMBNAILS = 16
@@ -128,10 +129,10 @@ def montage(slices_dir: Path, examples: list[dict], size: int = 128, columns: in
     return buf.getvalue()
 
 
-def request_params(params: dict[str, Any]) -> dict[str, Any]:
+def request_params(spec: InterpretSpec) -> dict[str, Any]:
     """Explainer parameters that change its answer (they enter the explanation id)."""
     return {
-        "temperature": float(params["temperature"]),
-        "max_tokens": int(params["explainer_max_tokens"]),
-        "vision": bool(params["vision"]),
+        "temperature": float(spec.temperature),
+        "max_tokens": int(spec.explainer_max_tokens),
+        "vision": bool(spec.vision),
     }

@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 from medsae.interp import scoring
+from medsae.interp.config import InterpretSpec
 from medsae.interp.sampling import sha256_json
 
 EXPLANATION, SHUFFLED, BEST_ATTRIBUTE = "explanation", "shuffled", "best_attribute"
@@ -121,7 +122,7 @@ def score_row(
     set_id: str,
     score: scoring.Score,
     scorer: dict,
-    params: dict,
+    spec: InterpretSpec,
     extra: dict | None = None,
     requests: str = "",
     n_repaired: int | None = None,
@@ -134,8 +135,8 @@ def score_row(
         "method": score.method,
         "scorer": scorer,
         "example_set_id": set_id,
-        "bootstrap": int(params["bootstrap"]),
-        "permutations": int(params["permutations"]),
+        "bootstrap": int(spec.bootstrap),
+        "permutations": int(spec.permutations),
     }
     extra = score.extra | (extra or {})
     return {

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from medsae.errors import MedsaeError, MissingInputError
+from medsae.interp.config import InterpretSpec
 from medsae.registry import queries
 from medsae.registry.db import Registry, insert_rows
 
@@ -48,7 +49,7 @@ class ExperimentInputs:
     slices_dir: Path
     summarize_key: str
     sae_key: str
-    params: dict[str, Any]  # the spec's interpret section (resolved)
+    interpret_section: dict[str, Any]  # the stored spec's interpret section, as written
 
 
 def experiment_inputs(registry: Registry, name: str) -> ExperimentInputs:
@@ -68,23 +69,24 @@ def experiment_inputs(registry: Registry, name: str) -> ExperimentInputs:
         slices_dir=dirs["slices"],
         summarize_key=stages["summarize"]["stage_key"],
         sae_key=sae_key,
-        params=dict(spec.get("interpret") or {}),
+        interpret_section=dict(spec.get("interpret") or {}),
     )
 
 
-def interpret_params(exp: ExperimentInputs) -> dict[str, Any]:
-    """The experiment's interpret section with defaults filled (one-line error if it no longer validates)."""
+def interpret_spec(exp: ExperimentInputs, overrides: dict[str, Any] | None = None) -> InterpretSpec:
+    """The experiment's interpret section with defaults filled and ``overrides`` applied.
+
+    One-line error when the stored section no longer validates or an override is out of range.
+    """
     from pydantic import ValidationError
 
-    from medsae.interp.config import InterpretSpec
-
     try:
-        return InterpretSpec.model_validate(exp.params).model_dump(mode="json")
+        return InterpretSpec.model_validate(exp.interpret_section | (overrides or {}))
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise MedsaeError(
-            f"experiment '{exp.name}': stored interpret section invalid at {where}: {first['msg']}"
+            f"experiment '{exp.name}': interpret section invalid at {where}: {first['msg']}"
         ) from None
 
 
@@ -156,14 +158,13 @@ def explain_experiment(
     from medsae.interp.journal import RegistrySink
 
     exp = experiment_inputs(registry, name)
-    params = interpret_params(exp)
-    params["explainer_model"] = model
+    overrides: dict[str, Any] = {"explainer_model": model}
     if scorer:
-        params["scorer_model"] = scorer
+        overrides["scorer_model"] = scorer
     if template:
         if not Path(template).is_file():
             raise MissingInputError(f"--template {template}: file not found")
-        params["explainer_template"] = str(Path(template).resolve())
+        overrides["explainer_template"] = str(Path(template).resolve())
     for key, value in (
         ("concurrency", concurrency),
         ("max_cost_usd", max_cost_usd),
@@ -174,11 +175,12 @@ def explain_experiment(
         ("max_retries", max_retries),
     ):
         if value is not None:
-            params[key] = value
+            overrides[key] = value
     if latents is not None:
-        params["max_latents"] = None
+        overrides["max_latents"] = None
+    spec = interpret_spec(exp, overrides)
     inputs = AgentInputs(exp.summarize_dir, exp.slices_dir, exp.sae_key, exp.summarize_key)
-    agent = Agent(inputs, params, cache_dir_for(exp.summarize_dir.parent.parent))
+    agent = Agent(inputs, spec, cache_dir_for(exp.summarize_dir.parent.parent))
     sink = RegistrySink(registry)
     result = agent.run(latents, sink=sink)
     return result.summary | {"new_rows": dict(sink.new_rows)}

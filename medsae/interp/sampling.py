@@ -42,6 +42,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from medsae.errors import MedsaeError
+from medsae.interp.config import InterpretSpec
 
 EXPLAIN, SIMULATE, DETECT = "explain", "simulate", "detect"
 N_DECILES = 10
@@ -86,12 +87,9 @@ def purpose_rng(seed: int, sae_key: str, latent: int, purpose: str) -> np.random
     return np.random.default_rng(purpose_seed(seed, sae_key, latent, purpose))
 
 
-def sampling_params(params: dict[str, Any]) -> dict[str, Any]:
-    """The subset of the interpret section that shapes example sets."""
-    missing = [f for f in SAMPLING_FIELDS if f not in params]
-    if missing:
-        raise MedsaeError(f"interpret params: missing sampling field(s) {', '.join(missing)}")
-    return {f: params[f] for f in SAMPLING_FIELDS}
+def sampling_params(spec: InterpretSpec) -> dict[str, Any]:
+    """The subset of the interpret section that shapes example sets (it enters every set id)."""
+    return spec.model_dump(mode="json", include=set(SAMPLING_FIELDS))
 
 
 # --------------------------------------------------------------------------- the pool
@@ -170,7 +168,7 @@ def build_pool(
     slices: pd.DataFrame,
     code_slice_ids: np.ndarray,
     presence: sp.csr_matrix,
-    params: dict[str, Any],
+    spec: InterpretSpec,
 ) -> Pool:
     """Pool rows of the code matrix, partitioned into E and S by scan.
 
@@ -186,13 +184,13 @@ def build_pool(
     keys = scan_keys(rows_meta)
     split = rows_meta["split"].astype(str).to_numpy()
     per_scan = pd.Series(split, index=keys).groupby(level=0).first()
-    splits, widened = choose_pool_splits(per_scan, list(params["pool_splits"]), int(params["min_pool_scans"]))
+    splits, widened = choose_pool_splits(per_scan, list(spec.pool_splits), int(spec.min_pool_scans))
     in_pool = np.isin(split, splits)
     rows = np.flatnonzero(in_pool)
     if len(rows) == 0:
         raise MedsaeError("interpretation pool is empty: no slice in any split")
     scan_names, scan = np.unique(keys[rows], return_inverse=True)
-    explain_scan = partition_scans(scan_names, float(params["explain_fraction"]), int(params["seed"]))
+    explain_scan = partition_scans(scan_names, float(spec.explain_fraction), int(spec.seed))
     _, plane = np.unique(rows_meta["plane"].astype(str).to_numpy()[rows], return_inverse=True)
     region_raw = rows_meta["body_region"].to_numpy(dtype=object)[rows] if "body_region" in rows_meta else None
     if region_raw is None:
@@ -378,7 +376,7 @@ def sample_latent(
     fire_rows: np.ndarray,
     fire_acts: np.ndarray,
     pool: Pool,
-    params: dict[str, Any],
+    spec: InterpretSpec,
     sae_key: str,
 ) -> list[ExampleSet]:
     """The explain / simulate / detect sets of one latent (``fire_*``: pool positions and values > 0).
@@ -392,7 +390,7 @@ def sample_latent(
     in_e = pool.explain[fire_rows]
     if not in_e.any() or in_e.all():
         return []
-    seed = int(params["seed"])
+    seed = int(spec.seed)
     act_of = dict(zip(fire_rows.tolist(), fire_acts.tolist(), strict=True))
     fire_sorted = np.sort(fire_rows)
     sets: list[ExampleSet] = []
@@ -400,61 +398,61 @@ def sample_latent(
     # explain set (partition E)
     rng = purpose_rng(seed, sae_key, latent, EXPLAIN)
     e_rows, e_acts = fire_rows[in_e], fire_acts[in_e]
-    explain_size = int(params["explain_top"]) + N_DECILES * int(params["explain_per_decile"])
-    explain_size += int(params["explain_negatives"])
-    cap = volume_cap(int(params["max_per_volume"]), explain_size, pool.n_scans_explain)
-    picker = _Picker(pool, cap, int(params["min_slice_gap"]))
+    explain_size = int(spec.explain_top) + N_DECILES * int(spec.explain_per_decile)
+    explain_size += int(spec.explain_negatives)
+    cap = volume_cap(int(spec.max_per_volume), explain_size, pool.n_scans_explain)
+    picker = _Picker(pool, cap, int(spec.min_slice_gap))
     roles: list[str] = []
     by_strength = e_rows[np.argsort(-e_acts, kind="stable")]
-    top = picker.take(by_strength, int(params["explain_top"]))
+    top = picker.take(by_strength, int(spec.explain_top))
     roles += ["top"] * len(top)
     for d, chunk in enumerate(_deciles(e_rows, e_acts), start=1):
-        got = picker.take(chunk[rng.permutation(len(chunk))], int(params["explain_per_decile"]))
+        got = picker.take(chunk[rng.permutation(len(chunk))], int(spec.explain_per_decile))
         roles += [f"decile_{d}"] * len(got)
-    n_neg = int(params["explain_negatives"])
-    n_matched = int(round(n_neg * float(params["matched_fraction"])))
+    n_neg = int(spec.explain_negatives)
+    n_matched = int(round(n_neg * float(spec.matched_fraction)))
     negatives = _uniform(rng, pool.e_rows, max(n_neg, MATCH_CANDIDATES // 6), exclude=fire_sorted)
     got = _matched(pool, rng, top, negatives, n_matched, picker)
     roles += ["contrast_matched"] * len(got)
     got = picker.take(negatives, n_neg - len(got))
     roles += ["contrast_random"] * len(got)
-    sets.append(_realise(latent, EXPLAIN, picker.chosen, roles, act_of, pool, params, sae_key))
+    sets.append(_realise(latent, EXPLAIN, picker.chosen, roles, act_of, pool, spec, sae_key))
 
     # simulation set (partition S): firing across deciles + uniform, 1:1
     rng = purpose_rng(seed, sae_key, latent, SIMULATE)
     s_rows, s_acts = fire_rows[~in_e], fire_acts[~in_e]
-    sim_size = N_DECILES * int(params["simulate_per_decile"]) + int(params["simulate_random"])
-    cap_score = volume_cap(int(params["max_per_volume_score"]), sim_size, pool.n_scans_score)
-    picker = _Picker(pool, cap_score, int(params["min_slice_gap"]))
+    sim_size = N_DECILES * int(spec.simulate_per_decile) + int(spec.simulate_random)
+    cap_score = volume_cap(int(spec.max_per_volume_score), sim_size, pool.n_scans_score)
+    picker = _Picker(pool, cap_score, int(spec.min_slice_gap))
     roles = []
     for d, chunk in enumerate(_deciles(s_rows, s_acts), start=1):
-        got = picker.take(chunk[rng.permutation(len(chunk))], int(params["simulate_per_decile"]))
+        got = picker.take(chunk[rng.permutation(len(chunk))], int(spec.simulate_per_decile))
         roles += [f"decile_{d}"] * len(got)
     got = picker.take(
-        _uniform(rng, pool.s_rows, int(params["simulate_random"])), int(params["simulate_random"])
+        _uniform(rng, pool.s_rows, int(spec.simulate_random)), int(spec.simulate_random)
     )
     roles += ["random"] * len(got)
-    sets.append(_realise(latent, SIMULATE, picker.chosen, roles, act_of, pool, params, sae_key))
+    sets.append(_realise(latent, SIMULATE, picker.chosen, roles, act_of, pool, spec, sae_key))
 
     # detection set (partition S): balanced firing / non-firing
-    if params["detect"]:
+    if spec.detect:
         rng = purpose_rng(seed, sae_key, latent, DETECT)
-        det_size = N_DECILES * int(params["detect_per_decile"]) + int(params["detect_negatives"])
-        cap_det = volume_cap(int(params["max_per_volume_score"]), det_size, pool.n_scans_score)
-        picker = _Picker(pool, cap_det, int(params["min_slice_gap"]))
+        det_size = N_DECILES * int(spec.detect_per_decile) + int(spec.detect_negatives)
+        cap_det = volume_cap(int(spec.max_per_volume_score), det_size, pool.n_scans_score)
+        picker = _Picker(pool, cap_det, int(spec.min_slice_gap))
         roles = []
         firing: list[int] = []
         for d, chunk in enumerate(_deciles(s_rows, s_acts), start=1):
-            got = picker.take(chunk[rng.permutation(len(chunk))], int(params["detect_per_decile"]))
+            got = picker.take(chunk[rng.permutation(len(chunk))], int(spec.detect_per_decile))
             firing += got
             roles += [f"decile_{d}"] * len(got)
-        n_neg = min(int(params["detect_negatives"]), max(2, len(firing)))
+        n_neg = min(int(spec.detect_negatives), max(2, len(firing)))
         negatives = _uniform(rng, pool.s_rows, max(n_neg, MATCH_CANDIDATES // 6), exclude=fire_sorted)
         got = picker.take(negatives, n_neg - n_neg // 2)
         roles += ["negative_random"] * len(got)
         got = _matched(pool, rng, firing, negatives, n_neg - len(got), picker)
         roles += ["negative_matched"] * len(got)
-        sets.append(_realise(latent, DETECT, picker.chosen, roles, act_of, pool, params, sae_key))
+        sets.append(_realise(latent, DETECT, picker.chosen, roles, act_of, pool, spec, sae_key))
     return sets
 
 
@@ -465,7 +463,7 @@ def _realise(
     roles: list[str],
     act_of: dict[int, float],
     pool: Pool,
-    params: dict[str, Any],
+    spec: InterpretSpec,
     sae_key: str,
 ) -> ExampleSet:
     rows = np.asarray(chosen, dtype=np.int64)
@@ -475,7 +473,7 @@ def _realise(
         "latent": int(latent),
         "purpose": purpose,
         "sae_key": sae_key,
-        "params": sampling_params(params),
+        "params": sampling_params(spec),
         "slice_ids": [int(s) for s in ids],
     }
     return ExampleSet(latent, purpose, ids, acts, roles, set_id=sha256_json(ident))
@@ -485,7 +483,7 @@ def sample_all(
     codes_pool: sp.csc_matrix,
     pool: Pool,
     latents: np.ndarray,
-    params: dict[str, Any],
+    spec: InterpretSpec,
     sae_key: str,
     progress: Any = None,
 ) -> list[ExampleSet]:
@@ -497,7 +495,7 @@ def sample_all(
         lo, hi = codes_pool.indptr[latent], codes_pool.indptr[latent + 1]
         out.extend(
             sample_latent(
-                int(latent), codes_pool.indices[lo:hi], codes_pool.data[lo:hi], pool, params, sae_key
+                int(latent), codes_pool.indices[lo:hi], codes_pool.data[lo:hi], pool, spec, sae_key
             )
         )
     return out

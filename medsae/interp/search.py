@@ -254,15 +254,15 @@ def run_search(
     from medsae.interp.agent import cache_dir_for, load_slice_tables
     from medsae.interp.llm import LLMGateway
     from medsae.interp.prompts import load_template
-    from medsae.interp.runs import experiment_inputs, interpret_params
+    from medsae.interp.runs import experiment_inputs, interpret_spec
     from medsae.sae.codes import load_codes
 
     exp = experiment_inputs(registry, name)
-    params = interpret_params(exp)
-    model = model or params["scorer_model"]
+    spec = interpret_spec(exp)
+    model = model or spec.scorer_model
     if gateway is None:
         gateway = LLMGateway(
-            cache_dir_for(exp.summarize_dir.parent.parent), mode=params.get("llm_mode", "record")
+            cache_dir_for(exp.summarize_dir.parent.parent), mode=spec.llm_mode
         )
     gateway.check_model(model)  # fail fast: unknown provider or missing key, before any work
     candidates = candidate_explanations(registry, exp.summarize_key, min_score, explainer)

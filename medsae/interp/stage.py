@@ -27,6 +27,7 @@ import pandas as pd
 import pyarrow as pa
 import scipy.sparse as sp
 
+from medsae.interp.config import InterpretSpec
 from medsae.interp.metadata import attribute_matrix, slice_attributes
 from medsae.interp.sampling import ExampleSet, Pool, build_pool, sample_all
 from medsae.interp.summary import latent_table, positive_csc
@@ -51,18 +52,18 @@ def summarize(
     vocab: list[str],
     codes: sp.csr_matrix,
     code_slice_ids: np.ndarray,
-    params: dict[str, Any],
+    spec: InterpretSpec,
     sae_key: str,
     progress: Any = None,
 ) -> SummarizeResult:
     """Statistics and example sets of every latent over the interpretation pool."""
-    pool = build_pool(slices, code_slice_ids, presence, params)
+    pool = build_pool(slices, code_slice_ids, presence, spec)
     csc = positive_csc(sp.csr_matrix(codes)[pool.rows])
     meta = slices.set_index("slice_id", drop=False).loc[pool.slice_ids]
     attrs, names = attribute_matrix(slice_attributes(meta), pool.presence, vocab)
-    latents = latent_table(csc, pool, attrs, names, params, sae_key)
+    latents = latent_table(csc, pool, attrs, names, spec, sae_key)
     eligible = latents.loc[latents["status"].isin(["live", "dense"]), "latent"].to_numpy()
-    sets = sample_all(csc, pool, eligible, params, sae_key, progress=progress)
+    sets = sample_all(csc, pool, eligible, spec, sae_key, progress=progress)
     return SummarizeResult(latents, sets, pool)
 
 
@@ -133,8 +134,9 @@ def run_summarize(ctx: StageContext) -> StageResult:
     slices = load_slices(slices_dir)
     presence, vocab = presence_matrix(slices_dir)
     codes, code_ids = load_codes(encode_dir)
-    result = summarize(slices, presence, list(vocab), codes, code_ids, ctx.params, sae_key, ctx.progress)
-    for line in pool_warnings(result.pool, list(ctx.params["pool_splits"]), slices):
+    spec = ctx.section(InterpretSpec)
+    result = summarize(slices, presence, list(vocab), codes, code_ids, spec, sae_key, ctx.progress)
+    for line in pool_warnings(result.pool, list(spec.pool_splits), slices):
         log.warning("%s", line)
 
     latents, sets = write_summary(ctx.out_dir, result)
@@ -176,7 +178,7 @@ def run_interpret(ctx: StageContext) -> StageResult:
         sae_key=_sae_key(summarize_dir, ctx),
         summarize_key=ctx.input_keys["summarize"],
     )
-    agent = Agent(inputs, ctx.params, cache_dir_for(summarize_dir.parent.parent), progress=ctx.progress)
+    agent = Agent(inputs, ctx.section(InterpretSpec), cache_dir_for(summarize_dir.parent.parent), progress=ctx.progress)
     result = agent.run(sink=WorkDirJournal(Path(ctx.work_dir) / "finished"))
     s = result.summary
     if s["parse_failed"] + s["too_long"] + s["repetitive"] + s["failed_calls"] + s["degenerate_scores"]:

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from medsae.interp.config import InterpretSpec
 from medsae.interp.sampling import Pool
 
 TOP_TERMS = 5
@@ -69,14 +70,14 @@ def activation_stats(csc: sp.csc_matrix, scan: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def statuses(stats: pd.DataFrame, n_pool: int, params: dict[str, Any]) -> np.ndarray:
+def statuses(stats: pd.DataFrame, n_pool: int, spec: InterpretSpec) -> np.ndarray:
     """live / dead / dense / too_rare per latent (docs/method.md#eligibility)."""
     n_active = stats["n_active"].to_numpy()
     freq = n_active / max(n_pool, 1)
     status = np.full(len(stats), "live", dtype=object)
-    status[freq > float(params["dense_frequency"])] = "dense"
-    rare = (n_active < int(params["min_active"])) | (
-        stats["n_patients"].to_numpy() < int(params["min_patients"])
+    status[freq > float(spec.dense_frequency)] = "dense"
+    rare = (n_active < int(spec.min_active)) | (
+        stats["n_patients"].to_numpy() < int(spec.min_patients)
     )
     status[rare] = "too_rare"
     status[n_active == 0] = "dead"
@@ -142,12 +143,12 @@ def latent_table(
     pool: Pool,
     attrs: sp.csr_matrix,
     names: list[str],
-    params: dict[str, Any],
+    spec: InterpretSpec,
     sae_key: str,
 ) -> pd.DataFrame:
     """Rows of registry table ``latents`` (without stage_key) for every latent of the SAE."""
     stats = activation_stats(csc_pool, pool.scan)
-    status = statuses(stats, pool.n, params)
+    status = statuses(stats, pool.n, spec)
     top_idx, top_share, base = enrichment(csc_pool, attrs, names)
     best, best_r = best_attribute(csc_pool, attrs, pool.e_rows)
     summaries = []

@@ -146,6 +146,7 @@ def puzzle_experiment(
     Returns the stage folders by kind.
     """
     from medsae.data.index import presence_matrix
+    from medsae.interp.config import InterpretSpec
     from medsae.interp.stage import summarize, write_summary
     from medsae.sae.codes import write_codes
 
@@ -156,16 +157,15 @@ def puzzle_experiment(
     dirs["train"] = root / "train" / "train-key"
     dirs["train"].mkdir(parents=True, exist_ok=True)
     presence, vocab = presence_matrix(dirs["slices"])
-    result = summarize(
-        slices, presence, list(vocab), codes, slices["slice_id"].to_numpy(), params, "train-key"
-    )
+    spec = InterpretSpec.model_validate(params)
+    result = summarize(slices, presence, list(vocab), codes, slices["slice_id"].to_numpy(), spec, "train-key")
     dirs["summarize"] = root / "summarize" / summarize_key
     write_summary(dirs["summarize"], result)
     keys = {k: f"{k}-key" for k in dirs} | {"summarize": summarize_key}
     experiment_id = f"exp-{name}"
     spec = {
         "name": name,
-        "description": "puzzle latents: each fires where a metadata rule holds (medsae.interp.synthetic)",
+        "description": "puzzle latents: each fires where a metadata rule holds (tests/interp_fixtures.py)",
         "data": {"root": str(dirs["slices"])},
         "embed": {"source": "synthetic", "model": "puzzle-rules", "pretrained": False},
         "sae": {"arch": "rules", "k": len(PUZZLES)},
