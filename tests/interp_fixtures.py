@@ -194,3 +194,18 @@ def puzzle_experiment(
         ],
     )
     return dirs
+
+
+#: Interpretation settings small enough for a puzzle experiment of a few scans (tests only).
+PUZZLE_PARAMS: dict = {
+    "pool_splits": ["val"],
+    "min_pool_scans": 2,
+    "min_active": 5,
+    "simulate_per_decile": 2,
+    "simulate_random": 20,
+    "detect": False,
+    "ranking": False,
+    "shuffled_fraction": 1.0,
+    "bootstrap": 100,
+    "permutations": 100,
+}

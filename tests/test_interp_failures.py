@@ -14,7 +14,7 @@ import math
 import re
 
 import pytest
-from interp_fixtures import puzzle_experiment
+from interp_fixtures import PUZZLE_PARAMS, puzzle_experiment
 from llm_server import (  # noqa: F401  (llm_server_fixture provides the llm_server fixture)
     RUN_ON,
     baseline_handler,
@@ -91,20 +91,9 @@ def test_any_answer_shape_is_read_without_an_exception():
 
 # --------------------------------------------------------------------------- the HTTP path, by turn
 
-PARAMS = InterpretSpec(
-    pool_splits=["val"],
-    min_pool_scans=2,
-    min_active=5,
-    simulate_per_decile=2,
-    simulate_random=20,
-    simulate_batch=10,
-    detect=False,
-    ranking=False,
-    shuffled_fraction=1.0,
-    bootstrap=100,
-    permutations=100,
-    retry_backoff_s=0.05,
-).model_dump(mode="json")
+PARAMS = InterpretSpec.model_validate(PUZZLE_PARAMS | {"simulate_batch": 10, "retry_backoff_s": 0.05}).model_dump(
+    mode="json"
+)
 
 TIMEOUT_S = 2.0
 

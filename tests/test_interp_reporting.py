@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from interp_fixtures import puzzle_experiment
+from interp_fixtures import PUZZLE_PARAMS, puzzle_experiment
 from typer.testing import CliRunner
 
 from medsae.interp import baseline_provider
@@ -21,18 +21,7 @@ from medsae.interp.config import InterpretSpec
 from medsae.interp.offline import register_offline_model
 from medsae.registry import Registry
 
-PARAMS = InterpretSpec(
-    pool_splits=["val"],
-    min_pool_scans=2,
-    min_active=5,
-    simulate_per_decile=2,
-    simulate_random=20,
-    detect=False,
-    ranking=False,
-    shuffled_fraction=1.0,
-    bootstrap=100,
-    permutations=100,
-).model_dump(mode="json")
+PARAMS = InterpretSpec.model_validate(PUZZLE_PARAMS).model_dump(mode="json")
 
 
 @pytest.fixture(scope="module")

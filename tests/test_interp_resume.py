@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from interp_fixtures import puzzle_experiment
+from interp_fixtures import PUZZLE_PARAMS, puzzle_experiment
 from llm_server import (  # noqa: F401  (llm_server_fixture provides the llm_server fixture)
     baseline_handler,
     error_json,
@@ -35,18 +35,7 @@ from medsae.interp.config import InterpretSpec
 from medsae.registry import Registry
 from medsae.stage import StageContext
 
-PARAMS = InterpretSpec(
-    pool_splits=["val"],
-    min_pool_scans=2,
-    min_active=5,
-    simulate_per_decile=2,
-    simulate_random=20,
-    detect=False,
-    ranking=False,
-    shuffled_fraction=1.0,
-    bootstrap=100,
-    permutations=100,
-).model_dump(mode="json")
+PARAMS = InterpretSpec.model_validate(PUZZLE_PARAMS).model_dump(mode="json")
 
 EXPLANATION_COLUMNS = "explanation_id, latent, kind, status, text, n_examples"
 SCORE_COLUMNS = "score_id, explanation_id, method, value, n, n_missing, n_repaired, degenerate"
