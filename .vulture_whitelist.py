@@ -24,7 +24,7 @@ _.slice_source  # medsae/report/cards.py Card
 model_config  # medsae/specbase.py
 preset  # medsae/sae/config.py (apply_preset)
 
-# litellm reads this module attribute (medsae/interp/llm.py silences its banner).
+# litellm reads this module attribute (medsae/interp/llm/gateway.py silences its banner).
 _.suppress_debug_info
 
 # http.server calls these on the handler and server classes (tests/llm_server.py).

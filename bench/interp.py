@@ -89,9 +89,9 @@ def build(root: Path, n_latents: int, spec: InterpretSpec) -> tuple[object, floa
 def server_handler():
     from llm_server import logprob_handler, peaked
 
-    from medsae.interp import baseline_provider
+    from medsae.interp.llm import rule_model
 
-    return logprob_handler(lambda request: baseline_provider.handle(request["messages"], {}), peaked)
+    return logprob_handler(lambda request: rule_model.handle(request["messages"], {}), peaked)
 
 
 def serve(latency: float) -> None:
@@ -185,7 +185,7 @@ def throughput(n_latents: int, latency: float, concurrency: int, skip_full: bool
 
 
 def demo_table(registry_path: Path, name: str, run_demo: bool) -> pd.DataFrame:
-    from medsae.interp.runs import compare
+    from medsae.interp.experiment import compare
     from medsae.registry import Registry
 
     registry = Registry(registry_path)

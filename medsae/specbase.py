@@ -1,4 +1,4 @@
-"""The base of every spec section: unknown keys are errors, values are validated on assignment.
+"""The base of every spec section: unknown keys are errors, a validated section is immutable.
 
 Every number in a spec is finite (``allow_inf_nan=False``) and has a lower and an upper bound
 declared on its field (``ge``/``gt``/``le``/``lt``), so ``medsae exp schema`` shows each range and
@@ -21,7 +21,7 @@ MAX_PATH_CHARS = 4096
 class Section(BaseModel):
     """A spec section. Fields marked with :func:`execution_only` do not enter stage keys."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def execution_only(default: Any, description: str, **kwargs: Any) -> Any:

@@ -191,9 +191,9 @@ def raw_garbage_handler() -> Handler:
 
 def baseline_handler(distribution: Callable[[int], dict[str, float]] = peaked) -> Handler:
     """The offline ``medsae/baseline`` rules served over HTTP (with logprobs when asked for)."""
-    from medsae.interp import baseline_provider
+    from medsae.interp.llm import rule_model
 
-    return logprob_handler(lambda request: baseline_provider.handle(request["messages"], {}), distribution)
+    return logprob_handler(lambda request: rule_model.handle(request["messages"], {}), distribution)
 
 
 # --------------------------------------------------------------------------- answering by turn

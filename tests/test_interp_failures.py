@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 
 from medsae.interp.config import InterpretSpec
 from medsae.interp.llm import MalformedAnswer, TokenLogprob, parse_logprobs, read_answer
-from medsae.interp.simulator import expected_values, parse_values
+from medsae.interp.scorers.simulator import expected_values, parse_values
 from medsae.registry import Registry
 
 # --------------------------------------------------------------------------- answer shapes, no server
@@ -216,12 +216,12 @@ def test_provider_without_logprobs_falls_back_to_parsed_values(tmp_path, llm_ser
     """A logprob_ev scorer whose server ignores ``logprobs``: parsed integers, and the score says so."""
     from llm_server import text_handler
 
-    from medsae.interp import baseline_provider
     from medsae.interp.agent import Agent, AgentInputs
+    from medsae.interp.llm import rule_model
 
     registry = Registry(tmp_path / "registry.duckdb")
     dirs = puzzle_experiment(tmp_path / "artifacts", registry, PARAMS, n_scans=30)
-    llm_server.set_handler(text_handler(lambda r: baseline_provider.handle(r["messages"], {})))
+    llm_server.set_handler(text_handler(lambda r: rule_model.handle(r["messages"], {})))
     params = PARAMS | {
         "scorer_model": "openai/no-logprobs", "scorer_api_base": llm_server.url,
         "simulation_mode": "logprob_ev", "max_latents": 2, "shuffled_min": 0, "shuffled_fraction": 0.0,
@@ -268,6 +268,6 @@ def test_a_widened_pool_and_an_empty_split_are_said():
     ],
 )
 def test_ranking_answers_with_text_around_them(text, expected):
-    from medsae.interp.rows import parse_ranking
+    from medsae.interp.scorers.ranking import parse_ranking
 
     assert parse_ranking(text) == expected

@@ -10,7 +10,7 @@ import pytest
 
 from medsae.errors import MedsaeError
 from medsae.interp.llm import LLMGateway, LLMRequest, canonical_request, request_hash
-from medsae.interp.offline import ensure_offline_provider, offline_model_names, register_offline_model
+from medsae.interp.llm.offline import ensure_offline_provider, offline_model_names, register_offline_model
 
 SEEN: list[tuple[list[dict], dict]] = []
 

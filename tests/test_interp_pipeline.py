@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 
 from medsae.interp.agent import Agent, AgentInputs
 from medsae.interp.config import InterpretSpec
-from medsae.interp.offline import register_offline_model
-from medsae.interp.runs import insert_results
+from medsae.interp.journal import insert_results
+from medsae.interp.llm.offline import register_offline_model
 from medsae.interp.stage import run_interpret, run_summarize
 from medsae.registry import Registry
 from medsae.sae.codes import write_codes
@@ -146,9 +146,9 @@ def test_rerun_inserts_nothing_and_a_new_model_adds_rows(workspace, tmp_path):
     for table, n in counts.items():
         assert registry.query(f"SELECT count(*) AS n FROM {table}")[0]["n"] == n
 
-    from medsae.interp import baseline_provider
+    from medsae.interp.llm import rule_model
 
-    register_offline_model("baseline_twin", baseline_provider.handle)
+    register_offline_model("baseline_twin", rule_model.handle)
     twin_spec = InterpretSpec.model_validate(PARAMS | {"explainer_model": "medsae/baseline_twin"})
     twin = Agent(agent_inputs, twin_spec, workspace["root"] / "llm_cache")
     added = insert_results(registry, twin.run().tables)

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from medsae.errors import MissingInputError
-from medsae.interp import baseline_provider as bp
 from medsae.interp.explainer import explain_examples, render_explainer
+from medsae.interp.llm import rule_model as bp
 from medsae.interp.metadata import Term, format_lines, legend_lines, mentioned, parse_line, slice_attributes
 from medsae.interp.prompts import load_template, prompts_dir, split_messages
 

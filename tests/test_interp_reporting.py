@@ -16,9 +16,9 @@ import pytest
 from interp_fixtures import PUZZLE_PARAMS, puzzle_experiment
 from typer.testing import CliRunner
 
-from medsae.interp import baseline_provider
 from medsae.interp.config import InterpretSpec
-from medsae.interp.offline import register_offline_model
+from medsae.interp.llm import rule_model
+from medsae.interp.llm.offline import register_offline_model
 from medsae.registry import Registry
 
 PARAMS = InterpretSpec.model_validate(PUZZLE_PARAMS).model_dump(mode="json")
@@ -29,7 +29,7 @@ def two_experiments(tmp_path_factory):
     """Experiments A and B share the SAE (train-key), each with its own summarize stage and explainer."""
     from test_interp_sanity import by_position
 
-    from medsae.interp.runs import explain_experiment
+    from medsae.interp.experiment import explain_experiment
 
     root = tmp_path_factory.mktemp("reporting")
     mp = pytest.MonkeyPatch()
@@ -40,7 +40,7 @@ def two_experiments(tmp_path_factory):
     puzzle_experiment(
         root / "b", registry, PARAMS | {"simulate_random": 10}, name="B", n_scans=40, summarize_key="summarize-b"
     )
-    register_offline_model("twin_b", baseline_provider.handle)
+    register_offline_model("twin_b", rule_model.handle)
     register_offline_model("by_position", by_position)
     explain_experiment(registry, "A", "medsae/baseline")
     explain_experiment(registry, "A", "medsae/baseline", scorer="medsae/by_position")

@@ -20,9 +20,11 @@ from interp_fixtures import puzzle_experiment
 from typer.testing import CliRunner
 
 from medsae.errors import MedsaeError
-from medsae.interp import budget, hygiene, sanity
+from medsae.interp import hygiene
 from medsae.interp.config import InterpretSpec
-from medsae.interp.offline import message_text, register_offline_model
+from medsae.interp.llm import budget
+from medsae.interp.llm.offline import message_text, register_offline_model
+from medsae.interp.scorers import sanity
 from medsae.registry import Registry
 
 PARAMS = InterpretSpec(
@@ -44,11 +46,11 @@ SLOT_PATTERN = [0, 3, 7, 1, 9, 2, 8, 4, 6, 5]
 
 def by_position(messages: list[dict], params: dict) -> str:
     """A scorer that ignores the explanation: the value depends only on the slot X01, X02, ..."""
-    from medsae.interp import baseline_provider
+    from medsae.interp.llm import rule_model
 
     system = "\n".join(message_text(m) for m in messages if m["role"] == "system")
     if "Task: simulate" not in system and "Task: detect" not in system:
-        return baseline_provider.handle(messages, params)
+        return rule_model.handle(messages, params)
     simulate = "Task: simulate" in system
     ids = re.findall(r"^(X\d+) \|", message_text(messages[-1]), re.MULTILINE)
     values = [SLOT_PATTERN[k % 10] if simulate else int(SLOT_PATTERN[k % 10] >= 5) for k in range(len(ids))]
@@ -227,11 +229,11 @@ def test_fewer_examples_rather_than_a_cut_prompt(tmp_path, monkeypatch):
     shown: list[list[str]] = []
 
     def counting(messages: list[dict], params: dict) -> str:
-        from medsae.interp import baseline_provider
+        from medsae.interp.llm import rule_model
 
         if "Task: explain" in message_text(messages[0]):
             shown.append(re.findall(r"^E\d+ \| (\d+) \|", message_text(messages[-1]), re.MULTILINE))
-        return baseline_provider.handle(messages, params)
+        return rule_model.handle(messages, params)
 
     register_offline_model("counting", counting)
     params = PARAMS | {"explainer_model": "medsae/counting", "max_latents": 3, "detect": False}

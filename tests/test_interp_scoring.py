@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from medsae.interp import scoring
+from medsae.interp.scorers import metrics as scoring
 
 
 @pytest.fixture

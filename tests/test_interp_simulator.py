@@ -11,9 +11,9 @@ import pytest
 
 from medsae.interp.explainer import parse_explanation, strengths
 from medsae.interp.llm import LLMGateway, TokenLogprob
-from medsae.interp.offline import register_offline_model
+from medsae.interp.llm.offline import register_offline_model
 from medsae.interp.prompts import load_template
-from medsae.interp.simulator import (
+from medsae.interp.scorers.simulator import (
     LOGPROB_EV,
     PARSED_INT,
     SimJob,

@@ -37,7 +37,10 @@ def written(tmp_path, **sections) -> str:
     """A copy of BASE with ``sections`` merged in, as a file: the independent reference."""
     body = yaml.safe_load(yaml.safe_dump(BASE))
     for section, values in sections.items():
-        body.setdefault(section, {}).update(values)
+        if isinstance(values, dict):
+            body.setdefault(section, {}).update(values)
+        else:  # a top-level field
+            body[section] = values
     path = tmp_path / f"ref{len(list(tmp_path.glob('ref*')))}.yaml"
     path.write_text(yaml.safe_dump(body))
     return load_specs(path)[0]
@@ -55,8 +58,8 @@ def test_values_are_yaml_and_enter_the_hash(spec_file, tmp_path):
         sae={"k": 16, "lr": 0.0003},
         data={"modalities": ["ct"]},
         embed={"pretrained": False},
+        description="a b=c",
     )
-    reference.description = "a b=c"
     assert spec.spec_hash() == reference.spec_hash() != plain.spec_hash()
     assert spec_file.read_text() == text  # the file is not touched
     assert load_specs(spec_file, ["sae.k=8", "sae.k=12"])[0].sae.k == 12  # the last one wins

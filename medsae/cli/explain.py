@@ -50,8 +50,8 @@ def run_command(
     Rows are written as latents finish: a run stopped halfway keeps them, and the same command
     resumes (answers already received come from the cache, with no new LLM call).
     """
-    from medsae.interp.agent import summary_line
-    from medsae.interp.runs import explain_experiment, parse_latents
+    from medsae.interp.experiment import explain_experiment, parse_latents
+    from medsae.interp.run_stats import summary_line
 
     summary = explain_experiment(
         open_registry(registry),
@@ -102,7 +102,7 @@ def compare_command(
     of the means; below the table, one line per scorer says whether it tells a real explanation
     from a shuffled one (the real - shuffled pearson gap with its 95% CI).
     """
-    from medsae.interp.runs import compare, scorer_gaps
+    from medsae.interp.experiment import compare, scorer_gaps
 
     reg = open_registry(registry)
     frame = compare(reg, experiment)
@@ -147,7 +147,7 @@ def show_command(
     format: FormatOption = "table",
 ) -> None:
     """One latent: statistics, every explanation version with its scores, the slices shown."""
-    from medsae.interp.runs import show
+    from medsae.interp.experiment import show
 
     info = show(open_registry(registry), experiment, latent)
     s = info["latent"]

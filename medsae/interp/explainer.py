@@ -4,7 +4,8 @@ Each example is one compact metadata line (:mod:`medsae.interp.metadata`) with t
 strength 0-10 = floor(10 * activation / max activation of the set), at least 1 for a firing slice;
 contrasts (non-firing) come last with strength 0. IDs are opaque (``E01``...) and carry no slice
 id. The vision variant attaches one montage of thumbnails (rendered from the volumes by
-:func:`medsae.data.render.thumbnail`) captioned with ID and strength.
+:func:`medsae.data.render.thumbnail`) captioned with ID and strength. A prompt too long for the
+model's context window shows fewer examples (:mod:`medsae.interp.llm.budget`).
 
 The answer's last line starting with ``EXPLANATION:`` is the explanation. When there is none the
 explanation is recorded with status ``parse_failed`` and no text: a placeholder could be scored as
@@ -17,12 +18,15 @@ import base64
 import io
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medsae.interp.config import InterpretSpec
+from medsae.interp.llm import LLMRequest
+from medsae.interp.llm.budget import fit_examples
 from medsae.interp.prompts import Template
 
 MAX_THUMBNAILS = 16
@@ -136,3 +140,36 @@ def request_params(spec: InterpretSpec) -> dict[str, Any]:
         "max_tokens": int(spec.explainer_max_tokens),
         "vision": bool(spec.vision),
     }
+
+
+@dataclass
+class Explainer:
+    """One explainer: model, template, sampling settings, prompt budget and (vision) the slices folder."""
+
+    model: str
+    template: Template
+    temperature: float
+    max_tokens: int
+    api_base: str | None = None
+    budget: int | None = None  # prompt tokens the model accepts (None: not checked)
+    slices_dir: Path | None = None  # set when a montage of the examples goes with the prompt
+
+    def request(self, examples: list[dict]) -> tuple[LLMRequest, int]:
+        """The call for one latent's examples, fitted to the budget (fewer shown when they do not fit),
+        and how many examples it shows."""
+
+        def render(shown: list[dict]) -> list[dict]:
+            image = montage(self.slices_dir, shown) if self.slices_dir is not None else None
+            return render_explainer(self.template, shown, image)
+
+        messages, shown = fit_examples(render, examples, self.model, self.budget)
+        request = LLMRequest(
+            model=self.model,
+            messages=messages,
+            temperature=self.temperature,
+            max_tokens=self.max_tokens,
+            seed=0,
+            template_hash=self.template.hash,
+            api_base=self.api_base,
+        )
+        return request, len(shown)

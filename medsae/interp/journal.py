@@ -11,8 +11,8 @@ kill loses at most the last few seconds of work:
   ``work_dir`` (written atomically); a rerun of the stage reads the parts back and skips the
   latents they finished. Stages never write the registry (the planner does, at the end).
 * :class:`RegistrySink` — ``medsae explain run``: each batch is one short registry transaction
-  (ids are content hashes, INSERT OR IGNORE: nothing is written twice). A rerun recomputes the
-  finished latents from the LLM cache (no new call) and adds no row.
+  (:func:`insert_results`; ids are content hashes, INSERT OR IGNORE: nothing is written twice). A
+  rerun recomputes the finished latents from the LLM cache (no new call) and adds no row.
 """
 
 from __future__ import annotations
@@ -23,13 +23,62 @@ import time
 from pathlib import Path
 from typing import Any
 
+from medsae.registry.db import Registry, insert_rows
+
 TABLES = ("explanations", "explanation_scores", "llm_calls", "prompts")
+#: Registry table -> its id column (None: no id; rows are appended).
+ID_COLUMNS = {
+    "explanations": "explanation_id",
+    "explanation_scores": "score_id",
+    "prompts": "template_hash",
+    "llm_calls": None,
+}
 MIN_INTERVAL_S, MAX_INTERVAL_S, COST_FACTOR = 1.0, 10.0, 20.0
 Tables = dict[str, list[dict[str, Any]]]
 
 
 def empty_tables() -> Tables:
     return {t: [] for t in TABLES}
+
+
+def deduplicated(tables: Tables) -> Tables:
+    """Rows with an id once (a resumed run re-emits some), other rows as they are."""
+    out: Tables = {}
+    for table, rows in tables.items():
+        column = ID_COLUMNS.get(table)
+        if column is None:
+            out[table] = list(rows)
+            continue
+        seen: dict[Any, dict] = {}
+        for row in rows:
+            seen.setdefault(row[column], row)
+        out[table] = list(seen.values())
+    return out
+
+
+def insert_results(registry: Registry, tables: Tables) -> dict[str, int]:
+    """Insert agent rows in one transaction; returns how many rows per table were new."""
+    new: dict[str, int] = {}
+    with registry.write() as con:
+        for table, rows in tables.items():
+            if not rows:
+                new[table] = 0
+                continue
+            column = ID_COLUMNS.get(table)
+            if column:
+                ids = [r[column] for r in rows]
+                existing = {
+                    r[0]
+                    for r in con.execute(
+                        f"SELECT {column} FROM {table} WHERE list_contains(?, {column})", [ids]
+                    ).fetchall()
+                }
+                fresh = {i for i in ids if i not in existing}
+                new[table] = len(fresh)
+            else:
+                new[table] = len(rows)
+            insert_rows(con, table, rows)
+    return new
 
 
 class RowSink:
@@ -113,13 +162,11 @@ class WorkDirJournal(RowSink):
 class RegistrySink(RowSink):
     """Each batch is one registry transaction; counts the rows that were new."""
 
-    def __init__(self, registry: Any, flush_latents: int = 100):
+    def __init__(self, registry: Registry, flush_latents: int = 100):
         super().__init__(flush_latents)
         self.registry = registry
         self.new_rows: dict[str, int] = dict.fromkeys(TABLES, 0)
 
     def _write(self, tables: Tables, latents: list[int]) -> None:
-        from medsae.interp.runs import insert_results
-
         for table, n in insert_results(self.registry, tables).items():
             self.new_rows[table] = self.new_rows.get(table, 0) + n

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from medsae.errors import MedsaeError
-from medsae.interp.llm import LLMRequest, LLMResponse, _background_loop
-from medsae.interp.simulator import SimJob, Simulator, arun_jobs
+from medsae.interp.llm import LLMRequest, LLMResponse
+from medsae.interp.llm.gateway import background_loop
+from medsae.interp.scorers.simulator import SimJob, Simulator, arun_jobs
 
 _DONE = object()
 
@@ -35,7 +36,7 @@ class LatentWork:
     latent: int
     jobs: list[tuple[Simulator, SimJob]] = field(default_factory=list)
     extra: list[LLMRequest] = field(default_factory=list)  # e.g. the ranking request
-    context: dict[str, Any] = field(default_factory=dict)  # the caller's bookkeeping
+    context: Any = None  # the caller's bookkeeping
     extra_responses: list[LLMResponse] = field(default_factory=list)
     n_repairs: int = 0
     failure: str | None = None  # an unexpected exception while running this latent
@@ -82,7 +83,7 @@ def run_latents(
         finally:
             finished.put(_DONE)
 
-    future = asyncio.run_coroutine_threadsafe(main(), _background_loop())
+    future = asyncio.run_coroutine_threadsafe(main(), background_loop())
     try:
         while True:
             item = finished.get()

@@ -4,21 +4,22 @@ An explanation's id hashes (latent, SAE key, explainer model, API base, template
 params, example set, request hash); a score's id hashes (explanation id, method, the scorer's
 identity, the example set, the scorer's request hashes, bootstrap and permutation counts). So a
 rerun yields the same ids (inserted with INSERT OR IGNORE: nothing new), and a new explainer or
-scorer adds rows beside the old ones.
+scorer adds rows beside the old ones. Every explanation and score row is built here, nowhere else.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
-from medsae.interp import scoring
 from medsae.interp.config import InterpretSpec
 from medsae.interp.sampling import sha256_json
+from medsae.interp.scorers.metrics import Score
 
 EXPLANATION, SHUFFLED, BEST_ATTRIBUTE = "explanation", "shuffled", "best_attribute"
-_LETTER = re.compile(r"\b([A-E])\b")
+#: Explainer (and scorer) name and template of the best-attribute rule (:mod:`medsae.interp.baselines.best_attribute`).
+RULE_MODEL = "rule"
+RULE_TEMPLATE = "rule:best_attribute/v1"
 
 
 def as_json(obj: Any) -> str:
@@ -91,8 +92,6 @@ def shuffled_row(latent: int, donor_row: dict, donor: int, sae_key: str, summari
 
 def best_attribute_row(latent: int, term_key: str, r_explain: Any, set_id: str, sae_key: str, summarize_key: str):
     """The best single attribute, applied as a rule (no LLM)."""
-    from medsae.interp.baselines import RULE_MODEL, RULE_TEMPLATE
-
     ident = {
         "kind": BEST_ATTRIBUTE,
         "latent": latent,
@@ -120,7 +119,7 @@ def best_attribute_row(latent: int, term_key: str, r_explain: Any, set_id: str, 
 def score_row(
     expl_id: str,
     set_id: str,
-    score: scoring.Score,
+    score: Score,
     scorer: dict,
     spec: InterpretSpec,
     extra: dict | None = None,
@@ -158,27 +157,3 @@ def score_row(
         "degenerate": degenerate,
     }
 
-
-def parse_ranking(text: str | None) -> list[str] | None:
-    """The five letters A-E in ranked order: the first line naming each exactly once (text before or
-    after it, e.g. a justification, is ignored), else the whole answer if it does; otherwise None."""
-    lines = (text or "").upper().splitlines()
-    for chunk in [*lines, " ".join(lines)]:
-        found = _LETTER.findall(chunk)
-        if len(found) == 5 and len(set(found)) == 5:
-            return found
-    return None
-
-
-def ranking_score(text: str | None, truth: str, distractors: list[int]) -> scoring.Score:
-    """The study's score: 1 when the true explanation is ranked first or second of five."""
-    ranking = parse_ranking(text) or []
-    ok = len(ranking) == 5
-    rank = ranking.index(truth) + 1 if ok else None
-    return scoring.Score(
-        "ranking_top2",
-        None if rank is None else float(rank <= 2),
-        1 if ok else 0,
-        0 if ok else 1,
-        extra={"rank": rank, "distractors": distractors} | ({} if ok else {"reason": "parse_failed"}),
-    )

@@ -28,7 +28,12 @@ import pandas as pd
 import scipy.sparse as sp
 
 from medsae.errors import MedsaeError
+from medsae.interp.experiment import experiment_inputs, interpret_spec
+from medsae.interp.inputs import load_slice_tables
+from medsae.interp.llm import LLMGateway, LLMRequest
+from medsae.interp.llm.cache import cache_dir_for
 from medsae.interp.metadata import legend_lines, mentioned, parse_legend, slice_attributes
+from medsae.interp.prompts import load_template
 
 
 @dataclass(frozen=True)
@@ -161,8 +166,6 @@ def match_latents(
     api_base: str | None = None,
 ) -> list[int]:
     """The latents an LLM picks for ``query`` (up to ``attempts`` deterministic tries)."""
-    from medsae.interp.llm import LLMRequest
-
     descriptions = [{"number": i + 1, "text": t} for i, t in enumerate(candidates["text"])]
     messages = template.render(query=query, descriptions=descriptions, legend=legend, n=n)
     for attempt in range(attempts):
@@ -250,11 +253,6 @@ def run_search(
     gateway: Any = None,
 ) -> dict[str, Any]:
     """Answer one query for experiment ``name``; returns chosen latents, slices and precision@k."""
-    import medsae.interp.baseline_provider  # noqa: F401  registers medsae/baseline
-    from medsae.interp.agent import cache_dir_for, load_slice_tables
-    from medsae.interp.llm import LLMGateway
-    from medsae.interp.prompts import load_template
-    from medsae.interp.runs import experiment_inputs, interpret_spec
     from medsae.sae.codes import load_codes
 
     exp = experiment_inputs(registry, name)

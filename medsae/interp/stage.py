@@ -168,8 +168,10 @@ SETS_SCHEMA = pa.schema(
 
 
 def run_interpret(ctx: StageContext) -> StageResult:
-    from medsae.interp.agent import Agent, AgentInputs, cache_dir_for, summary_line
+    from medsae.interp.agent import Agent, AgentInputs
     from medsae.interp.journal import WorkDirJournal
+    from medsae.interp.llm.cache import cache_dir_for
+    from medsae.interp.run_stats import summary_line
 
     summarize_dir = Path(ctx.inputs["summarize"])
     inputs = AgentInputs(

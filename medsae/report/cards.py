@@ -254,7 +254,7 @@ def scorer_gap_words(scores: pd.DataFrame) -> dict[str, list[str]]:
     Degenerate scores (method suffixed by ``gather.DEGENERATE_SUFFIX``) count in the gap: a scorer
     whose predictions ignore the explanation is exactly one that cannot tell them apart.
     """
-    from medsae.interp.sanity import scorer_gaps
+    from medsae.interp.scorers.sanity import scorer_gaps
     from medsae.report.gather import DEGENERATE_SUFFIX
 
     if scores.empty or "kind" not in scores:

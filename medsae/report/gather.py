@@ -142,7 +142,7 @@ def explanations_frame(con: duckdb.DuckDBPyConnection, exp: ExperimentRecord) ->
     )
 
 
-#: A degenerate score (its predictions do not depend on the explanation, medsae.interp.sanity)
+#: A degenerate score (its predictions do not depend on the explanation, medsae.interp.scorers.sanity)
 #: is shown under its own method name, so it stays visible but never enters a method's mean.
 DEGENERATE_SUFFIX = " (degenerate)"
 

@@ -1,6 +1,6 @@
 """``medsae/baseline``: a deterministic rule-based "LLM" — the baseline every real model must beat.
 
-Registered as the offline litellm model ``medsae/baseline`` (:mod:`medsae.interp.offline`), so it
+Registered as the offline litellm model ``medsae/baseline`` (:mod:`medsae.interp.llm.offline`), so it
 runs through exactly the same gateway, cache and parsing path as a real model. It reads only the
 prompt (the last user message plus the system message's legend of metadata values) and answers
 the task named on the system message's first line (``Task: ...``):
@@ -31,8 +31,8 @@ from collections import Counter
 
 import numpy as np
 
+from medsae.interp.llm.offline import message_text, register_offline_model
 from medsae.interp.metadata import Term, mentioned, normalise, parse_legend, parse_line, phrase_pattern
-from medsae.interp.offline import message_text, register_offline_model
 
 MODEL = "baseline"
 MIN_SHARE = 0.6

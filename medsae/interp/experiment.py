@@ -1,4 +1,4 @@
-"""Explaining a registered experiment again, comparing explainers, showing one latent.
+"""A registered experiment's interpretation: explain it again, compare explainers, show one latent.
 
 These are the library side of ``medsae explain run|compare|show``: they find an experiment's
 summarize / slices stage folders through the registry's read layer (:mod:`medsae.registry.queries`),
@@ -10,7 +10,7 @@ model adds its own rows.
 
 ``compare`` and ``show`` read the rows of the experiment's own summarize stage (its example
 sets), not those of other experiments that happen to share the SAE. Degenerate scores (see
-:mod:`medsae.interp.sanity`) stay visible but are left out of the means.
+:mod:`medsae.interp.scorers.sanity`) stay visible but are left out of the means.
 """
 
 from __future__ import annotations
@@ -25,17 +25,18 @@ import numpy as np
 import pandas as pd
 
 from medsae.errors import MedsaeError, MissingInputError
+from medsae.interp.agent import Agent
 from medsae.interp.config import InterpretSpec
+from medsae.interp.explainer import explain_examples
+from medsae.interp.inputs import AgentInputs, load_slice_tables
+from medsae.interp.journal import RegistrySink
+from medsae.interp.llm.cache import cache_dir_for
+from medsae.interp.metadata import format_lines
+from medsae.interp.scorers import sanity
+from medsae.interp.scorers.metrics import summarize_values
 from medsae.registry import queries
-from medsae.registry.db import Registry, insert_rows
+from medsae.registry.db import Registry
 
-#: Registry table -> its id column (None: no id; rows are appended).
-ID_COLUMNS = {
-    "explanations": "explanation_id",
-    "explanation_scores": "score_id",
-    "prompts": "template_hash",
-    "llm_calls": None,
-}
 HEADLINE_METHODS = ("pearson", "spearman", "auroc", "detection_bacc", "ranking_top2")
 
 
@@ -110,31 +111,6 @@ def parse_latents(text: str | None) -> list[int] | None:
     return out
 
 
-def insert_results(registry: Registry, tables: dict[str, list[dict]]) -> dict[str, int]:
-    """Insert agent rows in one transaction; returns how many rows per table were new."""
-    new: dict[str, int] = {}
-    with registry.write() as con:
-        for table, rows in tables.items():
-            if not rows:
-                new[table] = 0
-                continue
-            column = ID_COLUMNS.get(table)
-            if column:
-                ids = [r[column] for r in rows]
-                existing = {
-                    r[0]
-                    for r in con.execute(
-                        f"SELECT {column} FROM {table} WHERE list_contains(?, {column})", [ids]
-                    ).fetchall()
-                }
-                fresh = {i for i in ids if i not in existing}
-                new[table] = len(fresh)
-            else:
-                new[table] = len(rows)
-            insert_rows(con, table, rows)
-    return new
-
-
 def explain_experiment(
     registry: Registry,
     name: str,
@@ -154,9 +130,6 @@ def explain_experiment(
 
     Rows reach the registry as latents finish; the returned summary counts the new rows.
     """
-    from medsae.interp.agent import Agent, AgentInputs, cache_dir_for
-    from medsae.interp.journal import RegistrySink
-
     exp = experiment_inputs(registry, name)
     overrides: dict[str, Any] = {"explainer_model": model}
     if scorer:
@@ -213,10 +186,8 @@ def _scores(registry: Registry, exp: ExperimentInputs) -> pd.DataFrame:
 
 def scorer_gaps(registry: Registry, name: str) -> list[dict[str, Any]]:
     """Per scorer (and explainer): real-vs-shuffled pearson gap with its 95% CI, and a sentence."""
-    from medsae.interp.sanity import scorer_gaps as gaps
-
     exp = experiment_inputs(registry, name)
-    return gaps(_scores(registry, exp))
+    return sanity.scorer_gaps(_scores(registry, exp))
 
 
 def compare(registry: Registry, name: str, methods: Sequence[str] = HEADLINE_METHODS) -> pd.DataFrame:
@@ -224,8 +195,6 @@ def compare(registry: Registry, name: str, methods: Sequence[str] = HEADLINE_MET
 
     Degenerate scores are counted (``n_degenerate``) but left out of every aggregate.
     """
-    from medsae.interp.scoring import summarize_values
-
     exp = experiment_inputs(registry, name)
     scores = _scores(registry, exp)
     columns = [
@@ -276,10 +245,6 @@ def compare(registry: Registry, name: str, methods: Sequence[str] = HEADLINE_MET
 
 def show(registry: Registry, name: str, latent: int) -> dict[str, Any]:
     """Everything about one latent: statistics, every explanation version with its scores, its slices."""
-    from medsae.interp.agent import load_slice_tables
-    from medsae.interp.explainer import explain_examples
-    from medsae.interp.metadata import format_lines
-
     exp = experiment_inputs(registry, name)
     stats = registry.query(
         "SELECT * FROM latents WHERE stage_key = ? AND latent = ?", [exp.summarize_key, latent]

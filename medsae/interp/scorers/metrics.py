@@ -4,7 +4,8 @@
   the held-out simulation set; seeded bootstrap 95 % interval; one-sided permutation p-value.
 * ``spearman``: rank correlation; ``auroc``: predictions as scores for firing (a > 0) vs not.
 * ``detection_bacc`` / ``detection_auroc`` on the balanced detection set.
-* ``ranking_top2``: the study's 5-way ranking (1 when the true explanation ranks first or second).
+* ``ranking_top2``: the study's 5-way ranking (1 when the true explanation ranks first or second;
+  :mod:`medsae.interp.scorers.ranking`).
 
 Slices whose prediction is missing are left out (never filled with zeros). When more than
 ``MAX_MISSING`` of a set is missing, or a correlation is undefined (constant predictions or

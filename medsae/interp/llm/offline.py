@@ -11,7 +11,11 @@ sampling parameters (temperature, max_tokens, seed, logprobs, ...) and returns t
 It should be deterministic. Token counts are rough (whitespace-separated words).
 
 Built in: ``medsae/echo`` (answers the text of the last user message). The explainer/simulator
-rules (``medsae/baseline``) register themselves with :func:`register_offline_model`.
+rules (``medsae/baseline``, :mod:`medsae.interp.llm.rule_model`) register themselves with
+:func:`register_offline_model`.
+
+A handler's version (:func:`handler_version`, the sha256 of its module's source) enters the hash of
+every request to it, so editing its rules invalidates the cached answers instead of serving old ones.
 """
 
 from __future__ import annotations
@@ -26,10 +30,21 @@ from typing import Any
 from medsae.errors import MedsaeError
 
 PROVIDER = "medsae"
+OFFLINE_PREFIX = PROVIDER + "/"
 OfflineHandler = Callable[[list[dict], dict], str]
 
 # Modules that register offline models when imported; tried (and skipped if absent) on first use.
-PLUGIN_MODULES: tuple[str, ...] = ("medsae.interp.baseline_provider",)
+PLUGIN_MODULES: tuple[str, ...] = ("medsae.interp.llm.rule_model",)
+
+#: Handler modules that moved without a change to their rules: sha256 of the source at the new place ->
+#: the version before the move, so cached answers and the registry ids built on them stay valid.
+#: Any later edit of such a module changes its sha256, which then no longer matches and is its version.
+MOVED_VERSIONS: dict[str, str] = {
+    # medsae/interp/baseline_provider.py -> medsae/interp/llm/rule_model.py (import path and docstring only)
+    "a83f36bbe0ba3ad181ab609c14dc1dd874145615cecc9f9a1aad5a078ef23038": (
+        "a1e7fc4dd1ccc09d5e9cfad7cd3f909a34fff0edccf42bdfa05765c18adb2058"
+    ),
+}
 
 _HANDLERS: dict[str, OfflineHandler] = {}
 _VERSIONS: dict[int, str] = {}  # id(handler) -> sha256 of its module source
@@ -72,7 +87,7 @@ def handler_version(model: str) -> str | None:
     It enters the LLM cache key, so editing the rules of ``medsae/baseline`` invalidates its cached
     answers instead of silently serving the old ones.
     """
-    if not model.startswith("medsae/"):
+    if not model.startswith(OFFLINE_PREFIX):
         return None
     import hashlib
     import inspect
@@ -89,7 +104,8 @@ def handler_version(model: str) -> str | None:
         source = inspect.getsource(module) if module else handler.__qualname__
     except (OSError, TypeError):
         source = handler.__qualname__
-    _VERSIONS[id(handler)] = version = hashlib.sha256(source.encode()).hexdigest()
+    digest = hashlib.sha256(source.encode()).hexdigest()
+    _VERSIONS[id(handler)] = version = MOVED_VERSIONS.get(digest, digest)
     return version
 
 
@@ -119,7 +135,7 @@ def _answer(model: str, messages: list[dict], optional_params: dict, model_respo
     from litellm.llms.custom_llm import CustomLLMError
     from litellm.types.utils import Usage
 
-    name = model.split("/", 1)[1] if model.startswith(PROVIDER + "/") else model
+    name = model.split("/", 1)[1] if model.startswith(OFFLINE_PREFIX) else model
     _load_plugins()
     with _LOCK:
         handler = _HANDLERS.get(name)
@@ -182,6 +198,7 @@ def ensure_offline_provider() -> None:
 
 
 __all__ = [
+    "OFFLINE_PREFIX",
     "OfflineHandler",
     "ensure_offline_provider",
     "message_text",

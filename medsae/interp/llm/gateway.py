@@ -5,21 +5,19 @@ gateway makes that reproducible and cheap to rerun:
 
 * **litellm only** — any provider litellm knows (``openai/...``, ``anthropic/...``, ``ollama/...``,
   an OpenAI-compatible server via ``api_base``) plus the offline ``medsae/<name>`` provider
-  (:mod:`medsae.interp.offline`). litellm is imported lazily (it costs seconds).
-* **Identity** — :func:`request_hash` is sha256 over canonical JSON of the model, the API base
-  (never the key), every sampling parameter, the messages with inline images replaced by the
-  sha256 of their bytes, and the prompt template hash.
-* **Cache** — one JSON file per answered request under ``cache_dir/<hash[:2]>/<hash>.json``,
-  written atomically, so a rerun makes zero calls. Modes: ``live`` and ``record`` read and write
-  the cache; ``replay`` only reads it and a miss is a :class:`MedsaeError` naming the request.
+  (:mod:`medsae.interp.llm.offline`). litellm is imported lazily (it costs seconds).
+* **Identity** — every request is named by its hash (:func:`medsae.interp.llm.messages.request_hash`).
+* **Cache** — every answer is stored under that name (:mod:`medsae.interp.llm.cache`), so a rerun
+  makes zero calls. Modes: ``live`` and ``record`` read and write the cache; ``replay`` only reads
+  it and a miss is a :class:`MedsaeError` naming the request.
 * **Robustness** — a concurrency limit (asyncio semaphore), timeouts, retries with exponential
   backoff and jitter (at least the provider's ``Retry-After``) on rate limits (429), timeouts,
   connection and server (5xx) errors and malformed answers (invalid JSON, no ``choices``), never
   on other 4xx. A provider failure that survives the retries comes back as an
   :class:`LLMResponse` with ``error`` set; only user errors (unknown provider, missing API key,
-  rejected key) raise. Every answer shape is read without exceptions: ``None`` content, missing
-  or partial logprobs and a provider that ignores ``logprobs`` give an answer with ``problem`` set
-  (cached like any answer, so a rerun replays it), never a crash.
+  rejected key) raise. Every answer shape is read without exceptions
+  (:func:`medsae.interp.llm.messages.read_answer`); an odd one is cached like any answer, so a
+  rerun replays it, never a crash.
 * **Accounting** — every call (cached or not) becomes a row of the registry table ``llm_calls``
   with tokens, cost (litellm's price table; 0 for unpriced or offline models), latency and
   error; so does every failed attempt that was retried (its error says which attempt and how long
@@ -32,298 +30,38 @@ API keys are read by litellm from the environment; they never enter a request, t
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import json
-import os
 import queue
 import random
 import threading
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from medsae.errors import MedsaeError
+from medsae.interp.llm.cache import ResponseCache
+from medsae.interp.llm.messages import (
+    LLMRequest,
+    LLMResponse,
+    MalformedAnswer,
+    ProviderAnswer,
+    canonical_request,
+    get_field,
+    logprobs_from_json,
+    logprobs_to_json,
+    read_answer,
+    request_hash,
+    token_count,
+)
+from medsae.interp.llm.offline import OFFLINE_PREFIX, ensure_offline_provider, offline_model_names
 
 T = TypeVar("T")
 
 Mode = Literal["live", "record", "replay"]
 MODES: tuple[str, ...] = ("live", "record", "replay")
-OFFLINE_PREFIX = "medsae/"
-CACHE_FORMAT = "medsae-llm-cache/1"
-HASH_VERSION = "1"  # bump when the canonical request layout changes (invalidates every cache entry)
 BUDGET_EXCEEDED = "budget exceeded"
-
-
-# --------------------------------------------------------------------------- data types
-
-
-@dataclass(frozen=True)
-class LLMRequest:
-    """One chat completion request. Everything here enters the request hash."""
-
-    model: str  # litellm model id, e.g. "openai/gpt-4o-mini", "medsae/baseline"
-    messages: list[dict]  # OpenAI-style; content may be a list of parts incl. image_url data URLs
-    temperature: float = 0.0
-    max_tokens: int = 512
-    logprobs: bool = False
-    top_logprobs: int | None = None
-    seed: int | None = 0
-    template_hash: str = ""
-    api_base: str | None = None  # never the key
-
-
-@dataclass
-class TokenLogprob:
-    """One generated token with its log-probability and the provider's top alternatives."""
-
-    token: str
-    logprob: float
-    top: list[tuple[str, float]]
-
-
-@dataclass
-class LLMResponse:
-    """The answer to one :class:`LLMRequest` (or why there is none: ``error``).
-
-    ``cost_usd`` is what this call cost now (0 for a cache hit); ``tokens_in``/``tokens_out`` are
-    the provider's counts for the answer (also for a cache hit); ``latency_s`` is the wall time of
-    this call including retries (a cache hit: the time to read it); ``attempts`` counts provider
-    attempts (0 for a cache hit or a call refused by the budget). ``problem`` describes an answer
-    that came back in an unusual shape (no content, logprobs asked for but absent or unreadable).
-    """
-
-    request_hash: str
-    text: str | None
-    logprobs: list[TokenLogprob] | None
-    tokens_in: int
-    tokens_out: int
-    cost_usd: float
-    latency_s: float
-    cached: bool
-    error: str | None
-    attempts: int = 0
-    problem: str | None = None
-
-
-class MalformedAnswer(Exception):
-    """A provider answer that holds no answer at all (no ``choices``): retried like a server error."""
-
-
-# --------------------------------------------------------------------------- request identity
-
-
-def _image_ref(url: str) -> str:
-    """A data URL becomes the sha256 of its decoded bytes; other URLs are kept as they are."""
-    if url.startswith("data:") and "," in url:
-        header, payload = url.split(",", 1)
-        data = base64.b64decode(payload) if header.endswith(";base64") else payload.encode()
-        return "sha256:" + hashlib.sha256(data).hexdigest()
-    return url
-
-
-def _strip_images(value: Any) -> Any:
-    """Deep copy of message content with every ``image_url`` replaced by its hash reference."""
-    if isinstance(value, list):
-        return [_strip_images(v) for v in value]
-    if isinstance(value, dict):
-        out = {}
-        for key, item in value.items():
-            if key == "image_url":
-                if isinstance(item, str):
-                    item = _image_ref(item)
-                elif isinstance(item, dict) and isinstance(item.get("url"), str):
-                    item = {**item, "url": _image_ref(item["url"])}
-            out[key] = _strip_images(item)
-        return out
-    return value
-
-
-def canonical_request(req: LLMRequest) -> dict[str, Any]:
-    """The JSON-ready identity of a request: what is hashed and stored next to the answer."""
-    return {
-        "v": HASH_VERSION,
-        "model": req.model,
-        "api_base": req.api_base,
-        "temperature": float(req.temperature),
-        "max_tokens": int(req.max_tokens),
-        "logprobs": bool(req.logprobs),
-        "top_logprobs": None if req.top_logprobs is None else int(req.top_logprobs),
-        "seed": None if req.seed is None else int(req.seed),
-        "template_hash": req.template_hash,
-        "messages": _strip_images(req.messages),
-        "offline_version": _offline_version(req.model),
-    }
-
-
-def _offline_version(model: str) -> str | None:
-    from medsae.interp.offline import handler_version
-
-    return handler_version(model)
-
-
-def canonical_json(obj: Any) -> str:
-    """Sorted keys, no whitespace, floats as Python's shortest repr: stable across runs."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
-
-def request_hash(req: LLMRequest) -> str:
-    """sha256 (hex) of the canonical JSON of ``req``."""
-    return hashlib.sha256(canonical_json(canonical_request(req)).encode()).hexdigest()
-
-
-# --------------------------------------------------------------------------- response cache
-
-
-class ResponseCache:
-    """Content-addressed store: one JSON file per answered request, named by the request hash."""
-
-    def __init__(self, root: Path):
-        self.root = Path(root)
-
-    def path(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}.json"
-
-    def get(self, key: str) -> dict[str, Any] | None:
-        """The stored entry, or None when absent or unreadable (a torn file is treated as a miss)."""
-        try:
-            entry = json.loads(self.path(key).read_text())
-        except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
-            return None
-        if not isinstance(entry, dict) or entry.get("request_hash") != key or "response" not in entry:
-            return None
-        return entry
-
-    def put(self, key: str, entry: dict[str, Any]) -> None:
-        """Write atomically (temp file + rename), so readers never see half a file."""
-        target = self.path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text(json.dumps(entry, ensure_ascii=False, sort_keys=True))
-        os.replace(tmp, target)
-
-
-# --------------------------------------------------------------------------- provider answers
-
-
-def _get(obj: Any, name: str, default: Any = None) -> Any:
-    """Attribute or key access: litellm returns pydantic objects, sometimes plain dicts."""
-    if obj is None:
-        return default
-    if isinstance(obj, dict):
-        return obj.get(name, default)
-    return getattr(obj, name, default)
-
-
-def _float(value: Any) -> float | None:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if out == out else None  # NaN is no log-probability
-
-
-def parse_logprobs(choice_logprobs: Any) -> list[TokenLogprob] | None:
-    """``choices[0].logprobs.content`` (OpenAI format) as a list of :class:`TokenLogprob`.
-
-    Entries without a token string or a numeric log-probability are skipped (alternatives too),
-    so a partial or odd logprobs block gives fewer tokens, never an exception.
-    """
-    content = _get(choice_logprobs, "content")
-    if not content or not isinstance(content, list | tuple):
-        return None
-    tokens = []
-    for item in content:
-        token, logprob = _get(item, "token"), _float(_get(item, "logprob"))
-        if not isinstance(token, str) or logprob is None:
-            continue
-        top = []
-        for alt in _get(item, "top_logprobs") or []:
-            alt_token, alt_logprob = _get(alt, "token"), _float(_get(alt, "logprob"))
-            if isinstance(alt_token, str) and alt_logprob is not None:
-                top.append((alt_token, alt_logprob))
-        tokens.append(TokenLogprob(token=token, logprob=logprob, top=top))
-    return tokens or None
-
-
-def _text(content: Any) -> str | None:
-    """Message content as text: a string, the text parts of a list of parts, else None."""
-    if content is None or isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = [_get(p, "text") for p in content]
-        joined = "".join(p for p in parts if isinstance(p, str))
-        return joined or None
-    return str(content)
-
-
-def _int(value: Any) -> int:
-    try:
-        return max(0, int(value or 0))
-    except (TypeError, ValueError):
-        return 0
-
-
-@dataclass
-class _Answer:
-    """What one provider answer holds, read defensively (see :func:`read_answer`)."""
-
-    text: str | None
-    logprobs: list[TokenLogprob] | None
-    tokens_in: int
-    tokens_out: int
-    problem: str | None
-    finish_reason: Any
-    model: Any
-    fingerprint: Any
-
-
-def read_answer(raw: Any, wants_logprobs: bool) -> _Answer:
-    """Read a chat completion of any shape; raises :class:`MalformedAnswer` only when it has no choice."""
-    choices = _get(raw, "choices")
-    if not choices or not isinstance(choices, list | tuple):
-        raise MalformedAnswer("provider answer has no choices")
-    choice = choices[0]
-    finish = _get(choice, "finish_reason")
-    text = _text(_get(_get(choice, "message"), "content"))
-    problems = []
-    if text is None:
-        problems.append(f"no content (finish_reason={finish})")
-    logprobs = None
-    raw_logprobs = _get(choice, "logprobs")
-    if raw_logprobs is not None:
-        try:
-            logprobs = parse_logprobs(raw_logprobs)
-        except Exception:  # an exotic object: treat as absent
-            logprobs = None
-    if wants_logprobs and logprobs is None and text is not None:
-        problems.append("no logprobs" if raw_logprobs is None else "unreadable logprobs")
-    usage = _get(raw, "usage")
-    return _Answer(
-        text=text,
-        logprobs=logprobs,
-        tokens_in=_int(_get(usage, "prompt_tokens", 0)),
-        tokens_out=_int(_get(usage, "completion_tokens", 0)),
-        problem="; ".join(problems) or None,
-        finish_reason=finish,
-        model=_get(raw, "model"),
-        fingerprint=_get(raw, "system_fingerprint"),
-    )
-
-
-def _logprobs_to_json(tokens: list[TokenLogprob] | None) -> list | None:
-    if tokens is None:
-        return None
-    return [[t.token, t.logprob, [[a, b] for a, b in t.top]] for t in tokens]
-
-
-def _logprobs_from_json(data: list | None) -> list[TokenLogprob] | None:
-    if data is None:
-        return None
-    return [TokenLogprob(token=t, logprob=lp, top=[(a, b) for a, b in top]) for t, lp, top in data]
 
 
 def _cost(response: Any, model: str) -> float:
@@ -372,7 +110,7 @@ def is_retryable(exc: BaseException) -> bool:
 
 def _retry_after(exc: BaseException) -> float | None:
     """Seconds from a ``Retry-After`` header on the provider's answer, when there is one."""
-    headers = _get(getattr(exc, "response", None), "headers")
+    headers = get_field(getattr(exc, "response", None), "headers")
     try:
         value = headers.get("retry-after") if headers is not None else None
         return float(value) if value is not None else None
@@ -386,7 +124,7 @@ _LOOP: asyncio.AbstractEventLoop | None = None
 _LOOP_LOCK = threading.Lock()
 
 
-def _background_loop() -> asyncio.AbstractEventLoop:
+def background_loop() -> asyncio.AbstractEventLoop:
     """One long-lived event loop in a daemon thread, shared by every gateway's sync entry points.
 
     litellm caches async HTTP clients per event loop; a fresh ``asyncio.run`` per batch would leave
@@ -404,7 +142,7 @@ def _background_loop() -> asyncio.AbstractEventLoop:
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` on the background loop and wait for its result."""
-    future = asyncio.run_coroutine_threadsafe(coro, _background_loop())
+    future = asyncio.run_coroutine_threadsafe(coro, background_loop())
     try:
         return future.result()
     except BaseException:
@@ -520,7 +258,7 @@ class LLMGateway:
             return run_sync(gather())
         from medsae.progress import track
 
-        future = asyncio.run_coroutine_threadsafe(gather(), _background_loop())
+        future = asyncio.run_coroutine_threadsafe(gather(), background_loop())
         try:
             ticks = _finished(done, len(reqs), future)
             for _ in track(ticks, total=len(reqs), description=description, unit="call"):
@@ -568,15 +306,15 @@ class LLMGateway:
             return None
         stored = entry["response"]
         try:
-            logprobs = _logprobs_from_json(stored.get("logprobs"))
+            logprobs = logprobs_from_json(stored.get("logprobs"))
         except (TypeError, ValueError):  # a hand-edited or foreign entry: read it without logprobs
             logprobs = None
         response = LLMResponse(
             request_hash=key,
             text=stored.get("text"),
             logprobs=logprobs,
-            tokens_in=_int(stored.get("tokens_in")),
-            tokens_out=_int(stored.get("tokens_out")),
+            tokens_in=token_count(stored.get("tokens_in")),
+            tokens_out=token_count(stored.get("tokens_out")),
             cost_usd=0.0,
             latency_s=time.perf_counter() - start,
             cached=True,
@@ -602,8 +340,6 @@ class LLMGateway:
         if ident in self._checked_models:
             return
         if req.model.startswith(OFFLINE_PREFIX):
-            from medsae.interp.offline import ensure_offline_provider, offline_model_names
-
             ensure_offline_provider()
             name = req.model[len(OFFLINE_PREFIX) :]
             if name not in offline_model_names():
@@ -625,9 +361,7 @@ class LLMGateway:
             if missing:
                 names = " / ".join(missing)
                 hint = " (any value works for a local server that checks no key)" if req.api_base else ""
-                raise MedsaeError(
-                    f"model {req.model}: API key missing; set the environment variable {names}{hint}"
-                )
+                raise MedsaeError(f"model {req.model}: API key missing; set the environment variable {names}{hint}")
         self._checked_models.add(ident)
 
     def _litellm_kwargs(self, req: LLMRequest) -> dict[str, Any]:
@@ -657,12 +391,26 @@ class LLMGateway:
         litellm.suppress_debug_info = True
         with self._lock:
             self.n_calls += 1
-        kwargs = self._litellm_kwargs(req)
         start = time.perf_counter()
+        raw, answer, error, attempts = await self._attempts(key, req)
+        latency = time.perf_counter() - start
+        if error is not None or answer is None:
+            with self._lock:
+                self.n_failed += 1
+            response = LLMResponse(key, None, None, 0, 0, 0.0, latency, False, error or "no answer", attempts)
+            self._log(req, response, None)
+            return response
+        return self._answered(key, req, raw, answer, latency, attempts)
+
+    async def _attempts(self, key: str, req: LLMRequest) -> tuple[Any, ProviderAnswer | None, str | None, int]:
+        """Ask the provider until it answers or the error is final: (raw, answer, error, attempts)."""
+        import litellm
+
+        kwargs = self._litellm_kwargs(req)
         attempts = 0
         error: str | None = None
         raw: Any = None
-        answer: _Answer | None = None
+        answer: ProviderAnswer | None = None
         while True:
             attempts += 1
             with self._lock:
@@ -688,15 +436,12 @@ class LLMGateway:
                     delay = max(delay, min(retry_after, self.backoff_max_s))
                 self._log_attempt(key, req, error, attempts, time.perf_counter() - tried, delay)
                 await asyncio.sleep(delay)
-        latency = time.perf_counter() - start
+        return raw, answer, error, attempts
 
-        if error is not None or answer is None:
-            with self._lock:
-                self.n_failed += 1
-            response = LLMResponse(key, None, None, 0, 0, 0.0, latency, False, error or "no answer", attempts)
-            self._log(req, response, None)
-            return response
-
+    def _answered(
+        self, key: str, req: LLMRequest, raw: Any, answer: ProviderAnswer, latency: float, attempts: int
+    ) -> LLMResponse:
+        """The response to a provider's answer, counted, cached and logged."""
         cost = _cost(raw, req.model)
         response = LLMResponse(
             request_hash=key,
@@ -713,7 +458,7 @@ class LLMGateway:
         )
         stored = {
             "text": response.text,
-            "logprobs": _logprobs_to_json(response.logprobs),
+            "logprobs": logprobs_to_json(response.logprobs),
             "tokens_in": response.tokens_in,
             "tokens_out": response.tokens_out,
             "cost_usd": cost,
@@ -726,22 +471,11 @@ class LLMGateway:
         }
         with self._lock:
             self.total_cost_usd += cost
-        self.cache.put(
-            key,
-            {
-                "format": CACHE_FORMAT,
-                "request_hash": key,
-                "request": canonical_request(req),
-                "response": stored,
-                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            },
-        )
+        self.cache.store(key, canonical_request(req), stored)
         self._log(req, response, stored)
         return response
 
-    def _log_attempt(
-        self, key: str, req: LLMRequest, error: str, attempt: int, seconds: float, wait_s: float
-    ) -> None:
+    def _log_attempt(self, key: str, req: LLMRequest, error: str, attempt: int, seconds: float, wait_s: float) -> None:
         """An ``llm_calls`` row for a failed attempt that is retried (the final outcome gets its own row)."""
         with self._lock:
             self.n_failed_attempts += 1
@@ -793,19 +527,3 @@ def _finished(done: queue.SimpleQueue, total: int, future: Any) -> Any:
             continue
         seen += 1
         yield seen
-
-
-__all__ = [
-    "BUDGET_EXCEEDED",
-    "LLMGateway",
-    "LLMRequest",
-    "LLMResponse",
-    "MalformedAnswer",
-    "TokenLogprob",
-    "canonical_request",
-    "is_retryable",
-    "parse_logprobs",
-    "read_answer",
-    "request_hash",
-    "run_sync",
-]
