@@ -311,7 +311,7 @@ class ScriptedLLMServer:
         handler: Handler | None = None,
         latency_s: float = 0.0,
         max_requests: int = 100_000,
-        lifetime_s: float = 600.0,
+        lifetime_s: float = 3600.0,  # a safety net only: a loaded CI machine can take minutes per test
     ):
         self.handler: Handler = handler or text_handler("ok")
         self.latency_s = latency_s
@@ -441,5 +441,5 @@ class ScriptedLLMServer:
 def llm_server_fixture(monkeypatch: pytest.MonkeyPatch) -> Iterator[ScriptedLLMServer]:
     """A started :class:`ScriptedLLMServer` (plain "ok" answers) with a dummy OPENAI_API_KEY set."""
     monkeypatch.setenv("OPENAI_API_KEY", "sk-medsae-test-dummy-key")
-    with ScriptedLLMServer(lifetime_s=120.0) as server:
+    with ScriptedLLMServer(lifetime_s=1800.0) as server:  # long enough for a loaded machine
         yield server
