@@ -75,6 +75,7 @@ _KEY_COLUMN: dict[str, str] = {
     "ingest_skips": "slices_key",
     "metrics": "stage_key",
     "latents": "stage_key",
+    "latent_grounding": "stage_key",
     "example_sets": "stage_key",
     "explanations": "stage_key",
     "explanation_scores": "",
@@ -82,7 +83,9 @@ _KEY_COLUMN: dict[str, str] = {
     "prompts": "",
 }
 #: Tables whose rows belong to one stage run and are replaced when the stage is forced.
-_REPLACED_ON_FORCE = ("slices", "slice_structures", "ingest_skips", "metrics", "latents", "example_sets")
+_REPLACED_ON_FORCE = (
+    "slices", "slice_structures", "ingest_skips", "metrics", "latents", "latent_grounding", "example_sets",
+)  # fmt: skip
 
 
 def code_version(kind: str) -> str:
@@ -172,7 +175,7 @@ def plan_experiment(
     """Compute every stage key of one experiment (``only``: those kinds and their upstream stages)."""
     plan = ExperimentPlan(spec)
     needed = _with_upstream(only) if only is not None else set(STAGES)
-    table = [d for d in STAGE_TABLE if d.kind in needed]
+    table = [d for d in STAGE_TABLE if d.kind in needed and d.planned(spec)]
     names = {name for d in table for name in d.inputs}
     external = {n: _EXTERNAL_INPUTS[n](spec) if prepare_data else ("unknown", None) for n in sorted(names)}
     for d in table:
@@ -504,7 +507,9 @@ def run_plans(
         by_key: dict[str, StageNode] = {}
         users: dict[str, list[str]] = {}
         for plan in plans:
-            node = plan.nodes[d.kind]
+            node = plan.nodes.get(d.kind)
+            if node is None:  # an optional stage this experiment does not have
+                continue
             by_key.setdefault(node.key, node)
             users.setdefault(node.key, []).append(plan.spec.name)
 

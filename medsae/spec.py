@@ -52,6 +52,7 @@ from medsae.data.config import DataSpec
 from medsae.embed.config import EmbedSpec
 from medsae.errors import MissingInputError, SpecError
 from medsae.eval.config import EvalSpec
+from medsae.ground.config import GroundSpec
 from medsae.interp.config import InterpretSpec
 from medsae.paths import resolve_spec_path
 from medsae.sae.config import SAESpec
@@ -104,6 +105,7 @@ class ExperimentSpec(Section):
     sae: SAESpec = Field(default_factory=SAESpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     interpret: InterpretSpec = Field(default_factory=InterpretSpec)
+    ground: GroundSpec = Field(default_factory=GroundSpec)
     sweep: SweepSpec | None = Field(None, description="Expand into a grid of experiments.")
 
     #: Folder of the spec file relative paths are taken from (None: not read from a file -> the cwd).

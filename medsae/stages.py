@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from medsae.ground.config import GroundRun
 from medsae.interp.config import LLM_ONLY_FIELDS
 from medsae.specbase import Section, key_params
 
@@ -46,6 +47,13 @@ class StageDef:
     batch_by: str | None = None
     #: The section as the stage receives it, when that differs from the keyed one (paths resolved).
     resolve: Callable[[ExperimentSpec], Section] | None = None
+    #: An optional stage: part of an experiment only when this says so (None: always). No other
+    #: stage may read from an optional one.
+    when: Callable[[ExperimentSpec], bool] | None = None
+
+    def planned(self, spec: ExperimentSpec) -> bool:
+        """Whether ``spec``'s experiment has this stage."""
+        return self.when is None or self.when(spec)
 
     def load(self) -> Callable[[StageContext], StageResult]:
         """The function running one stage."""
@@ -103,13 +111,24 @@ STAGE_TABLE: tuple[StageDef, ...] = (
         "sae",
         run_many="medsae.sae.stage:run_train_many",
         batch_by="embed",  # SAEs on one embedding train in one pass over it
+        resolve=lambda spec: spec.sae.with_resolved_checkpoint(spec.resolve_path),  # an imported SAE's file
     ),
     StageDef("encode", ("train", "embed"), "medsae.sae.stage:run_encode", None),
+    # the stage also gets the embed section (to rebuild the backbone); its key has it through embed's key
+    StageDef(
+        "ground",
+        ("encode", "embed", "slices", "train"),
+        "medsae.ground.stage:run_ground",
+        "ground",
+        resolve=lambda spec: GroundRun.model_validate({**spec.ground.model_dump(), "embed": spec.embed}),
+        when=lambda spec: spec.ground.enabled,  # costly on the full data set: opt-in
+    ),
     StageDef("evaluate", ("encode", "embed", "slices", "train"), "medsae.eval.stage:run_evaluate", "eval"),
-    # statistics and example sets only: the LLM settings do not change what summarize computes
+    # statistics and example sets only: the LLM settings do not change what summarize computes;
+    # evaluate: interpret.protocol study selects latents by its monosemanticity and coefficient tables
     StageDef(
         "summarize",
-        ("encode", "slices", "train"),
+        ("encode", "slices", "train", "evaluate"),
         "medsae.interp.stage:run_summarize",
         "interpret",
         key_exclude=LLM_ONLY_FIELDS,

@@ -78,7 +78,10 @@ def test_index_layout_and_order(index):
 
 
 def test_structure_pixels_equal_direct_numpy_count(dataset, index):
-    """Every (slice, structure) area equals a count made here from the mask files; planes follow affines."""
+    """Every (slice, structure) area equals a count made here from the mask files; planes follow affines.
+
+    The default radiological display slices every volume on its closest-RAS grid, so the files are
+    brought to RAS here with nibabel (``as_closest_canonical``) before counting."""
     s = load_slices(index)
     st = load_structures(index)
     vocab = sorted(set(st["structure"]))
@@ -87,7 +90,7 @@ def test_structure_pixels_equal_direct_numpy_count(dataset, index):
     checked = 0
     for (modality, image_id), scan in s.groupby(["modality", "image_id"]):
         folder = dataset / DATASET[modality] / image_id
-        img = nib.load(folder / f"{modality}.nii.gz")
+        img = nib.as_closest_canonical(nib.load(folder / f"{modality}.nii.gz"))
         zooms = img.header.get_zooms()
         codes = nib.aff2axcodes(img.affine)
         for axis, rows in scan.groupby("axis"):
@@ -98,7 +101,7 @@ def test_structure_pixels_equal_direct_numpy_count(dataset, index):
                 continue  # resampled in-plane: covered by test_data_slicing
         for path in sorted((folder / "segmentations").glob("*.nii.gz")):
             name = path.name[:-7]
-            mask = np.asanyarray(nib.load(path).dataobj)
+            mask = np.asanyarray(nib.as_closest_canonical(nib.load(path)).dataobj)
             for axis, rows in scan.groupby("axis"):
                 direct = _direct_counts(mask, int(axis))
                 col = areas[:, vocab.index(name)] if name in vocab else np.zeros(len(s), dtype=np.int64)

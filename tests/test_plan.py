@@ -13,7 +13,7 @@ def _plan(tmp_path, **sections):
 
 
 def test_every_stage_gets_a_distinct_key(tmp_path):
-    plan = _plan(tmp_path)
+    plan = _plan(tmp_path, ground={"enabled": True})  # the optional stage too
     keys = [plan.nodes[k].key for k in STAGES]
     assert len(set(keys)) == len(STAGES)
     assert all(len(k) == 64 for k in keys)
@@ -31,7 +31,7 @@ def test_sae_change_keeps_upstream_and_changes_downstream(tmp_path):
 def test_execution_only_fields_do_not_change_keys(tmp_path):
     a = _plan(tmp_path, embed={"batch_size": 8, "device": "cpu"}, sae={"checkpoint_every": 5})
     b = _plan(tmp_path, embed={"batch_size": 64, "device": "auto"}, sae={"checkpoint_every": 500})
-    assert [a.nodes[k].key for k in STAGES] == [b.nodes[k].key for k in STAGES]
+    assert [a.nodes[k].key for k in a.nodes] == [b.nodes[k].key for k in b.nodes]
 
 
 def test_explainer_model_only_changes_interpret(tmp_path):
@@ -62,7 +62,7 @@ def test_experiment_stages_follow_the_current_plan(tmp_path):
     (scan / "ct.nii.gz").write_bytes(b"second, longer version")
     new = plan_experiment(parse_specs(raw)[0])
     assert new.experiment_id == old.experiment_id
-    assert all(new.nodes[k].key != old.nodes[k].key for k in STAGES)
+    assert all(new.nodes[k].key != old.nodes[k].key for k in new.nodes)
     register_experiment(registry, new, None, None)
     rows = registry.query("SELECT kind, stage_key FROM experiment_stages WHERE experiment_id = ?", [new.experiment_id])
     assert {r["kind"]: r["stage_key"] for r in rows} == {k: n.key for k, n in new.nodes.items()}
@@ -79,7 +79,9 @@ _OLD_STAGES = {
     "train": (("embed", "slices"), "medsae.sae.stage", "sae"),
     "encode": (("train", "embed"), "medsae.sae.stage", None),
     "evaluate": (("encode", "embed", "slices", "train"), "medsae.eval.stage", "eval"),
-    "summarize": (("encode", "slices", "train"), "medsae.interp.stage", "interpret"),
+    "ground": (("encode", "embed", "slices", "train"), "medsae.ground.stage", "ground"),  # when enabled
+    # evaluate joined summarize's upstream with the study protocol (it selects latents by evaluate's tables)
+    "summarize": (("encode", "slices", "train", "evaluate"), "medsae.interp.stage", "interpret"),
     "interpret": (("summarize", "encode", "slices"), "medsae.interp.stage", "interpret"),
 }
 
@@ -95,6 +97,8 @@ def _old_keys(spec, manifest: str) -> dict[str, str]:
 
     keys: dict[str, str] = {}
     for kind, (upstream, module, section) in _OLD_STAGES.items():
+        if kind == "ground" and not spec.ground.enabled:
+            continue
         params = key_params(getattr(spec, section)) if section else {}
         if kind == "slices":
             params.pop("phantom", None)

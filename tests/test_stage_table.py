@@ -59,7 +59,8 @@ def test_each_stage_gets_its_typed_section(tmp_path, monkeypatch):
     from medsae.plan import plan_experiment
 
     monkeypatch.chdir(tmp_path)
-    spec = parse_specs({"name": "typed", "data": {"root": "data/here"}, "sae": {"k": 7}})[0]
+    raw = {"name": "typed", "data": {"root": "data/here"}, "sae": {"k": 7}, "ground": {"enabled": True}}
+    spec = parse_specs(raw)[0]
     plan = plan_experiment(spec, prepare_data=False)
     for d in STAGE_TABLE:
         node = plan.nodes[d.kind]

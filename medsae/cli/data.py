@@ -1,4 +1,10 @@
-"""`medsae data ...`: write a phantom dataset, ingest a TotalSegmentator folder on its own."""
+"""`medsae data ...`: write a phantom dataset, check a dataset, ingest one on its own.
+
+``ingest`` and ``check`` take a TotalSegmentator folder, a manifest file (or a folder holding
+``manifest.csv``) or a folder of DICOM series; ``--format`` overrides the guess
+(:func:`medsae.data.check.detect_format`). ``ingest --spec SPEC`` builds exactly the slices stage
+``medsae exp run SPEC`` would build; without it, options left out take the ``data:`` section's defaults.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,17 @@ from typing import Any
 
 import typer
 
-from medsae.cli.common import RegistryOption, console
+from medsae.cli.common import RegistryOption, choice, console
 from medsae.data.config import DataSpec
+
+SOURCE_FORMATS = ("totalsegmentator", "manifest", "dicom")
+FormatOption = typer.Option(
+    None,
+    "--format",
+    help="Dataset format (default: guessed from ROOT).",
+    show_default=False,
+    **choice("--format", "format", SOURCE_FORMATS),
+)
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
@@ -51,7 +66,16 @@ def _default(name: str) -> str:
 
 @app.command("ingest")
 def ingest_command(
-    root: Path = typer.Argument(..., help="TotalSegmentator folder (CT_Dataset_v201/ and/or MRI_Dataset_v200/)."),
+    root: Path | None = typer.Argument(
+        None, help="TotalSegmentator folder, manifest file (or its folder) or DICOM folder.", show_default=False
+    ),
+    spec: Path | None = typer.Option(
+        None,
+        "--spec",
+        help="Take the data section, seed and artifacts folder from this experiment spec.",
+        show_default=False,
+    ),
+    data_format: str | None = FormatOption,
     workers: int | None = typer.Option(
         None, "--workers", "-w", help=f"Processes reading volumes (default {_default('workers')}).", show_default=False
     ),
@@ -71,11 +95,21 @@ def ingest_command(
         None, "--stride", help=f"Keep every stride-th slice (default {_default('stride')}).", show_default=False
     ),
     max_scans: int | None = typer.Option(None, "--max-scans", help="Read at most this many scans."),
+    orientation: str | None = typer.Option(
+        None,
+        "--orientation",
+        help=f"Slice display (default {_default('orientation')}; stored = the study's).",
+        show_default=False,
+        **choice("--orientation", "orientation", ("radiological", "stored")),
+    ),
     reorient: bool | None = typer.Option(
         None,
         "--reorient/--no-reorient",
-        help=f"Reorient volumes to RAS before slicing (default {_default('reorient')}).",
+        help="Reorient volumes to RAS before slicing (default: as the orientation needs).",
         show_default=False,
+    ),
+    labels: str | None = typer.Option(
+        None, "--labels", help="Manifest: label table of label-map masks, relative to the root.", show_default=False
     ),
     registry: RegistryOption = None,
 ) -> None:
@@ -83,9 +117,36 @@ def ingest_command(
 
     Unset options take the `data:` section's defaults; `exp run` of a spec with the same data reuses the stage.
     """
-    params = {"root": str(root), "workers": workers, "size": size, "stride": stride, "max_scans": max_scans,
-              "reorient": reorient}  # fmt: skip
-    print_summary(ingest(root, params, out, registry))
+    from medsae.errors import SpecError
+
+    options = {"workers": workers, "size": size, "stride": stride, "max_scans": max_scans,
+               "orientation": orientation, "reorient": reorient, "labels": labels}  # fmt: skip
+    if spec is not None:
+        given = [f"--{k.replace('_', '-')}" for k, v in options.items() if v is not None and k != "workers"]
+        if root is not None or data_format is not None or given:
+            extra = ", ".join((["ROOT"] if root is not None else []) + (["--format"] if data_format else []) + given)
+            raise SpecError(f"medsae data ingest: --spec takes every data setting from the spec ({extra} given)")
+        print_summary(ingest_spec(spec, workers, out, registry))
+        return
+    if root is None:
+        raise SpecError("medsae data ingest: give ROOT (a dataset folder or manifest) or --spec SPEC")
+    base, detected, manifest = _detect(root, data_format)
+    params = {"root": str(base), "format": detected, "manifest": manifest, **options}
+    print_summary(ingest(base, params, out, registry))
+
+
+def _detect(root: Path, data_format: str | None) -> tuple[Path, str, str | None]:
+    """Dataset folder, format and manifest name of ROOT (``--format`` wins over the guess)."""
+    from medsae.data.check import detect_format
+
+    base, guessed, manifest = detect_format(root)
+    if data_format is None or data_format == guessed:
+        return base, guessed, manifest
+    if root.is_file():
+        from medsae.errors import SpecError
+
+        raise SpecError(f"medsae data ingest: {root} is a file; --format {data_format} needs a folder")
+    return root, data_format, None
 
 
 def ingest(root: Path, params: Mapping[str, Any], out: Path | None, registry_file: Path | None) -> dict:
@@ -100,8 +161,6 @@ def ingest(root: Path, params: Mapping[str, Any], out: Path | None, registry_fil
     from pydantic import ValidationError
 
     from medsae.errors import SpecError
-    from medsae.plan import plan_experiment, run_stage, stage_summary
-    from medsae.registry.db import Registry
     from medsae.spec import ExperimentSpec
 
     values = {k: v for k, v in params.items() if v is not None}
@@ -110,15 +169,92 @@ def ingest(root: Path, params: Mapping[str, Any], out: Path | None, registry_fil
         data = DataSpec.model_validate(values)
     except ValidationError as exc:
         err = exc.errors()[0]
-        raise SpecError(f"medsae data ingest: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        where = ".".join(map(str, err["loc"])) or "data"
+        raise SpecError(f"medsae data ingest: {where}: {err['msg']}") from None
+    return _build(ExperimentSpec(name="data-ingest", data=data), out, registry_file)
+
+
+def ingest_spec(path: Path, workers: int | None, out: Path | None, registry_file: Path | None) -> dict:
+    """Build the ``slices`` stage of the experiment spec at ``path`` (its key, folder and registry rows)."""
+    from medsae.errors import SpecError
+    from medsae.spec import load_specs
+
+    specs = load_specs(path)
+    if len({s.data.model_dump_json() for s in specs}) > 1:
+        raise SpecError(f"{path}: the sweep varies the data section; ingest one setting with `exp run --only slices`")
+    spec = specs[0]
+    if workers is not None:
+        spec = spec.model_copy(update={"data": spec.data.model_copy(update={"workers": workers})})
+    return _build(spec, out, registry_file)
+
+
+def _build(spec: Any, out: Path | None, registry_file: Path | None) -> dict:
+    from medsae.plan import plan_experiment, run_stage, stage_summary
+    from medsae.registry.db import Registry
+
     reg = Registry(registry_file)
     reg.check_writable()  # every write place is checked before any work
-    node = plan_experiment(ExperimentSpec(name="data-ingest", data=data), only={"slices"}).nodes["slices"]
+    node = plan_experiment(spec, only={"slices"}).nodes["slices"]
     node.folder = out
     outcome = run_stage(node, reg)
     summary = stage_summary(node)
     summary.update(key=node.key, out=str(node.final_dir), registry=str(reg.path), already_done=outcome.action != "ran")
     return summary
+
+
+@app.command("check")
+def check_command(
+    root: Path = typer.Argument(..., help="TotalSegmentator folder, manifest file (or its folder) or DICOM folder."),
+    data_format: str | None = FormatOption,
+    labels: str | None = typer.Option(
+        None, "--labels", help="Manifest: label table of label-map masks, relative to the root.", show_default=False
+    ),
+) -> None:
+    """Dry run of an ingest: what would be read, per modality and kind, and every problem found; writes nothing.
+
+    Exits 1 when a scan has a problem (an ingest would skip it), 0 otherwise.
+    """
+    from pydantic import ValidationError
+
+    from medsae.data.check import check_dataset
+    from medsae.errors import MissingInputError, SpecError
+
+    if not root.exists():
+        raise MissingInputError(f"{root}: not found")
+    base, detected, manifest = _detect(root, data_format)
+    values = {"root": str(base), "format": detected, "manifest": manifest, "labels": labels}
+    try:
+        data = DataSpec.model_validate({k: v for k, v in values.items() if v is not None})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise SpecError(f"medsae data check: {'.'.join(map(str, err['loc'])) or 'data'}: {err['msg']}") from None
+    from medsae.data.sources import check_source
+
+    if detected != "totalsegmentator":
+        check_source(base, data)
+    report = check_dataset(base, data)
+    print_check(report)
+    if report.problems:
+        raise typer.Exit(1)
+
+
+def print_check(report: Any) -> None:
+    """The check's table (modality x kind) and one line per scan with a problem."""
+    from rich.table import Table
+
+    con = console()
+    con.print(f"[bold]check[/bold] {report.root} ({report.format}); nothing written")
+    for note in report.notes:
+        con.print(note)
+    table = Table("modality", "kind", "scans", "segmentation", "to ingest", "with problems")
+    for row in report.summary():
+        table.add_row(row["modality"], row["kind"], str(row["scans"]), row["segmentation"], str(row["to_ingest"]),
+                      str(row["problems"]))  # fmt: skip
+    con.print(table)
+    for scan in report.problems:
+        con.print(f"problem {scan.modality}/{scan.image_id}: {'; '.join(scan.problems)}", markup=False)
+    if not report.problems:
+        con.print("no problems found")
 
 
 def print_summary(summary: dict) -> None:

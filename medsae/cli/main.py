@@ -60,6 +60,8 @@ def _mount_optional() -> None:
     """Command groups that live in other modules (each cheap to import: heavy imports are lazy)."""
     from medsae.cli import data, explain, export, gc, report, search
     from medsae.cli import eval as eval_cli
+    from medsae.cli import imports as imports_cli
+    from medsae.cli import study as study_cli
 
     app.add_typer(data.app, name="data", help="Datasets: phantom generation and TotalSegmentator ingest.")
     app.add_typer(eval_cli.app, name="eval", help="Rank SAE configurations, plot sweeps.")
@@ -70,6 +72,8 @@ def _mount_optional() -> None:
     exp.app.command("compare")(report.compare_command)
     exp.app.command("rm")(gc.rm_command)
     app.command("gc")(gc.gc_command)
+    app.command("study-table")(study_cli.study_table_command)
+    app.add_typer(imports_cli.app, name="import", help="Import SAEs trained elsewhere (the study's checkpoints).")
 
 
 _mount_optional()

@@ -2,13 +2,14 @@
 
 ``run_ingest`` is what both the ``slices`` stage and ``medsae data ingest`` call:
 
-1. discover scans and note what is wrong with them before reading anything (meta.csv row
-   without a volume, no segmentations folder, missing masks, dangling or looping links); a scan
-   with such a problem but a volume file is still read, so a corrupt volume is recorded too:
-   every scan records all of its problems, not only the first;
+1. list the source's scans (:func:`medsae.data.sources.collect_scans`: TotalSegmentator layout,
+   manifest or DICOM folder) and note what is wrong with them before reading anything (a meta.csv
+   or manifest row without an image, missing masks, dangling or looping links, DICOM series that do
+   not assemble); a scan with such a problem but an image file is still read, so a corrupt image is
+   recorded too: every scan records all of its problems, not only the first;
 2. index every remaining scan not already done in ``work_dir/parts`` (a process pool when
-   ``workers > 1``), each volume committed as one part file;
-3. assemble the parts: join meta.csv, assign splits, sort by (modality, image_id, plane, idx),
+   ``workers > 1``), each scan committed as one part file;
+3. assemble the parts: join the metadata, assign splits, sort by (modality, image_id, plane, idx),
    number the slices, and write ``slices.parquet``, ``slice_structures.parquet``,
    ``structures.json``, ``skipped.parquet``, ``scans.parquet``, ``splits.parquet`` and
    ``render.json`` to ``out_dir``.
@@ -33,8 +34,10 @@ import pyarrow.parquet as pq
 from medsae.data.anatomy import BODY_REGIONS
 from medsae.data.config import DataSpec
 from medsae.data.ingest import ScanTask, process_task, read_part
-from medsae.data.splits import age_bin, default_split_path, load_or_create_splits, normalise_sex
-from medsae.data.totalsegmentator import DATASETS, ScanRef, discover, expected_masks, present_modalities
+from medsae.data.scans import STANDARD_META, SourceScans
+from medsae.data.sources import collect_scans
+from medsae.data.splits import default_split_path, load_or_create_splits
+from medsae.data.totalsegmentator import DATASETS
 from medsae.data.volume import SliceOptions
 from medsae.errors import MedsaeError
 from medsae.stage import as_section
@@ -47,13 +50,6 @@ REGISTRY_SLICE_COLUMNS = [
     "split", "institute", "sex", "age", "age_bin", "study_type", "pathology", "pathology_location",
     "manufacturer", "scanner_model", "body_region", "n_structures",
 ]  # fmt: skip
-#: other meta.csv columns carried into slices.parquet as strings
-EXTRA_META = [
-    "kvp", "magnetic_field_strength", "scanning_sequence", "echo_time", "repetition_time",
-    "slice_thickness", "source",
-]  # fmt: skip
-
-
 _INT_COLUMNS = {"slice_id", "axis", "idx", "n_structures", "n_along"}
 _FLOAT_COLUMNS = {"position", "age"}
 
@@ -93,51 +89,6 @@ def _plain(iterable: Iterable[Any], total: int | None = None, description: str =
     yield from iterable
 
 
-def _problems(root: Path, scan: ScanRef, expected: set[str]) -> list[str]:
-    """Everything wrong with a scan that shows without reading a file (links found by discover first)."""
-    problems = list(scan.problems)
-    if not scan.folder_ok:
-        return problems
-    # a path that is a link but not a file or folder is a bad link, already in scan.problems
-    if not scan.volume.is_file() and not scan.volume.is_symlink():
-        problems.append(f"volume missing: {scan.volume.relative_to(root).as_posix()}")
-    seg = scan.volume.parent / "segmentations"
-    if not scan.has_segmentations and not seg.is_symlink():
-        problems.append("no segmentations folder")
-    elif scan.has_segmentations:
-        missing = sorted(expected - set(scan.masks) - scan.bad_masks)
-        if missing:
-            more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
-            problems.append(f"missing masks: {', '.join(missing[:5])}{more}")
-    return problems
-
-
-def _tasks(
-    root: Path, scans: list[ScanRef], expected: dict[str, set[str]]
-) -> tuple[list[ScanTask], list[dict[str, Any]]]:
-    """Scans with a volume file as tasks (with the problems known so far); the others as skip records."""
-    tasks, skips = [], []
-    for s in scans:
-        problems = _problems(root, s, expected.get(s.modality, set()))
-        if not s.volume.is_file():
-            reason = "; ".join(problems) or "volume missing"
-            skips.append({"modality": s.modality, "image_id": s.image_id, "reason": reason})
-            continue
-        tasks.append(
-            ScanTask(
-                modality=s.modality,
-                image_id=s.image_id,
-                dataset=s.dataset,
-                root=str(root),
-                volume=s.volume.relative_to(root).as_posix(),
-                masks={k: v.relative_to(root).as_posix() for k, v in s.masks.items()},
-                study_type=s.meta.get("study_type"),
-                problems=problems,
-            )
-        )
-    return tasks, skips
-
-
 def _run_pool(
     todo: list[ScanTask], opts: SliceOptions, parts_dir: Path, workers: int, progress: Progress
 ) -> tuple[int, int]:
@@ -172,13 +123,8 @@ def run_ingest(
     out_dir, work_dir = Path(out_dir), Path(work_dir)
     progress = progress or _plain
     opts = SliceOptions.from_spec(data)
-    all_scans = discover(root, present_modalities(root))
-    scans = [s for s in all_scans if s.modality in opts.modalities]
-    if data.max_scans:
-        scans = scans[: data.max_scans]
-    tasks, skips = _tasks(
-        root, scans, expected_masks([s for s in all_scans if s.modality in opts.modalities])
-    )
+    source = collect_scans(root, data)
+    tasks, skips = source.tasks, list(source.skips)
 
     parts_dir = work_dir / "parts"
     digest = opts.digest()
@@ -200,8 +146,8 @@ def run_ingest(
             continue
         parts.append(part)
 
-    split_table = _splits(root, all_scans, data)
-    slices, structures, vocab, scan_rows = _assemble(parts, {s.key: s for s in scans}, split_table)
+    split_table = _splits(root, source.split_frame, data)
+    slices, structures, vocab, scan_rows = _assemble(parts, source, split_table)
     for part in parts:
         info = part["info"]
         if info["status"] != "ok":
@@ -214,10 +160,10 @@ def run_ingest(
             f"; first: {skips[0]['modality']}/{skips[0]['image_id']}: {skips[0]['reason']}" if skips else ""
         )
         raise MedsaeError(
-            f"{root}: no slices indexed ({len(scans)} scans found, {len(skips)} skipped{first})"
+            f"{root}: no slices indexed ({len(tasks) + len(source.skips)} scans found, {len(skips)} skipped{first})"
         )
     seconds = time.perf_counter() - start
-    _write_outputs(out_dir, root, opts, slices, structures, vocab, skips, scan_rows, split_table)
+    _write_outputs(out_dir, root, opts, slices, structures, vocab, skips, scan_rows, split_table, source.format)
     result = IngestResult(
         out_dir=out_dir,
         slices=slices,
@@ -234,24 +180,15 @@ def run_ingest(
     return result
 
 
-def _splits(root: Path, all_scans: list[ScanRef], data: DataSpec) -> pd.DataFrame:
-    """The dataset's stored split table, covering every scan of both modalities."""
-    frame = pd.DataFrame(
-        {
-            "modality": [s.modality for s in all_scans],
-            "image_id": [s.image_id for s in all_scans],
-            "institute": [s.meta.get("institute") for s in all_scans],
-            "sex": [s.meta.get("gender") for s in all_scans],
-            "age": [s.meta.get("age") for s in all_scans],
-        }
-    )
+def _splits(root: Path, frame: pd.DataFrame, data: DataSpec) -> pd.DataFrame:
+    """The dataset's stored split table, covering every scan of every modality."""
     test, val, seed = list(data.test_institutes), data.val_fraction, data.split_seed
     path = Path(data.split_file) if data.split_file else default_split_path(root, test, val, seed)
     return load_or_create_splits(path, frame, test, val, seed)
 
 
 def _assemble(
-    parts: list[dict[str, Any]], scans: dict[tuple[str, str], ScanRef], split_table: pd.DataFrame
+    parts: list[dict[str, Any]], source: SourceScans, split_table: pd.DataFrame
 ) -> tuple[pd.DataFrame, pd.DataFrame, list[str], list[dict[str, Any]]]:
     """Join parts, meta and splits into the sorted slice index and the long structure table."""
     ok = [p for p in parts if p["info"]["status"] == "ok"]
@@ -304,8 +241,9 @@ def _assemble(
     slice_of_row = np.empty(n, dtype=np.int64)
     slice_of_row[frame["row"].to_numpy()] = np.arange(n)
     frame["slice_id"] = np.arange(n, dtype=np.int64)
+    plane_or_image = frame["plane"].astype(object).where(frame["plane"].notna(), "image")  # 2-D: no plane
     frame["slice_uid"] = (
-        frame["modality"] + "/" + frame["image_id"] + "/" + frame["plane"] + "/" + frame["idx"].astype(str)
+        frame["modality"] + "/" + frame["image_id"] + "/" + plane_or_image + "/" + frame["idx"].astype(str)
     )
     frame["position"] = np.where(
         frame["n_along"] > 1, frame["idx"] / (frame["n_along"] - 1).clip(lower=1), 0.0
@@ -313,20 +251,19 @@ def _assemble(
     regions = np.asarray((*BODY_REGIONS, None), dtype=object)
     frame["body_region"] = regions[frame["region"].to_numpy()]  # -1 -> None
 
-    meta = pd.DataFrame(
-        [
-            {
-                "scan": i,
-                "dataset": p["info"]["dataset"],
-                "split": splits.get((p["info"]["modality"], p["info"]["image_id"])),
-                **_meta_columns(scans.get((p["info"]["modality"], p["info"]["image_id"]))),
-            }
-            for i, p in enumerate(ok)
-        ]
-    )
-    frame = frame.merge(meta, on="scan", how="left")
-    order = REGISTRY_SLICE_COLUMNS + ["n_along", "ts_split"] + EXTRA_META
+    columns = [*STANDARD_META, *source.extra_columns]
+    rows = []
+    for i, p in enumerate(ok):
+        key = (p["info"]["modality"], p["info"]["image_id"])
+        values = source.meta.get(key, {})
+        row = {"scan": i, "dataset": p["info"]["dataset"], "split": splits.get(key)}
+        row.update({c: values.get(c) for c in columns})
+        rows.append(row)
+    frame = frame.merge(pd.DataFrame(rows), on="scan", how="left")
+    order = REGISTRY_SLICE_COLUMNS + ["n_along"] + source.extra_columns
     slices = frame[order].copy()
+    for column in source.extra_columns:  # extra metadata is text in slices.parquet
+        slices[column] = slices[column].map(lambda v: None if v is None or v != v else str(v)).astype(object)
     slices["age"] = slices["age"].astype("float64")
     structures = pd.DataFrame(
         {
@@ -337,28 +274,6 @@ def _assemble(
     )
     structures = structures.sort_values(["slice_id", "structure"], kind="stable").reset_index(drop=True)
     return slices, structures, vocab, scan_rows
-
-
-def _meta_columns(scan: ScanRef | None) -> dict[str, Any]:
-    meta = scan.meta if scan is not None else {}
-    age = pd.to_numeric(pd.Series([meta.get("age")]), errors="coerce").iloc[0]
-    out = {
-        "institute": meta.get("institute"),
-        "sex": normalise_sex(meta.get("gender")),
-        "age": None if pd.isna(age) else float(age),
-        "age_bin": age_bin(pd.Series([age])).iloc[0],
-        "study_type": meta.get("study_type"),
-        "pathology": meta.get("pathology"),
-        "pathology_location": meta.get("pathology_location"),
-        "manufacturer": meta.get("manufacturer"),
-        "scanner_model": meta.get("scanner_model"),
-        "ts_split": meta.get("split"),
-    }
-    for key in EXTRA_META:
-        out[key] = None if meta.get(key) is None else str(meta.get(key))
-    if isinstance(out["age_bin"], float):  # NaN -> None
-        out["age_bin"] = None
-    return out
 
 
 def _write_table(frame: pd.DataFrame | pa.Table, path: Path) -> None:
@@ -376,6 +291,7 @@ def _write_outputs(
     skips: list[dict[str, Any]],
     scan_rows: list[dict[str, Any]],
     split_table: pd.DataFrame,
+    source_format: str,
 ) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_table(slice_table(slices, list(slices.columns)), out_dir / "slices.parquet")
@@ -385,8 +301,9 @@ def _write_outputs(
     _write_table(skip_frame, out_dir / "skipped.parquet")
     scans = pd.DataFrame(scan_rows)
     if len(scans):
-        for col in ("planes", "shape", "resample_axes"):
-            scans[col] = scans[col].map(json.dumps)
+        for col in ("planes", "shape", "resample_axes", "files", "unlisted_labels"):
+            if col in scans.columns:
+                scans[col] = scans[col].map(lambda v: json.dumps(v if isinstance(v, list) else []))
         scans = scans.sort_values(["modality", "image_id"]).reset_index(drop=True)
     _write_table(scans, out_dir / "scans.parquet")
     keys = slices[["modality", "image_id"]].drop_duplicates()
@@ -395,6 +312,7 @@ def _write_outputs(
         "root": str(root),
         "root_from_artifacts": _relative_to_artifacts(root, out_dir),
         "datasets": DATASETS,
+        "source_format": source_format,
         "options": opts.to_json(),
         "format": 1,
     }

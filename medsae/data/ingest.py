@@ -1,8 +1,10 @@
-"""Indexing volumes: one scan in, its slices and per-structure pixel areas out.
+"""Indexing scans: one scan in, its slices and per-structure pixel areas out.
 
-:func:`index_scan` is the per-volume worker (run in a process pool by :mod:`medsae.data.build`).
-It reads the volume once, computes its intensity mapping, then reads each mask once and counts,
-for every sliced axis, the mask pixels inside each slice's crop. The result (a "part") is written
+:func:`index_scan` is the per-scan worker (run in a process pool by :mod:`medsae.data.build`).
+It reads the volume (or 2-D image, :mod:`medsae.data.readers`) once, computes its intensity
+mapping, then reads each mask once and counts, for every sliced axis, the mask pixels inside each
+slice's crop; a multi-label map is read once for all its structures (:mod:`medsae.data.labelmap`).
+A scan without any mask keeps every slice (there is no anatomy to filter by). The result (a "part") is written
 atomically to ``<work_dir>/parts/`` so an interrupted ingest resumes at the next volume. Any
 problem with a scan becomes a part that records the skip reason instead of an exception; the
 reason lists every problem found ('; '-separated): problems known before reading (missing masks,
@@ -24,9 +26,12 @@ from typing import Any
 import numpy as np
 
 from medsae.data.anatomy import BODY_REGIONS, structure_body_region
+from medsae.data.images2d import image_map
 from medsae.data.intensity import ct_map, ct_window, mri_map
+from medsae.data.labelmap import label_areas, unlisted_values
+from medsae.data.readers import FLAT_READERS, load_mask_file, load_scan
 from medsae.data.slicing import axis_codes, crop_bounds, inplane_axes
-from medsae.data.volume import ScanError, SliceOptions, load_mask, load_volume, prepare, prepare_mask
+from medsae.data.volume import ScanError, SliceOptions, prepare, prepare_flat, prepare_mask
 
 #: test hook: seconds to sleep per volume (used to interrupt an ingest mid-way in tests)
 THROTTLE_ENV = "MEDSAE_INGEST_THROTTLE"
@@ -40,12 +45,21 @@ class ScanTask:
     image_id: str
     dataset: str
     root: str
-    volume: str  # relative to root
+    volume: str  # relative to root (or absolute); a DICOM series' folder
     masks: dict[str, str] = field(default_factory=dict)  # structure -> path relative to root
     study_type: str | None = None
     #: problems found before reading (missing masks, bad links): the scan is skipped, but its
     #: volume is still read so that a corrupt one is recorded as well
     problems: list[str] = field(default_factory=list)
+    reader: str = "nifti"  # medsae.data.readers.READERS
+    files: list[str] = field(default_factory=list)  # DICOM: the series' files in slice order
+    label_map: str | None = None  # a multi-label mask (path relative to root) ...
+    labels: dict[str, list[int]] = field(default_factory=dict)  # ... and its table: structure -> values
+
+    @property
+    def segmented(self) -> bool:
+        """Whether the scan comes with any mask (otherwise every slice is kept)."""
+        return bool(self.masks) or self.label_map is not None
 
     @property
     def part_name(self) -> str:
@@ -118,6 +132,8 @@ def _task_info(task: ScanTask, opts: SliceOptions) -> dict[str, Any]:
         "image_id": task.image_id,
         "dataset": task.dataset,
         "volume": task.volume,
+        "reader": task.reader,
+        "files": list(task.files),
         "study_type": task.study_type,
         "opts": opts.digest(),
     }
@@ -149,46 +165,37 @@ def index_scan(task: ScanTask, opts: SliceOptions) -> dict[str, Any]:
     problems = list(task.problems)
     try:
         try:
-            array, affine = load_volume(root / task.volume)
+            array, affine = load_scan(root, task.reader, task.volume, task.files)
         except ScanError as exc:
             problems.insert(0, str(exc))
             problems += _unreadable_masks(root, task)
             return _empty_part(task, opts, "; ".join(problems))
         if problems:  # the volume reads, but the scan is incomplete: only unreadable masks left to find
             return _empty_part(task, opts, "; ".join(problems + _unreadable_masks(root, task)))
-        codes = axis_codes(affine)
-        prep = prepare(array, affine, task.modality, opts)
-        del array
         info = _task_info(task, opts)
-        if task.modality == "ct":
-            c, w, source = ct_window(task.study_type, opts.ct_default_window)
-            imap = ct_map(prep.array, c, w, opts.ct_scaling)
-            info.update(window_center=c, window_width=w, window_source=source)
+        if task.reader in FLAT_READERS:
+            imap = image_map(array)
+            prep = prepare_flat(array.astype(np.float32))
+            codes: tuple[str, ...] = ()
+            info.update(window_center=None, window_width=None, window_source="none")
         else:
-            imap = mri_map(prep.array, opts.mri_percentiles)
-            info.update(window_center=None, window_width=None, window_source="percentile")
+            codes = axis_codes(affine)
+            prep = prepare(array, affine, task.modality, opts)
+            if task.modality == "ct":
+                c, w, source = ct_window(task.study_type, opts.ct_default_window)
+                imap = ct_map(prep.array, c, w, opts.ct_scaling)
+                info.update(window_center=c, window_width=w, window_source=source)
+            else:
+                imap = mri_map(prep.array, opts.mri_percentiles)
+                info.update(window_center=None, window_width=None, window_source="percentile")
+        del array
         grid_shape = tuple(prep.array.shape)
         prep.array = np.empty(0, dtype=np.float32)  # free the image before reading masks
-        names = sorted(task.masks)
         strided = {a: np.arange(0, grid_shape[a], opts.stride) for a in prep.axes}
-        areas = {a: np.zeros((len(strided[a]), len(names)), dtype=np.int64) for a in prep.axes}
-        for j, name in enumerate(names):
-            try:
-                raw, mask_affine = load_mask(root / task.masks[name])
-                mask = prepare_mask(name, raw, mask_affine, prep)
-                del raw
-                if mask.shape != grid_shape:
-                    raise ScanError(f"mask {name} does not match the image grid")
-            except ScanError as exc:
-                problems.append(str(exc))
-                continue
-            if problems:
-                continue  # keep checking the other masks, but the scan is skipped anyway
-            for a, counts in structure_counts(mask, prep.axes, opts.crop).items():
-                areas[a][:, j] = counts[strided[a]]
+        names, areas = _mask_areas(root, task, prep, grid_shape, strided, opts, problems, info)
         if problems:
             return _empty_part(task, opts, "; ".join(problems))
-        part = _collect(areas, strided, grid_shape, names, opts)
+        part = _collect(areas, strided, grid_shape, names, opts, keep_all=not task.segmented)
         info.update(
             status="ok",
             reason=None,
@@ -216,12 +223,60 @@ def index_scan(task: ScanTask, opts: SliceOptions) -> dict[str, Any]:
     return {"info": info, **part}
 
 
+def _mask_areas(
+    root: Path,
+    task: ScanTask,
+    prep: Any,
+    grid_shape: tuple[int, ...],
+    strided: dict[int, np.ndarray],
+    opts: SliceOptions,
+    problems: list[str],
+    info: dict[str, Any],
+) -> tuple[list[str], dict[int, np.ndarray]]:
+    """Structure names and, per sliced axis, pixel areas ``[n_strided, n_names]`` (problems appended)."""
+    if task.label_map is not None:
+        names = sorted(task.labels)
+        areas = {a: np.zeros((len(strided[a]), len(names)), dtype=np.int64) for a in prep.axes}
+        try:
+            raw, mask_affine = load_mask_file(root / task.label_map)
+            labels = prepare_mask("label map", raw, mask_affine, prep, keep_labels=True)
+            del raw
+            if labels.shape != grid_shape:
+                raise ScanError("label map does not match the image grid")
+        except ScanError as exc:
+            problems.append(str(exc))
+            return names, areas
+        info["unlisted_labels"] = unlisted_values(labels, task.labels)
+        names, by_axis = label_areas(labels, task.labels, prep.axes, opts.crop)
+        return names, {a: by_axis[a][strided[a]] for a in prep.axes}
+    names = sorted(task.masks)
+    areas = {a: np.zeros((len(strided[a]), len(names)), dtype=np.int64) for a in prep.axes}
+    for j, name in enumerate(names):
+        try:
+            raw, mask_affine = load_mask_file(root / task.masks[name])
+            mask = prepare_mask(name, raw, mask_affine, prep)
+            del raw
+            if mask.shape != grid_shape:
+                raise ScanError(f"mask {name} does not match the image grid")
+        except ScanError as exc:
+            problems.append(str(exc))
+            continue
+        if problems:
+            continue  # keep checking the other masks, but the scan is skipped anyway
+        for a, counts in structure_counts(mask, prep.axes, opts.crop).items():
+            areas[a][:, j] = counts[strided[a]]
+    return names, areas
+
+
 def _unreadable_masks(root: Path, task: ScanTask) -> list[str]:
     """Problems of the masks that cannot be read at all (when the scan is skipped before its masks are)."""
     problems = []
-    for name in sorted(task.masks):
+    paths = [task.masks[name] for name in sorted(task.masks)]
+    if task.label_map is not None:
+        paths.append(task.label_map)
+    for rel in paths:
         try:
-            load_mask(root / task.masks[name])
+            load_mask_file(root / rel)
         except ScanError as exc:
             problems.append(str(exc))
     return problems
@@ -233,8 +288,9 @@ def _collect(
     shape: tuple[int, ...],
     names: list[str],
     opts: SliceOptions,
+    keep_all: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Slices kept per axis (anatomy filter), their structure rows and body regions."""
+    """Slices kept per axis (anatomy filter unless ``keep_all``), their structure rows and body regions."""
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("axis", "idx", "n_along", "n_structures", "region")}
     st: dict[str, list[np.ndarray]] = {"row": [], "code": [], "pixels": []}
     offset = 0
@@ -242,7 +298,7 @@ def _collect(
         mat, idx = areas[a], strided[a]
         present = mat > opts.presence_threshold
         any_present = present.any(axis=1)
-        if opts.anatomy_filter:
+        if opts.anatomy_filter and not keep_all:
             hit = np.flatnonzero(any_present)
             if hit.size == 0:
                 continue

@@ -1,8 +1,9 @@
 """Slice images on demand, from the volumes, exactly as the embed stage sees them.
 
-No pixels are stored at ingest. A slice is rendered by: load the volume, :func:`prepare` it (same
-grid as ingest), map intensities with the scan's recorded :class:`IntensityMap`, take the slice
-along its axis, crop, resize to ``size`` and apply the study's display orientation.
+No pixels are stored at ingest. A slice is rendered by: load the volume with the scan's reader
+(:mod:`medsae.data.readers`), :func:`prepare` it (same grid as ingest), map intensities with the
+scan's recorded :class:`IntensityMap`, take the slice along its axis, crop, turn it upright in the
+display orientation (:mod:`medsae.data.orientation`; 2-D images as stored) and resize to ``size``.
 
 * :func:`render_slice` — one slice (the volume stays cached, so neighbours are cheap);
 * :func:`iter_scan_images` — all requested slices, grouped by scan, one volume read per scan;
@@ -29,8 +30,10 @@ import numpy as np
 import pandas as pd
 
 from medsae.data.intensity import IntensityMap
-from medsae.data.slicing import pad_square, resize_images, take_slices, to_display
-from medsae.data.volume import ScanError, SliceOptions, load_volume, prepare
+from medsae.data.orientation import display
+from medsae.data.readers import FLAT_READERS, load_scan
+from medsae.data.slicing import pad_square, resize_images, take_slices
+from medsae.data.volume import ScanError, SliceOptions, prepare, prepare_flat
 from medsae.errors import MedsaeError, MissingInputError
 
 
@@ -102,9 +105,14 @@ def scan_volume_u8(index: RenderIndex, scan_row: int) -> np.ndarray:
         return _VOLUME_CACHE[key]
     row = index.scans.iloc[int(scan_row)]
     path = index.root / row["volume"]
+    reader = scan_reader(row)
+    files = json.loads(row["files"]) if isinstance(row.get("files"), str) else []
     try:
-        array, affine = load_volume(path)
-        prep = prepare(array, affine, row["modality"], index.options)
+        array, affine = load_scan(index.root, reader, row["volume"], files)
+        if reader in FLAT_READERS:
+            prep = prepare_flat(array.astype(np.float32))
+        else:
+            prep = prepare(array, affine, row["modality"], index.options)
     except ScanError as exc:
         raise MedsaeError(f"{path}: cannot render slices: {exc}") from None
     shape = json.loads(row["shape"])
@@ -117,24 +125,32 @@ def scan_volume_u8(index: RenderIndex, scan_row: int) -> np.ndarray:
     return u8
 
 
+def scan_reader(row: pd.Series) -> str:
+    """The reader of a scans.parquet row (artifacts older than the column hold NIfTI volumes)."""
+    reader = row.get("reader")
+    return reader if isinstance(reader, str) and reader else "nifti"
+
+
 def render_from_volume(
-    u8: np.ndarray, axis: int, idx: np.ndarray, options: SliceOptions, size: int
+    u8: np.ndarray, axis: int, idx: np.ndarray, options: SliceOptions, size: int, flat: bool = False
 ) -> np.ndarray:
-    """Images ``[n, size, size]`` uint8 of slices ``idx`` along ``axis`` of a uint8 volume."""
+    """Images ``[n, size, size]`` uint8 of slices ``idx`` along ``axis`` of a uint8 volume (``flat``: 2-D)."""
     images = take_slices(u8, axis, idx, options.crop)
     if options.crop == "none":
         images = pad_square(images)
     # orientation first: flipping the small crop is cheaper and commutes with the square resize
-    return resize_images(to_display(images, axis), size, options.resize)
+    upright = np.ascontiguousarray(images) if flat else display(images, axis, options.orientation)
+    return resize_images(upright, size, options.resize)
 
 
 def _render_scan(index: RenderIndex, scan_row: int, ids: np.ndarray, size: int) -> np.ndarray:
     u8 = scan_volume_u8(index, scan_row)
+    flat = scan_reader(index.scans.iloc[int(scan_row)]) in FLAT_READERS
     out = np.empty((len(ids), size, size), dtype=np.uint8)
     axes = index.axis[ids]
     for axis in np.unique(axes):
         sel = np.flatnonzero(axes == axis)
-        out[sel] = render_from_volume(u8, int(axis), index.idx[ids[sel]], index.options, size)
+        out[sel] = render_from_volume(u8, int(axis), index.idx[ids[sel]], index.options, size, flat)
     return out
 
 

@@ -153,14 +153,13 @@ def resample_axes(
     return out
 
 
-def mask_to_grid(
-    mask: np.ndarray, mask_affine: np.ndarray, shape: tuple[int, ...], affine: np.ndarray
-) -> np.ndarray | None:
-    """A mask on another voxel grid, resampled nearest-neighbour onto the image grid.
+def grid_map(
+    mask_shape: tuple[int, ...], mask_affine: np.ndarray, shape: tuple[int, ...], affine: np.ndarray
+) -> tuple[np.ndarray, list[np.ndarray]] | None:
+    """How a mask grid maps onto an image grid: (mask axis per image axis, mask index per image voxel).
 
-    Works when the two grids are axis-aligned to each other (permutations, flips, different voxel
-    sizes, shifted origins) and cover the same field of view within one coarse voxel. Returns None
-    when they do not (the caller records the mask as having the wrong shape).
+    None when the grids are not axis-aligned to each other or do not cover the same field of view
+    within one coarse voxel. Needs only shapes and affines, so headers alone can be checked.
     """
     vox = np.linalg.solve(mask_affine, affine)  # image voxel -> mask voxel
     lin = vox[:3, :3]
@@ -177,12 +176,28 @@ def mask_to_grid(
         scale, shift = lin[p, i], vox[p, 3]
         ends = sorted([shift + scale * -0.5, shift + scale * (shape[i] - 0.5)])
         tol = max(1.0, abs(scale))
-        if abs(ends[0] + 0.5) > tol or abs(ends[1] - (mask.shape[p] - 0.5)) > tol:
+        if abs(ends[0] + 0.5) > tol or abs(ends[1] - (mask_shape[p] - 0.5)) > tol:
             return None
     index = []
     for i in range(3):
         p = perm[i]
         k = np.rint(vox[p, 3] + lin[p, i] * np.arange(shape[i])).astype(np.intp)
-        index.append(np.clip(k, 0, mask.shape[p] - 1))
+        index.append(np.clip(k, 0, mask_shape[p] - 1))
+    return perm, index
+
+
+def mask_to_grid(
+    mask: np.ndarray, mask_affine: np.ndarray, shape: tuple[int, ...], affine: np.ndarray
+) -> np.ndarray | None:
+    """A mask on another voxel grid, resampled nearest-neighbour onto the image grid.
+
+    Works when the two grids are axis-aligned to each other (permutations, flips, different voxel
+    sizes, shifted origins) and cover the same field of view within one coarse voxel. Returns None
+    when they do not (the caller records the mask as having the wrong shape).
+    """
+    mapped = grid_map(mask.shape, mask_affine, shape, affine)
+    if mapped is None:
+        return None
+    perm, index = mapped
     moved = np.transpose(mask, perm)
     return moved[np.ix_(*index)]

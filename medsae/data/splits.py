@@ -8,8 +8,13 @@
 * scans with missing sex or age: shuffled with the seed, the first ``int((1 - val_fraction) * n)``
   go to train.
 
-The table ``(modality, image_id, split)`` is computed over every scan of the dataset (both
-modalities, whatever an experiment reads) and stored in ``<root>/.medsae/splits/<hash>.parquet``
+Scans of one patient stay together: when the scans carry a ``subject`` (DICOM series and manifest
+rows do, as pseudonyms), each subject is split once, by its first scan in (modality, image_id)
+order, and every scan of it follows; a subject with a scan from a held-out institute is test. Without
+subjects (TotalSegmentator: one scan per patient) every scan is its own subject.
+
+The table ``(modality, image_id, split)`` is computed over every scan of the dataset (every
+modality, whatever an experiment reads) and stored in ``<root>/.medsae/splits/<hash>.parquet``
 (``hash`` over the split parameters), falling back to ``~/.cache/medsae/splits/`` when the data
 folder is read-only. Later runs reuse the stored assignment; scans added to the dataset later are
 assigned among themselves and appended, so earlier assignments never move.
@@ -50,13 +55,24 @@ def normalise_sex(value: object) -> str | None:
     return None
 
 
+def _subjects(scans: pd.DataFrame) -> pd.Series | None:
+    """Each scan's subject (its own key when it has none), or None when no scan names one."""
+    if "subject" not in scans.columns or not scans["subject"].notna().any():
+        return None
+    own = "\x00" + scans["modality"].astype(str) + "/" + scans["image_id"].astype(str)
+    return scans["subject"].astype(object).where(scans["subject"].notna(), own)
+
+
 def assign_splits(
     scans: pd.DataFrame, test_institutes: list[str], val_fraction: float = 0.2, seed: int = 42
 ) -> pd.DataFrame:
-    """Split scans; ``scans`` has columns modality, image_id, institute, sex, age.
+    """Split scans; ``scans`` has columns modality, image_id, institute, sex, age (and optionally subject).
 
     Returns ``(modality, image_id, split)`` in the input's (modality, image_id) order.
     """
+    subjects = _subjects(scans)
+    if subjects is not None:
+        return _assign_by_subject(scans.assign(subject=subjects), test_institutes, val_fraction, seed)
     frame = scans[["modality", "image_id", "institute", "sex", "age"]].copy()
     frame = frame.sort_values(["modality", "image_id"], kind="stable").reset_index(drop=True)
     held = {str(i).strip().upper() for i in test_institutes}
@@ -95,6 +111,20 @@ def assign_splits(
     return pd.DataFrame({"modality": frame["modality"], "image_id": frame["image_id"], "split": split})
 
 
+def _assign_by_subject(
+    scans: pd.DataFrame, test_institutes: list[str], val_fraction: float, seed: int
+) -> pd.DataFrame:
+    """Split each subject once (its first scan decides, a held-out institute anywhere makes it test)."""
+    frame = scans.sort_values(["modality", "image_id"], kind="stable").reset_index(drop=True)
+    first = frame.drop_duplicates("subject", keep="first")
+    split_of = dict(zip(first["subject"], assign_splits(first.drop(columns="subject"), test_institutes,
+                                                         val_fraction, seed)["split"], strict=True))  # fmt: skip
+    held = {str(i).strip().upper() for i in test_institutes}
+    tested = frame.loc[frame["institute"].map(lambda v: isinstance(v, str) and v.strip().upper() in held), "subject"]
+    split = frame["subject"].map(split_of).where(~frame["subject"].isin(set(tested)), "test")
+    return pd.DataFrame({"modality": frame["modality"], "image_id": frame["image_id"], "split": split})
+
+
 def split_params_hash(test_institutes: list[str], val_fraction: float, seed: int) -> str:
     """Short digest of the split parameters (names the stored split file)."""
     payload = {
@@ -120,25 +150,49 @@ def default_split_path(root: Path, test_institutes: list[str], val_fraction: flo
 def load_or_create_splits(
     path: Path, scans: pd.DataFrame, test_institutes: list[str], val_fraction: float, seed: int
 ) -> pd.DataFrame:
-    """The stored assignment for ``scans`` (modality, image_id, institute, sex, age); new scans added.
+    """The stored assignment for ``scans`` (modality, image_id, institute, sex, age[, subject]); new scans added.
 
-    A scan from a held-out institute is always test, even if an older table says otherwise.
+    A new scan of a subject already split joins its subject. A scan from a held-out institute is
+    always test (with every scan of its subject), even if an older table says otherwise.
     """
     stored = (
         pd.read_parquet(path) if path.is_file() else pd.DataFrame(columns=["modality", "image_id", "split"])
     )
     key = ["modality", "image_id"]
+    subjects = _subjects(scans)
+    if subjects is not None:
+        scans = scans.assign(subject=subjects)
     new = scans.merge(stored[key], on=key, how="left", indicator=True)
     new = new[new["_merge"] == "left_only"].drop(columns="_merge")
     if len(new):
-        added = assign_splits(new, test_institutes, val_fraction, seed)
+        added = _split_new(new, stored, test_institutes, val_fraction, seed)
         stored = pd.concat([stored, added], ignore_index=True).sort_values(key, kind="stable")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         stored.reset_index(drop=True).to_parquet(tmp, index=False)
         os.replace(tmp, path)
-    out = scans[key + ["institute"]].merge(stored, on=key, how="left")
+    out = scans[key + ["institute"]].merge(stored[key + ["split"]], on=key, how="left")
     held = {str(i).strip().upper() for i in test_institutes}
     forced = out["institute"].map(lambda v: isinstance(v, str) and v.strip().upper() in held)
+    if subjects is not None:
+        forced = subjects.isin(set(subjects[forced.to_numpy()])).to_numpy()
     out.loc[forced, "split"] = "test"
     return out[key + ["split"]]
+
+
+def _split_new(
+    new: pd.DataFrame, stored: pd.DataFrame, test_institutes: list[str], val_fraction: float, seed: int
+) -> pd.DataFrame:
+    """Rows to append to the stored table for scans it lacks (subject column kept when there is one)."""
+    if "subject" not in new.columns:
+        return assign_splits(new, test_institutes, val_fraction, seed)
+    known = {}
+    if "subject" in stored.columns:
+        known = dict(zip(stored["subject"], stored["split"], strict=True))
+    joins = new[new["subject"].isin(set(known))]
+    fresh = new[~new["subject"].isin(set(known))]
+    parts = [joins[["modality", "image_id", "subject"]].assign(split=joins["subject"].map(known))]
+    if len(fresh):
+        assigned = assign_splits(fresh, test_institutes, val_fraction, seed)
+        parts.append(assigned.merge(fresh[["modality", "image_id", "subject"]], on=["modality", "image_id"]))
+    return pd.concat(parts, ignore_index=True)[["modality", "image_id", "split", "subject"]]

@@ -29,10 +29,17 @@ from typing import Any
 import pandas as pd
 
 from medsae.data.config import DataSpec, PhantomSpec
+from medsae.data.ingest import ScanTask
+from medsae.data.scans import SourceScans, clean_text, split_rows, standard_meta
 from medsae.errors import MedsaeError, MissingInputError
 from medsae.stage import as_section, check_writable_folder
 
 DATASETS = {"ct": "CT_Dataset_v201", "mri": "MRI_Dataset_v200"}
+#: meta.csv columns carried into slices.parquet as text besides the standard ones (``split`` as ``ts_split``)
+EXTRA_META = [
+    "kvp", "magnetic_field_strength", "scanning_sequence", "echo_time", "repetition_time",
+    "slice_thickness", "source",
+]  # fmt: skip
 VOLUME_FILE = {"ct": "ct.nii.gz", "mri": "mri.nii.gz"}
 MASK_SUFFIX = ".nii.gz"
 
@@ -204,9 +211,88 @@ def expected_masks(scans: list[ScanRef]) -> dict[str, set[str]]:
     return out
 
 
+def _problems(root: Path, scan: ScanRef, expected: set[str]) -> list[str]:
+    """Everything wrong with a scan that shows without reading a file (links found by discover first)."""
+    problems = list(scan.problems)
+    if not scan.folder_ok:
+        return problems
+    # a path that is a link but not a file or folder is a bad link, already in scan.problems
+    if not scan.volume.is_file() and not scan.volume.is_symlink():
+        problems.append(f"volume missing: {scan.volume.relative_to(root).as_posix()}")
+    seg = scan.volume.parent / "segmentations"
+    if not scan.has_segmentations and not seg.is_symlink():
+        problems.append("no segmentations folder")
+    elif scan.has_segmentations:
+        missing = sorted(expected - set(scan.masks) - scan.bad_masks)
+        if missing:
+            more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+            problems.append(f"missing masks: {', '.join(missing[:5])}{more}")
+    return problems
+
+
+def scan_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """A meta.csv row as the slice index's metadata columns (``gender`` -> ``sex``, ``split`` -> ``ts_split``)."""
+    out = standard_meta({**meta, "sex": meta.get("gender")})
+    out["ts_split"] = clean_text(meta.get("split"))
+    for key in EXTRA_META:
+        out[key] = None if meta.get(key) is None else str(meta.get(key))
+    return out
+
+
+def collect_totalsegmentator(root: Path, data: DataSpec) -> SourceScans:
+    """The scans of a TotalSegmentator folder: tasks with the problems visible before reading, skips, meta."""
+    all_scans = discover(root, present_modalities(root))
+    wanted = [s for s in all_scans if not data.modalities or s.modality in data.modalities]
+    expected = expected_masks(wanted)
+    scans = wanted[: data.max_scans] if data.max_scans else wanted
+    tasks, skips = [], []
+    for s in scans:
+        problems = _problems(root, s, expected.get(s.modality, set()))
+        if not s.volume.is_file():
+            reason = "; ".join(problems) or "volume missing"
+            skips.append({"modality": s.modality, "image_id": s.image_id, "reason": reason})
+            continue
+        tasks.append(
+            ScanTask(
+                modality=s.modality,
+                image_id=s.image_id,
+                dataset=s.dataset,
+                root=str(root),
+                volume=s.volume.relative_to(root).as_posix(),
+                masks={k: v.relative_to(root).as_posix() for k, v in s.masks.items()},
+                study_type=s.meta.get("study_type"),
+                problems=problems,
+            )
+        )
+    split_frame = split_rows(
+        [(s.modality, s.image_id, {**s.meta, "sex": s.meta.get("gender")}, None) for s in all_scans]
+    )
+    return SourceScans(
+        format="totalsegmentator",
+        tasks=tasks,
+        skips=skips,
+        meta={s.key: scan_meta(s.meta) for s in scans},
+        split_frame=split_frame.drop(columns="subject"),
+        extra_columns=["ts_split", *EXTRA_META],
+    )
+
+
 def _phantom_args(phantom: PhantomSpec) -> dict[str, Any]:
     """Keyword arguments of :func:`medsae.data.phantom.write_phantom` for a ``data.phantom`` section."""
     return dict(subjects=phantom.subjects, seed=phantom.seed, mri_fraction=phantom.mri_fraction, shape=phantom.shape)
+
+
+def _other_layout(root: Path) -> bool:
+    """Whether ``root`` is digested as a whole (see :func:`dataset_manifest`)."""
+    names = set(DATASETS.values())
+    if not any((root / n).is_dir() or (root / n).is_symlink() for n in names):
+        return root.is_dir()
+    for folder, dirs, files in os.walk(root):
+        top = Path(folder) == root
+        dirs[:] = [d for d in dirs if not d.startswith(".") and not (top and d in names)]
+        if any(f.lower().endswith((".csv", ".tsv", ".parquet")) for f in files if not f.startswith(".")):
+            return True
+    return False
 
 
 def check_dataset_writable(data: DataSpec | Mapping[str, Any]) -> None:
@@ -236,6 +322,14 @@ def ensure_dataset(data: DataSpec | Mapping[str, Any]) -> Path:
         from medsae.data.phantom import write_phantom
 
         write_phantom(root, **_phantom_args(data.phantom))  # probes the folder first: one line if not writable
+    if data.format != "totalsegmentator":
+        from medsae.data.sources import check_source
+
+        problem = link_problem(root)
+        if problem:
+            raise MissingInputError(f"{root}: data folder is a {problem}")
+        check_source(root, data)
+        return root
     if not root.is_dir():
         problem = link_problem(root)
         raise MissingInputError(
@@ -244,7 +338,7 @@ def ensure_dataset(data: DataSpec | Mapping[str, Any]) -> Path:
             else f"{root}: data folder not found (expected a TotalSegmentator folder with "
             f"{DATASETS['ct']}/ and/or {DATASETS['mri']}/, or set data.phantom to generate one)"
         )
-    wanted = [m for m in data.modalities if m in DATASETS]
+    wanted = [m for m in (data.modalities or DATASETS) if m in DATASETS]
     for m in wanted:
         problem = link_problem(root / DATASETS[m])
         if problem:
@@ -265,8 +359,16 @@ def dataset_manifest(root: str | Path) -> str:
     followed, each folder is walked once (by device and inode), and a link that dangles or loops
     enters the digest as its path and problem instead of a size: the walk always ends and never
     raises for what it finds on disk.
+
+    A root without a TotalSegmentator dataset folder, or with a table (.csv, .tsv, .parquet: a
+    manifest) outside them, is a manifest or DICOM dataset: :func:`medsae.data.sources.folder_digest`
+    names all of its files (and a manifest's content).
     """
     root = Path(root)
+    if _other_layout(root):
+        from medsae.data.sources import folder_digest
+
+        return folder_digest(root)
     entries: list[str] = []
     for name in sorted(DATASETS.values()):
         base = root / name

@@ -3,12 +3,15 @@
 ``prepare`` is the one place that decides a scan's slicing grid; ingest (mask areas) and
 rendering (images) both call it, so a slice index means the same pixels in both:
 
-1. optional reorientation to the closest RAS orientation (``SliceOptions.reorient``);
-2. the slicing axes: CT every requested plane, MRI the axis with the fewest voxels (study) or a
-   named plane; plane names come from the affine, so LPS, RAS or permuted storage all name
-   axial / coronal / sagittal correctly;
-3. MRI only: when the two in-plane spacings differ by more than 1e-3 mm, linear resampling of
+1. reorientation to the closest RAS orientation (``SliceOptions.reorient``; always for the
+   radiological display, docs/method.md#orientation);
+2. the slicing axes: CT every requested plane, MRI (and any other 3-D modality) the axis with the
+   fewest voxels (study) or a named plane; plane names come from the affine, so LPS, RAS or
+   permuted storage all name axial / coronal / sagittal correctly;
+3. non-CT only: when the two in-plane spacings differ by more than 1e-3 mm, linear resampling of
    the image (nearest for masks) to the finer in-plane spacing (docs/method.md#mri-slices).
+
+2-D images take :func:`prepare_flat` instead: one slice, no planes, no reorientation.
 """
 
 from __future__ import annotations
@@ -46,10 +49,11 @@ class ScanError(Exception):
 class SliceOptions:
     """The slicing and rendering rules taken from the data section (see DataSpec)."""
 
-    modalities: tuple[str, ...] = ("ct", "mri")
+    modalities: tuple[str, ...] = ()  # empty: every modality found
     ct_planes: tuple[str, ...] = ("axial", "coronal", "sagittal")
     mri_plane: str = "thinnest"
-    reorient: bool = False
+    orientation: str = "radiological"  # display convention (medsae.data.orientation)
+    reorient: bool = True  # to the closest RAS orientation before slicing (radiological needs it)
     stride: int = 1
     size: int = 1024
     crop: str = "center_square"
@@ -65,10 +69,11 @@ class SliceOptions:
     def from_spec(cls, data: DataSpec) -> SliceOptions:
         """The options of a ``data:`` section."""
         return cls(
-            modalities=tuple(data.modalities),
+            modalities=tuple(data.modalities or ()),
             ct_planes=tuple(data.ct_planes),
             mri_plane=data.mri_plane,
-            reorient=data.reorient,
+            orientation=data.orientation,
+            reorient=data.reoriented,
             stride=data.stride,
             size=data.size,
             crop=data.crop,
@@ -83,8 +88,11 @@ class SliceOptions:
 
     @classmethod
     def from_json(cls, stored: dict[str, Any]) -> SliceOptions:
-        """Options as :meth:`to_json` stored them (``render.json``); lists become tuples."""
-        values = {}
+        """Options as :meth:`to_json` stored them (``render.json``); lists become tuples.
+
+        Artifacts written before the display orientation was an option were rendered the study's way.
+        """
+        values: dict[str, Any] = {"orientation": "stored", "reorient": False}
         for f in fields(cls):
             if stored.get(f.name) is not None:
                 v = stored[f.name]
@@ -107,7 +115,7 @@ class Prepared:
     source_affine: np.ndarray  # as stored on disk
     affine: np.ndarray  # of the prepared grid, before any MRI resampling
     ornt: np.ndarray | None  # reorientation applied (None = stored axes)
-    planes: tuple[str, str, str]  # plane of slicing along each prepared axis
+    planes: tuple[str | None, str | None, str | None]  # plane of slicing along each prepared axis (None: 2-D)
     axes: tuple[int, ...]  # prepared axes that are sliced
     spacing: np.ndarray  # voxel size per prepared axis before resampling
     resample_axes: tuple[int, ...] = ()
@@ -201,7 +209,7 @@ def prepare(array: np.ndarray, affine: np.ndarray, modality: str, opts: SliceOpt
     else:
         axes = (planes.index(opts.mri_plane),)
     prep = Prepared(array, source_shape, source_affine, affine, ornt, planes, axes, spacing)
-    if modality == "mri" and opts.resample_mri:
+    if modality != "ct" and opts.resample_mri:
         b, c = inplane_axes(axes[0])
         if abs(spacing[b] - spacing[c]) > 1e-3:
             prep.resample_axes = (b, c)
@@ -210,8 +218,16 @@ def prepare(array: np.ndarray, affine: np.ndarray, modality: str, opts: SliceOpt
     return prep
 
 
-def prepare_mask(name: str, mask: np.ndarray, mask_affine: np.ndarray, prep: Prepared) -> np.ndarray:
-    """A mask as a boolean array on the prepared grid of its image.
+def prepare_flat(array: np.ndarray) -> Prepared:
+    """A 2-D image ``[1, rows, cols]`` as its own slicing grid: one slice along axis 0, no plane."""
+    affine = np.eye(4)
+    return Prepared(array, tuple(array.shape), affine, affine, None, (None, None, None), (0,), np.ones(3))
+
+
+def prepare_mask(
+    name: str, mask: np.ndarray, mask_affine: np.ndarray, prep: Prepared, keep_labels: bool = False
+) -> np.ndarray:
+    """A mask as a boolean array on the prepared grid of its image (``keep_labels``: its label values).
 
     A mask stored on another grid that covers the same field of view is resampled
     nearest-neighbour; one that does not (or is not 3-D) raises :class:`ScanError`.
@@ -226,7 +242,7 @@ def prepare_mask(name: str, mask: np.ndarray, mask_affine: np.ndarray, prep: Pre
                 "and its grid does not cover the image"
             )
         mask = moved
-    out = mask != 0
+    out = mask if keep_labels else mask != 0
     if prep.ornt is not None:
         out = apply_orientation(out, prep.ornt)
     if prep.resample_axes:

@@ -37,7 +37,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -56,6 +56,9 @@ from medsae.embed.weights import (
     study_init_,
 )
 from medsae.errors import MedsaeError, MissingInputError, SpecError
+
+if TYPE_CHECKING:
+    from medsae.embed.tokens import TokenFeatures
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -201,6 +204,21 @@ class TorchBackbone:
         out = self.forward_pooled(self.preprocess(images)).float()
         self._dim = out.shape[1]
         return out
+
+    @torch.inference_mode()
+    def embed_tokens(self, images: torch.Tensor | np.ndarray) -> TokenFeatures:
+        """Pooled vectors (as :meth:`embed` computes them) and their spatial tokens, on the device.
+
+        One forward pass through the same preprocessing, autocast and pooling code as :meth:`embed`,
+        so ``pooled`` equals what the embed stage stored (see :mod:`medsae.embed.tokens`).
+        """
+        from medsae.embed.tokens import token_features
+
+        x = self.preprocess(images)
+        dtype = _AUTOCAST.get(self.precision)
+        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            feats = self.features(x, self.pooling == "pooler")
+        return token_features(feats, self.pooling, self.name)
 
     @property
     def dim(self) -> int:

@@ -7,7 +7,8 @@ per scan, never from the reference's own scan):
   every slice of the split excluded); similarity = cosine between the reference's K values and
   each slice's values on the same K latents (0 for a zero vector); K = 1 uses the study's
   ``1 / (1 + |a_ref - a_i|)``. When a reference fires on fewer than K latents, its fingerprint is
-  those latents only (the study padded with arbitrary zero-valued latents);
+  those latents only; the study's protocol (:func:`study_sparse_fingerprint_retrieval`) pads it with
+  zero-valued latents as the study did;
 * **dense fingerprint** (the study's baseline): the K embedding dimensions of largest ``|value|``,
   signed values, cosine (for K = 1 this is the sign agreement);
 * **dense**: cosine over the whole embedding (the reference method).
@@ -166,6 +167,74 @@ def sparse_fingerprint_retrieval(
     return out
 
 
+# -- the study's protocol ------------------------------------------------------------------------
+
+#: Seed of the study's reference draw (``np.random.seed(0)``, then ``np.random.choice``).
+STUDY_REFERENCE_SEED = 0
+
+
+def study_reference_rows(n: int, n_refs: int) -> np.ndarray:
+    """The study's references: ``n_refs`` rows drawn by numpy's legacy generator seeded with 0 (the
+    same rows as the study's draw when the rows are in its order); all rows when there are fewer."""
+    if n <= n_refs:
+        return np.arange(n)
+    return np.random.RandomState(STUDY_REFERENCE_SEED).choice(n, size=n_refs, replace=False)
+
+
+def study_always_active(codes: sp.spmatrix) -> np.ndarray:
+    """The study's always-active latents: minimum activation over the rows above 0."""
+    codes = sp.csr_matrix(codes)
+    counts = np.bincount(codes.indices[codes.data > 0], minlength=codes.shape[1])
+    return counts >= codes.shape[0]
+
+
+def study_fingerprint(ref: np.ndarray, k: int, masked: np.ndarray) -> np.ndarray:
+    """The study's top-K latents of a reference code ``ref [d_sae]``: always-active latents set to
+    -inf, an ascending sort, its last K reversed. A reference firing on fewer than K latents is thus
+    padded with zero-valued latents, the highest indices first (ties as a stable sort orders them;
+    the study's unstable sort leaves their order to the algorithm)."""
+    acts = np.where(masked, -np.inf, np.asarray(ref, dtype=np.float64))
+    return np.argsort(acts, kind="stable")[::-1][:k]
+
+
+def study_fingerprint_scores(
+    codes_csc: sp.csc_matrix, ref: np.ndarray, latents: np.ndarray, ks: Sequence[int]
+) -> np.ndarray:
+    """Similarity of every row to the reference on each prefix ``latents[:K]`` (padded latents
+    included, with the reference's value 0): cosine, or ``1 / (1 + |a_ref - a_i|)`` for K = 1."""
+    n = codes_csc.shape[0]
+    sub = sp.csc_matrix(codes_csc[:, latents])
+    ref_values = np.asarray(ref, dtype=np.float64)[latents]
+    out = np.zeros((len(ks), n))
+    for i, k in enumerate(ks):
+        if k == 1:
+            col = np.asarray(sub[:, 0].todense()).ravel()
+            out[i] = 1.0 / (1.0 + np.abs(ref_values[0] - col))
+    multi = [i for i, k in enumerate(ks) if k > 1]
+    if multi:
+        out[multi] = _sparse_prefix_cosine(sub, ref_values, [ks[i] for i in multi])
+    return out
+
+
+def study_sparse_fingerprint_retrieval(
+    codes: sp.spmatrix, refs: np.ndarray, scans: ScanIndex, ks: Sequence[int], top: int = TOP
+) -> dict[int, np.ndarray]:
+    """The study's sparse fingerprint retrieval with its padding (:func:`study_fingerprint`):
+    ``{K: rows [R, top]}``; every reference retrieves, even one firing on no latent."""
+    codes = sp.csr_matrix(codes)
+    csc = sp.csc_matrix(codes)
+    masked = study_always_active(codes)
+    out = {k: np.full((len(refs), top), -1, dtype=np.int64) for k in ks}
+    for r, row in enumerate(refs):
+        ref = np.asarray(codes[row].todense()).ravel()
+        latents = study_fingerprint(ref, max(ks), masked)
+        scores = study_fingerprint_scores(csc, ref, latents, ks)
+        found = scans.best_per_scan(scores, np.full(len(ks), scans.scan[row]), top)
+        for i, k in enumerate(ks):
+            out[k][r] = found[i]
+    return out
+
+
 def _unit(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
@@ -184,15 +253,19 @@ def dense_retrieval(emb: np.ndarray, refs: np.ndarray, scans: ScanIndex, top: in
 
 
 def dense_fingerprint_retrieval(
-    emb: np.ndarray, refs: np.ndarray, scans: ScanIndex, ks: Sequence[int], top: int = TOP
+    emb: np.ndarray, refs: np.ndarray, scans: ScanIndex, ks: Sequence[int], top: int = TOP, study_ties: bool = False
 ) -> dict[int, np.ndarray]:
-    """The study's dense-fingerprint baseline: ``{K: rows [R, top]}``."""
+    """The study's dense-fingerprint baseline: ``{K: rows [R, top]}``. Equal magnitudes go to the lower
+    dimension first, or with ``study_ties`` to the higher one (the study's reversed ascending sort)."""
     emb = np.asarray(emb, dtype=np.float32)
     emb_t = np.ascontiguousarray(emb.T)  # dimensions as rows: a fingerprint's columns are contiguous
     kmax = min(max(ks), emb.shape[1])
     out = {k: np.empty((len(refs), top), dtype=np.int64) for k in ks}
     for r, row in enumerate(refs):
-        dims = np.argsort(-np.abs(emb[row]), kind="stable")[:kmax]
+        if study_ties:
+            dims = np.argsort(np.abs(emb[row]), kind="stable")[::-1][:kmax]
+        else:
+            dims = np.argsort(-np.abs(emb[row]), kind="stable")[:kmax]
         scores = _cosine_prefixes(emb_t[dims], emb[row, dims], ks)
         found = scans.best_per_scan(scores, np.full(len(ks), scans.scan[row]), top)
         for i, k in enumerate(ks):

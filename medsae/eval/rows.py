@@ -28,6 +28,8 @@ alive_per_batch_study              -       -     the study's alive count: latent
 probe_auc_dense, probe_auc_sparse  target  -     ROC-AUC; multiclass: macro one-vs-rest, and
                                                  ``name=class`` rows per class
 probe_auc_{dense,sparse}_mean      -       -     mean over leaf tasks with dense AUC > 0.6
+                                                 (protocol study: targets ``group=class``,
+                                                 dense AUC >= 0.6, as the study's figure)
 probe_n_nonzero_{dense,sparse}     target  -     features used (split 'train')
 recovery_auc                       task    N     AUC with the top-N latents
 recovery                           task    N     AUC(N) / AUC_dense (the study's)
@@ -64,6 +66,7 @@ import numpy as np
 
 from medsae.eval.probes import MEAN_MIN_DENSE_AUC, ProbeResult
 from medsae.eval.recovery import RecoveryCurve, mean_n_features_study
+from medsae.eval.study_probes import GroupProbe
 from medsae.stage import Metric
 
 
@@ -114,6 +117,46 @@ def probe_rows(
                 for r in results
                 if r.features == features
                 for t, a in r.leaf_aucs(split).items()
+                if t in keep and np.isfinite(a)
+            ]
+            if values:
+                out.append(Metric(f"probe_auc_{features}_mean", float(np.mean(values)), split=split, n=len(values)))
+    return out
+
+
+def study_probe_rows(
+    probes: Sequence[GroupProbe], splits: Sequence[str], min_dense_auc: float = MEAN_MIN_DENSE_AUC
+) -> list[Metric]:
+    """The study protocol's probe rows: per group ``probe_n_nonzero_*`` (target = group), per target
+    ``probe_auc_*`` (target = ``group=class``), and the means over targets whose dense AUC is at
+    least ``min_dense_auc`` (the study's figure keeps dense >= 0.6; a target without an AUC is left
+    out), where a two-class group counts twice, as in the study."""
+    out: list[Metric] = []
+    for p in probes:
+        out.append(
+            Metric(
+                f"probe_n_nonzero_{p.features}",
+                float(p.n_nonzero),
+                split="train",
+                n=p.n_train,
+                target=p.group.group,
+                extra={"n_iter": p.fit.n_iter, "converged": p.fit.converged, "d": p.n_features},
+            )
+        )
+        for split in splits:
+            for name, auc in p.aucs.get(split, {}).items():
+                out.append(
+                    Metric(f"probe_auc_{p.features}", _v(auc), split=split, n=p.counts[split][name], target=name)
+                )
+    for split in splits:
+        dense = {t: a for p in probes if p.features == "dense" for t, a in p.aucs.get(split, {}).items()}
+        keep = {t for t, a in dense.items() if np.isfinite(a) and a >= min_dense_auc}
+        for features in ("dense", "sparse"):
+            values = [
+                a
+                for p in probes
+                if p.features == features
+                for t, a in p.aucs.get(split, {}).items()
                 if t in keep and np.isfinite(a)
             ]
             if values:
@@ -192,7 +235,8 @@ def retrieval_rows(
                 )
             )
             if method != "dense" and dense is not None:
-                ratio = q / dense
+                with np.errstate(invalid="ignore", divide="ignore"):  # references without a dense retrieval: NaN
+                    ratio = q / dense
                 ok = np.isfinite(ratio)
                 out.append(
                     Metric(

@@ -7,6 +7,12 @@ the normalised embeddings, streamed in chunks), sparsity, probes (fitted on the 
 performance recovery, monosemanticity and retrieval. Every number is returned as a
 :class:`~medsae.stage.Metric` (names: :mod:`medsae.eval.rows`) and written to ``metrics.json``;
 plots go to ``plots/*.png``, per-latent and per-task tables to CSV / parquet.
+
+``eval.protocol: study`` runs the same metrics under the study's protocol (docs/method.md#study-protocol):
+rows in the study's order (R² and alive batches, sub-samples, the reference draw), scans keyed by
+``image_id`` alone, the study's probe groups and group coefficient tables
+(:mod:`medsae.eval.study_probes`, :mod:`medsae.eval.study_recovery`) and its padded fingerprints.
+Targets the data cannot support are skipped and named in one warning line.
 """
 
 from __future__ import annotations
@@ -30,9 +36,10 @@ from medsae.data.index import load_slices, presence_matrix
 from medsae.embed.store import open_embeddings
 from medsae.errors import MissingInputError
 from medsae.eval import metrics as M
-from medsae.eval import mono, probes, recovery, retrieval, rows
-from medsae.eval.config import EvalSpec
+from medsae.eval import mono, probes, recovery, retrieval, rows, study_probes, study_recovery
+from medsae.eval.config import EvalSpec, ProbeTargetDef
 from medsae.eval.logreg import resolve_device
+from medsae.eval.targets import Skip, medsae_targets, skip_line, study_groups, study_order
 from medsae.sae.checkpoint import load_sae
 from medsae.sae.codes import load_codes
 from medsae.sparse import torch_csr
@@ -82,7 +89,7 @@ class _Data:
     scan: np.ndarray  # scan key per slice ('ct/s0001')
 
 
-def _load(ctx: StageContext, device: str) -> _Data:
+def _load(ctx: StageContext, device: str, study: bool = False) -> _Data:
     for kind in ("slices", "embed", "train", "encode"):
         if kind not in ctx.inputs:
             raise MissingInputError(f"evaluate stage {ctx.key[:12]}: missing upstream input '{kind}'")
@@ -99,7 +106,10 @@ def _load(ctx: StageContext, device: str) -> _Data:
     if not np.array_equal(code_pos, np.arange(n)):
         codes = codes[code_pos]
     sae = load_sae(ctx.inputs["train"], device=device)
-    scan = (slices["modality"].astype(str) + "/" + slices["image_id"].astype(str)).to_numpy()
+    if study:  # the study keyed scans by image_id alone, which CT and MRI reuse (docs/method.md#problem-24)
+        scan = slices["image_id"].astype(str).to_numpy()
+    else:
+        scan = (slices["modality"].astype(str) + "/" + slices["image_id"].astype(str)).to_numpy()
     return _Data(slices, sp.csr_matrix(presence), list(vocab), store, emb_pos, codes, sae, scan)
 
 
@@ -127,11 +137,17 @@ def _retrieval(data: _Data, split: str, split_rows: np.ndarray, spec: EvalSpec) 
     codes = data.codes[split_rows]
     emb = data.store.load(data.emb_pos[split_rows]).astype(np.float32)
     scans = retrieval.ScanIndex.build(data.scan[split_rows])
-    refs = retrieval.reference_rows(len(split_rows), spec.retrieval_refs, spec.seed)
     ks, top = list(spec.retrieval_ks), spec.retrieval_top
-    found: dict[str, dict] = {"sparse": retrieval.sparse_fingerprint_retrieval(codes, refs, scans, ks, top)}
+    study = spec.protocol == "study"
+    if study:
+        refs = retrieval.study_reference_rows(len(split_rows), spec.retrieval_refs)
+        sparse = retrieval.study_sparse_fingerprint_retrieval(codes, refs, scans, ks, top)
+    else:
+        refs = retrieval.reference_rows(len(split_rows), spec.retrieval_refs, spec.seed)
+        sparse = retrieval.sparse_fingerprint_retrieval(codes, refs, scans, ks, top)
+    found: dict[str, dict] = {"sparse": sparse}
     if spec.retrieval_dense_fp:
-        found["dense_fp"] = retrieval.dense_fingerprint_retrieval(emb, refs, scans, ks, top)
+        found["dense_fp"] = retrieval.dense_fingerprint_retrieval(emb, refs, scans, ks, top, study_ties=study)
     found["dense"] = {None: retrieval.dense_retrieval(emb, refs, scans, top)}
     sub = data.slices.iloc[split_rows]
     labels = {name: _label_codes(sub[name]) for name in RETRIEVAL_LABELS if name in sub}
@@ -155,16 +171,21 @@ def _retrieval(data: _Data, split: str, split_rows: np.ndarray, spec: EvalSpec) 
 def run_evaluate(ctx: StageContext) -> StageResult:
     """Compute every evaluation metric of one SAE; see the module docstring."""
     spec = ctx.section(EvalSpec)
+    study = spec.protocol == "study"
     device = resolve_device(spec.device)
     timer = _Timer()
     with timer.part("load"):
-        data = _load(ctx, device)
+        data = _load(ctx, device, study)
     out_dir = Path(ctx.out_dir)
     plot_dir = out_dir / "plots"
     split_col = data.slices["split"].to_numpy()
     splits = [s for s in spec.splits if (split_col == s).any()]
     split_rows = {s: np.flatnonzero(split_col == s) for s in splits}
     train_rows = np.flatnonzero(split_col == "train")
+    if study:  # the study's row order: its R² and alive batches, sub-samples and reference draw follow it
+        split_rows = {s: study_order(data.slices, r) for s, r in split_rows.items()}
+        train_rows = study_order(data.slices, train_rows)
+    notes: dict[str, Any] = {"protocol": "study"} if study else {}
     metrics: list[Metric] = [Metric("n_slices", float(len(split_rows.get(s, []))), split=s) for s in spec.splits]
     d_sae = data.codes.shape[1]
 
@@ -200,45 +221,81 @@ def run_evaluate(ctx: StageContext) -> StageResult:
         threads=spec.threads,
     )
     results: list[probes.ProbeResult] = []
+    group_results: list[study_probes.GroupProbe] = []
     curves: list[recovery.RecoveryCurve] = []
     if (spec.probes or spec.recovery) and len(train_rows) and splits:
+        sources = {
+            "dense": lambda r: data.store.load(data.emb_pos[r]).astype(np.float32),
+            "sparse": data.codes,
+        }
+        definitions = [t for t in spec.probe_targets if isinstance(t, ProbeTargetDef)]
+        skipped: list[Skip]
         with timer.part("probes"):
-            targets = probes.build_targets(
-                data.slices, spec.probe_targets, data.presence, data.vocab, spec.probe_structures
-            )
-            targets = probes.select_targets(targets, train_rows, spec.probe_min_positives)
-            strata = _label_codes(data.slices["modality"].astype(str) + "/" + data.slices["plane"].astype(str))
-            sources = {
-                "dense": lambda r: data.store.load(data.emb_pos[r]).astype(np.float32),
-                "sparse": data.codes,
-            }
-            results = probes.run_probes(targets, train_rows, split_rows, sources, settings, strata)
-            metrics += rows.probe_rows(results, splits, spec.mean_min_dense_auc)
+            if study:
+                groups, skipped = study_groups(definitions, data.slices, data.presence, data.vocab, train_rows)
+                group_results = study_probes.run_group_probes(groups, train_rows, split_rows, sources, settings)
+                coef_tables = study_probes.coefficient_tables(group_results)  # interpret.protocol study reads them
+                coef_tables.to_parquet(out_dir / "coefficients_sparse.parquet", index=False)
+                metrics += rows.study_probe_rows(group_results, splits, spec.mean_min_dense_auc)
+            else:
+                builtin = [t for t in spec.probe_targets if isinstance(t, str)]
+                targets = probes.build_targets(data.slices, builtin, data.presence, data.vocab, spec.probe_structures)
+                defined, skipped = medsae_targets(definitions, data.slices, data.presence, data.vocab)
+                targets = probes.select_targets(targets + defined, train_rows, spec.probe_min_positives)
+                strata = _label_codes(data.slices["modality"].astype(str) + "/" + data.slices["plane"].astype(str))
+                results = probes.run_probes(targets, train_rows, split_rows, sources, settings, strata)
+                metrics += rows.probe_rows(results, splits, spec.mean_min_dense_auc)
+        line = skip_line(skipped, spec.protocol)
+        if line:
+            log.warning("%s", line)
+            notes["skipped_probe_targets"] = line
         if spec.recovery:
             with timer.part("recovery"):
-                dense_auc = {s: probes.dense_auc_table(results, s) for s in splits}
                 rec_settings = dataclasses.replace(
                     settings, max_iter=spec.recovery_max_iter, max_train=spec.recovery_max_train
                 )
                 select = "val" if "val" in splits else splits[0]
-                curves = recovery.run_recovery(
-                    [r for r in results if r.features == "sparse"],
-                    dense_auc,
-                    train_rows,
-                    split_rows,
-                    data.codes,
-                    rec_settings,
-                    spec.recovery_ns,
-                    spec.recovery_min_dense_auc,
-                    select,
-                )
+                if study:
+                    curves, inexact = study_recovery.run_study_recovery(
+                        [r for r in group_results if r.features == "sparse"],
+                        {s: study_probes.dense_aucs(group_results, s) for s in splits},
+                        train_rows,
+                        split_rows,
+                        data.codes,
+                        rec_settings,
+                        spec.recovery_ns,
+                        spec.recovery_min_dense_auc,
+                        select,
+                    )
+                    inexact += [r.group.group for r in group_results if not r.exact_subsample]
+                    if inexact:
+                        notes["subsample_not_study"] = sorted(set(inexact))
+                        log.warning(
+                            "evaluate (study protocol): a stratum too small for the study's sub-sample of %s; "
+                            "medsae's stratified sub-sample used",
+                            ", ".join(sorted(set(inexact))),
+                        )
+                else:
+                    dense_auc = {s: probes.dense_auc_table(results, s) for s in splits}
+                    curves = recovery.run_recovery(
+                        [r for r in results if r.features == "sparse"],
+                        dense_auc,
+                        train_rows,
+                        split_rows,
+                        data.codes,
+                        rec_settings,
+                        spec.recovery_ns,
+                        spec.recovery_min_dense_auc,
+                        select,
+                    )
                 metrics += rows.recovery_rows(curves, splits, spec.recovery_thresholds, spec.mean_min_dense_auc)
                 _write_curves(curves, splits, out_dir / "recovery_curves.csv")
         if spec.plots:
             with timer.part("plots"):
                 for split in splits:
                     plots.save_png(plots.recovery_curves(metrics, [split]), plot_dir / f"recovery_{split}.png")
-                    figure = plots.probe_aucs(_auc_table(results, split), title=f"linear probes ({split})")
+                    table = _study_auc_table(group_results, split) if study else _auc_table(results, split)
+                    figure = plots.probe_aucs(table, title=f"linear probes ({split})")
                     plots.save_png(figure, plot_dir / f"probe_auc_{split}.png")
 
     if spec.monosemanticity:
@@ -265,13 +322,23 @@ def run_evaluate(ctx: StageContext) -> StageResult:
     metrics += [Metric(f"seconds_{part}", sec) for part, sec in timer.seconds.items()]
     metrics.append(Metric("seconds_total", sum(timer.seconds.values())))
     _write_json(metrics, out_dir / "metrics.json")
-    return StageResult(metrics=metrics, summary=_summary(metrics, d_sae), device=device)
+    return StageResult(metrics=metrics, summary=_summary(metrics, d_sae) | notes, device=device)
 
 
 def _auc_table(results: list[probes.ProbeResult], split: str) -> pd.DataFrame:
     table: dict[str, dict[str, float]] = {}
     for r in results:
         for task, auc in r.leaf_aucs(split).items():
+            table.setdefault(task, {})[r.features] = auc
+    return pd.DataFrame(
+        [{"target": t, "dense": v.get("dense", np.nan), "sparse": v.get("sparse", np.nan)} for t, v in table.items()]
+    )
+
+
+def _study_auc_table(results: list[study_probes.GroupProbe], split: str) -> pd.DataFrame:
+    table: dict[str, dict[str, float]] = {}
+    for r in results:
+        for task, auc in r.aucs.get(split, {}).items():
             table.setdefault(task, {})[r.features] = auc
     return pd.DataFrame(
         [{"target": t, "dense": v.get("dense", np.nan), "sparse": v.get("sparse", np.nan)} for t, v in table.items()]

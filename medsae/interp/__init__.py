@@ -12,6 +12,8 @@ By role (as EleutherAI's delphi separates clients, explainers and scorers):
   :mod:`~medsae.interp.rows` builds every explanation and score row; :mod:`~medsae.interp.pipeline`
   runs latents concurrently, :mod:`~medsae.interp.journal` keeps what finished,
   :mod:`~medsae.interp.run_stats` sums a run up;
+* :mod:`~medsae.interp.study` — the study's own protocol (``interpret.protocol: study``): its latent
+  selection, diverse image samples, explainer and 5-way ranking, in both stages;
 * :mod:`~medsae.interp.llm` — the one door to language models (gateway, cache, offline models);
 * :mod:`~medsae.interp.experiment` (``medsae explain``) and :mod:`~medsae.interp.search` (``medsae
   search``) work on a registered experiment; :mod:`~medsae.interp.stage` holds both stages.

@@ -54,7 +54,7 @@ from medsae.stage import Metric
 
 log = logging.getLogger("medsae")
 
-__all__ = ["Agent", "AgentInputs", "AgentResult"]
+__all__ = ["Agent", "AgentInputs", "AgentResult", "make_agent"]
 
 
 @dataclass
@@ -64,6 +64,7 @@ class AgentResult:
     tables: dict[str, list[dict[str, Any]]]
     summary: dict[str, Any]
     metrics: list[Metric] = field(default_factory=list)
+    files: dict[str, Any] = field(default_factory=dict)  # file name -> JSON content for the stage folder
 
 
 @dataclass
@@ -459,3 +460,13 @@ class Agent:
 
 def _norm(text: str | None) -> str:
     return " ".join((text or "").lower().split())
+
+
+def make_agent(inputs: AgentInputs, spec: InterpretSpec, cache_dir: Path, progress: Callable | None = None) -> Any:
+    """The agent of the spec's protocol: :class:`Agent` (medsae) or the study's
+    :class:`~medsae.interp.study.agent.StudyAgent`; both ``run(latents, sink) -> AgentResult``."""
+    if spec.protocol == "study":
+        from medsae.interp.study.agent import StudyAgent
+
+        return StudyAgent(inputs, spec, cache_dir, progress=progress)
+    return Agent(inputs, spec, cache_dir, progress=progress)

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from medsae.errors import MedsaeError, MissingInputError
-from medsae.interp.agent import Agent
+from medsae.interp.agent import make_agent
 from medsae.interp.config import InterpretSpec
 from medsae.interp.explainer import explain_examples
 from medsae.interp.inputs import AgentInputs, load_slice_tables
@@ -37,7 +37,7 @@ from medsae.interp.scorers.metrics import summarize_values
 from medsae.registry import queries
 from medsae.registry.db import Registry
 
-HEADLINE_METHODS = ("pearson", "spearman", "auroc", "detection_bacc", "ranking_top2")
+HEADLINE_METHODS = ("pearson", "spearman", "auroc", "detection_bacc", "ranking_top2", "ranking_study_top2")
 
 
 @dataclass
@@ -153,7 +153,7 @@ def explain_experiment(
         overrides["max_latents"] = None
     spec = interpret_spec(exp, overrides)
     inputs = AgentInputs(exp.summarize_dir, exp.slices_dir, exp.sae_key, exp.summarize_key)
-    agent = Agent(inputs, spec, cache_dir_for(exp.summarize_dir.parent.parent))
+    agent = make_agent(inputs, spec, cache_dir_for(exp.summarize_dir.parent.parent))
     sink = RegistrySink(registry)
     result = agent.run(latents, sink=sink)
     return result.summary | {"new_rows": dict(sink.new_rows)}

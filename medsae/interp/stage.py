@@ -1,10 +1,13 @@
 """The ``summarize`` and ``interpret`` stages (see medsae/stage.py for the contract).
 
-``summarize`` (inputs: encode, slices, train): per-latent statistics and example sets over the
-interpretation pool -> ``latents.parquet``, ``example_sets.parquet``, ``pool.json`` and rows for
-the registry tables ``latents`` and ``example_sets``. No LLM.
+``summarize`` (inputs: encode, slices, train, evaluate): per-latent statistics and example sets over
+the interpretation pool -> ``latents.parquet``, ``example_sets.parquet``, ``pool.json`` and rows for
+the registry tables ``latents`` and ``example_sets``. No LLM. Under ``interpret.protocol: study`` also
+the study's selection and sample sets (:mod:`medsae.interp.study.summarize`), from the evaluate stage's
+monosemanticity and coefficient tables.
 
-``interpret`` (inputs: summarize, slices, encode): the agent (:mod:`medsae.interp.agent`) with
+``interpret`` (inputs: summarize, slices, encode): the agent of the spec's protocol
+(:func:`medsae.interp.agent.make_agent`: medsae's, or the study's :mod:`medsae.interp.study.agent`) with
 the spec's explainer and reference scorer -> ``explanations.parquet``, ``scores.parquet``,
 ``summary.json`` and rows for ``explanations``, ``explanation_scores``, ``llm_calls``, ``prompts``.
 Finished latents are journalled in the stage's ``work_dir`` as they finish, so a killed stage
@@ -138,6 +141,9 @@ def run_summarize(ctx: StageContext) -> StageResult:
     result = summarize(slices, presence, list(vocab), codes, code_ids, spec, sae_key, ctx.progress)
     for line in pool_warnings(result.pool, list(spec.pool_splits), slices):
         log.warning("%s", line)
+    study = _summarize_study(ctx, slices, codes, code_ids, spec, sae_key) if spec.protocol == "study" else None
+    if study is not None:
+        result.sets.extend(study.sets)
 
     latents, sets = write_summary(ctx.out_dir, result)
     status = result.latents["status"].value_counts()
@@ -152,7 +158,25 @@ def run_summarize(ctx: StageContext) -> StageResult:
         "latents": {s: int(status.get(s, 0)) for s in ("live", "dense", "too_rare", "dead")},
         "example_sets": len(result.sets),
     }
+    if study is not None:
+        from medsae.interp.study.summarize import write_study
+
+        write_study(ctx.out_dir, study)
+        summary["study"] = study.info
     return StageResult(metrics=metrics, tables={"latents": latents, "example_sets": sets}, summary=summary)
+
+
+def _summarize_study(
+    ctx: StageContext, slices: pd.DataFrame, codes: Any, code_ids: np.ndarray, spec: InterpretSpec, sae_key: str
+) -> Any:
+    """The study's selection, distractors and sample sets (``interpret.protocol: study``)."""
+    from medsae.errors import MissingInputError
+    from medsae.interp.study.summarize import read_evaluate_outputs, summarize_study
+
+    if "evaluate" not in ctx.inputs:
+        raise MissingInputError(f"summarize stage {ctx.key[:12]}: interpret.protocol study needs the evaluate stage")
+    mono, coefficients = read_evaluate_outputs(Path(ctx.inputs["evaluate"]))
+    return summarize_study(slices, codes, code_ids, mono, coefficients, spec, sae_key, ctx.progress)
 
 
 SETS_SCHEMA = pa.schema(
@@ -168,7 +192,7 @@ SETS_SCHEMA = pa.schema(
 
 
 def run_interpret(ctx: StageContext) -> StageResult:
-    from medsae.interp.agent import Agent, AgentInputs
+    from medsae.interp.agent import AgentInputs, make_agent
     from medsae.interp.journal import WorkDirJournal
     from medsae.interp.llm.cache import cache_dir_for
     from medsae.interp.run_stats import summary_line
@@ -180,7 +204,8 @@ def run_interpret(ctx: StageContext) -> StageResult:
         sae_key=_sae_key(summarize_dir, ctx),
         summarize_key=ctx.input_keys["summarize"],
     )
-    agent = Agent(inputs, ctx.section(InterpretSpec), cache_dir_for(summarize_dir.parent.parent), progress=ctx.progress)
+    spec = ctx.section(InterpretSpec)
+    agent = make_agent(inputs, spec, cache_dir_for(summarize_dir.parent.parent), progress=ctx.progress)
     result = agent.run(sink=WorkDirJournal(Path(ctx.work_dir) / "finished"))
     s = result.summary
     if s["parse_failed"] + s["too_long"] + s["repetitive"] + s["failed_calls"] + s["degenerate_scores"]:
@@ -190,7 +215,7 @@ def run_interpret(ctx: StageContext) -> StageResult:
             "interpret: latents whose calls failed have no scores; `medsae explain run` (or `exp run --force "
             "interpret`) asks again for them only, the other answers come from the cache"
         )
-    write_outputs(ctx.out_dir, result.tables, result.summary)
+    write_outputs(ctx.out_dir, result.tables, result.summary, result.files)
     return StageResult(metrics=result.metrics, tables=result.tables, summary=result.summary)
 
 
@@ -202,10 +227,14 @@ def _sae_key(summarize_dir: Path, ctx: StageContext) -> str:
     return ctx.input_keys.get("train", ctx.input_keys.get("encode", ""))
 
 
-def write_outputs(out_dir: Path, tables: dict[str, list[dict]], summary: dict) -> None:
-    """Explanations, scores and the run summary as files of the interpret stage folder."""
+def write_outputs(
+    out_dir: Path, tables: dict[str, list[dict]], summary: dict, files: dict[str, Any] | None = None
+) -> None:
+    """Explanations, scores, the run summary and the agent's other files (JSON) in the interpret stage folder."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for table, name in (("explanations", "explanations.parquet"), ("explanation_scores", "scores.parquet")):
         rows = tables.get(table) or []
         pd.DataFrame(rows).to_parquet(out_dir / name, index=False)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    for name, content in (files or {}).items():
+        (out_dir / name).write_text(json.dumps(content, indent=2, default=str))

@@ -32,7 +32,7 @@ from medsae.registry.db import Registry
 from medsae.registry.queries import require
 
 #: Stage kinds (folders under an artifacts root), as in medsae.plan.STAGES (kept import-light here).
-STAGE_KINDS = ("slices", "embed", "train", "encode", "evaluate", "summarize", "interpret")
+STAGE_KINDS = ("slices", "embed", "train", "encode", "ground", "evaluate", "summarize", "interpret")
 #: How a stage key looks (sha256 hex).
 _KEY = re.compile(r"^[0-9a-f]{64}$")
 _CACHE_ENTRY = re.compile(r"^([0-9a-f]{64})\.json$")
@@ -45,6 +45,7 @@ STAGE_TABLES: dict[str, tuple[str, ...]] = {
     "slice_structures": ("slices_key",),
     "ingest_skips": ("slices_key",),
     "latents": ("stage_key", "sae_key"),
+    "latent_grounding": ("stage_key", "sae_key"),
     "example_sets": ("stage_key",),
 }
 #: Tables holding an experiment's own rows.

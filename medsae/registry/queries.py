@@ -264,8 +264,94 @@ def explainer_summary(source: Source, experiment_id: str, method: str = "pearson
     )
 
 
+# -- the study's tables (`medsae study-table`) ---------------------------------------------------
+
+
+def sweep_members(source: Source, sweep_name: str) -> list[str]:
+    """experiment_id of the latest registration of each experiment of the sweep ``sweep_name``."""
+    found = rows(
+        source,
+        """SELECT experiment_id FROM (
+             SELECT experiment_id, name, created_at,
+                    row_number() OVER (PARTITION BY name ORDER BY created_at DESC, experiment_id) AS rn
+             FROM experiments WHERE sweep_name = ?) WHERE rn = 1 ORDER BY created_at, name""",
+        [sweep_name],
+    )
+    return [r["experiment_id"] for r in found]
+
+
+def evaluated_runs(source: Source, experiment_ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Registrations whose evaluate stage is done (``experiment_ids``, or the latest of each name), oldest
+    first, with what a study table reads: experiment_id, name, sweep_name, evaluate_key,
+    eval_params_json, evaluate_summary_json, train_key, train_params_json, embed_key,
+    embed_params_json, summarize_key (train / embed / summarize NULL when the experiment has none)."""
+    chosen = (
+        "SELECT experiment_id FROM (SELECT experiment_id, row_number() OVER "
+        "(PARTITION BY name ORDER BY created_at DESC, experiment_id) AS rn FROM experiments) WHERE rn = 1"
+        if experiment_ids is None
+        else "SELECT unnest(?::VARCHAR[]) AS experiment_id"
+    )
+    return rows(
+        source,
+        f"""WITH chosen AS ({chosen}),
+           stage_of AS (
+             SELECT es.experiment_id, es.kind, es.stage_key, s.params_json, s.summary_json, s.status
+             FROM experiment_stages es LEFT JOIN stages s ON s.stage_key = es.stage_key)
+           SELECT e.experiment_id, e.name, e.sweep_name, e.created_at,
+                  ev.stage_key AS evaluate_key, ev.params_json AS eval_params_json,
+                  ev.summary_json AS evaluate_summary_json,
+                  tr.stage_key AS train_key, tr.params_json AS train_params_json,
+                  em.stage_key AS embed_key, em.params_json AS embed_params_json,
+                  su.stage_key AS summarize_key
+           FROM experiments e
+           JOIN chosen USING (experiment_id)
+           JOIN stage_of ev ON ev.experiment_id = e.experiment_id AND ev.kind = 'evaluate' AND ev.status = 'done'
+           LEFT JOIN stage_of tr ON tr.experiment_id = e.experiment_id AND tr.kind = 'train'
+           LEFT JOIN stage_of em ON em.experiment_id = e.experiment_id AND em.kind = 'embed'
+           LEFT JOIN stage_of su ON su.experiment_id = e.experiment_id AND su.kind = 'summarize'
+           ORDER BY e.created_at, e.name, e.experiment_id""",
+        [] if experiment_ids is None else [list(experiment_ids)],
+    )
+
+
+def stage_metric_rows(
+    source: Source, stage_keys: Sequence[str], names: Sequence[str], split: str = "val"
+) -> list[dict[str, Any]]:
+    """Metric rows ``names`` of the stages ``stage_keys`` on ``split``: stage_key, name, target,
+    n_features, value, n."""
+    if not stage_keys or not names:
+        return []
+    return rows(
+        source,
+        """SELECT stage_key, name, target, n_features, value, n FROM metrics
+           WHERE list_contains(?, stage_key) AND list_contains(?, name) AND split = ?""",
+        [list(stage_keys), list(names), split],
+    )
+
+
+def ranking_outcomes(source: Source, summarize_keys: Sequence[str]) -> list[dict[str, Any]]:
+    """The 5-way ranking of each summarize stage's latest LLM explanations: summarize_key, n (ranking
+    scores), n_ranked (with a rank), top1 / top2 (share of ranked explanations placed first / in the
+    first two). Stages without ranking scores are absent."""
+    if not summarize_keys:
+        return []
+    return rows(
+        source,
+        """WITH ranked AS (
+             SELECT e.stage_key, TRY_CAST(json_extract_string(s.extra_json, '$.rank') AS INTEGER) AS rank
+             FROM latest_explanations e JOIN explanation_scores s USING (explanation_id)
+             WHERE e.kind = 'explanation' AND s.method LIKE 'ranking%' AND list_contains(?, e.stage_key))
+           SELECT stage_key AS summarize_key, count(*) AS n, count(rank) AS n_ranked,
+                  avg(CASE WHEN rank = 1 THEN 1.0 ELSE 0.0 END) FILTER (WHERE rank IS NOT NULL) AS top1,
+                  avg(CASE WHEN rank <= 2 THEN 1.0 ELSE 0.0 END) FILTER (WHERE rank IS NOT NULL) AS top2
+           FROM ranked GROUP BY stage_key""",
+        [list(summarize_keys)],
+    )
+
+
 __all__ = [
     "Source",
+    "evaluated_runs",
     "experiment_stage_dirs",
     "experiment_stages",
     "explainer_summary",
@@ -273,6 +359,7 @@ __all__ = [
     "has_table",
     "key_metrics",
     "list_experiments",
+    "ranking_outcomes",
     "require",
     "rows",
     "scalar_metrics",
@@ -280,5 +367,7 @@ __all__ = [
     "stage_folder",
     "stage_folders",
     "stage_key",
+    "stage_metric_rows",
+    "sweep_members",
     "tags_by_experiment",
 ]

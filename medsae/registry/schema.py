@@ -206,6 +206,32 @@ MIGRATIONS: list[list[str]] = [
             updated_at TIMESTAMPTZ DEFAULT current_timestamp
         )""",
     ],
+    # grounding (issue 16): each grounded latent's best structure mask and its scores vs shuffled masks
+    [
+        """CREATE TABLE IF NOT EXISTS latent_grounding (
+            stage_key VARCHAR NOT NULL,             -- the ground stage
+            sae_key VARCHAR NOT NULL,               -- the train stage whose SAE this describes
+            latent INTEGER NOT NULL,
+            structure VARCHAR NOT NULL,             -- best structure: highest best-threshold IoU
+            n_slices INTEGER,                       -- top held-out slices scored
+            n_present INTEGER,                      -- of them, slices containing the structure
+            lift DOUBLE,                            -- activation share in the mask / its area share
+            iou DOUBLE,                             -- best-threshold IoU, summed over the slices
+            dice DOUBLE,
+            threshold DOUBLE,                       -- best threshold, fraction of the maximum activation
+            pointing DOUBLE,                        -- share of slices whose map peaks inside the mask
+            lift_shuffled DOUBLE,                   -- same structure, masks shuffled across slices
+            iou_shuffled DOUBLE,
+            dice_shuffled DOUBLE,
+            pointing_shuffled DOUBLE,
+            iou_shuffled_best DOUBLE,               -- best IoU over structures with shuffled masks
+            dominant_structure VARCHAR,             -- largest structure in most of the top slices
+            dominant_share DOUBLE,                  -- share of the top slices where it is the largest
+            route VARCHAR,                          -- how maps were made: pooled_sae_on_tokens
+            exact BOOLEAN,                          -- token pre-activations average to the pooled ones
+            PRIMARY KEY (stage_key, latent)
+        )""",
+    ],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

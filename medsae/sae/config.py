@@ -7,11 +7,14 @@ recipe (docs/method.md#study-preset) for every field the spec does not set expli
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, model_serializer, model_validator
 
-from medsae.specbase import Section, execution_only, seed_field
+from medsae.specbase import PathStr, Section, execution_only, seed_field
 
 #: Fields that ``preset: study`` fills in (explicitly given fields win). Each value is the study's
 #: (docs/method.md#study-preset):
@@ -25,9 +28,9 @@ from medsae.specbase import Section, execution_only, seed_field
 #:   batches;
 #: * no AuxK, no L1;
 #: * Adam lr 1e-4, linear warm-up from 0.1·lr over min(1000, steps/10) steps, then cosine to 1e-6,
-#:   batch 2048, 100 epochs, global grad-norm clip 0.5, one shuffle reused every epoch.
-#: The study's bf16-mixed precision is what ``precision: auto`` gives on a GPU. ``levels`` and
-#: ``level_k`` come from the grid (docs/method.md#study-grid) and must be given.
+#:   batch 2048, 100 epochs, global grad-norm clip 0.5, one shuffle reused every epoch;
+#: * Lightning's bf16-mixed precision: encoder and decoder matmuls in bf16, fp32 weights.
+#: ``levels`` and ``level_k`` come from the grid (docs/method.md#study-grid) and must be given.
 STUDY_PRESET: dict[str, Any] = {
     "arch": "matryoshka",
     "matryoshka_inner": "batchtopk",
@@ -51,7 +54,14 @@ STUDY_PRESET: dict[str, Any] = {
     "epochs": 100,
     "grad_clip": 0.5,
     "shuffle": "once",
+    "precision": "bf16-mixed",
 }
+
+#: Fields that say what an imported study checkpoint computes (``sae.checkpoint``): they must keep
+#: the study's values, so the spec describes the SAE the file holds.
+CHECKPOINT_FIXED = ("arch", "matryoshka_inner", "topk_relu", "tied", "normalize", "threshold_inference")
+#: Optional fields left out of a dumped spec while unset, so specs without them keep their keys and hash.
+_OMITTED_WHEN_UNSET = ("checkpoint", "checkpoint_sha256")
 
 
 #: Largest dictionary (latents) an SAE may have.
@@ -166,13 +176,26 @@ class SAESpec(Section):
     )
     grad_clip: float | None = Field(None, gt=0, le=1e6, description="Global gradient-norm clip.")
     seed: int = seed_field(0, "Seed of initialisation and shuffling (combined with the experiment seed).")
+    checkpoint: PathStr | None = execution_only(
+        None,
+        "A study (SAIL) Lightning .ckpt to import instead of training (`medsae import sail` writes this); a "
+        "relative path is taken from the spec file's folder. The file is identified by checkpoint_sha256.",
+    )
+    checkpoint_sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="sha256 of sae.checkpoint (lower-case hex): the file's identity in the train key.",
+    )
     checkpoint_every: int = execution_only(200, "Save a resumable checkpoint every N steps.", ge=1, le=10**9)
     checkpoint_minutes: float = execution_only(
         0.0, "...but at most once per this many minutes (checkpoints of big sweeps are large).", ge=0, le=100_000
     )
     device: str = execution_only("auto", "auto = cuda, then mps, then cpu.")
-    precision: Literal["auto", "fp32", "bf16"] = execution_only(
-        "auto", "Encoder matmul precision: auto = bf16 on a GPU (the study's bf16-mixed), fp32 on a CPU."
+    precision: Literal["auto", "fp32", "bf16", "bf16-mixed"] = execution_only(
+        "auto",
+        "Training matmul precision (weights stay fp32; encode is fp32): bf16 = the encoder matmul in bf16; "
+        "bf16-mixed = encoder and decoder matmuls, forward and backward, in bf16 as the study's Lightning "
+        "bf16-mixed (preset: study); auto = bf16 on a GPU, fp32 on a CPU.",
     )
     decoder_impl: Literal["auto", "sparse", "dense"] = execution_only(
         "auto",
@@ -188,6 +211,20 @@ class SAESpec(Section):
     def _apply_preset(cls, data: Any) -> Any:
         return apply_preset(data) if isinstance(data, dict) else data
 
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        for name in _OMITTED_WHEN_UNSET:
+            if data.get(name, 0) is None:
+                del data[name]
+        return data
+
+    def with_resolved_checkpoint(self, resolve: Callable[[str], Path]) -> SAESpec:
+        """This section with ``checkpoint`` made absolute by ``resolve`` (the spec's path resolver)."""
+        if self.checkpoint is None:
+            return self
+        return self.model_copy(update={"checkpoint": str(resolve(self.checkpoint))})
+
     @model_validator(mode="after")
     def _check_levels(self) -> SAESpec:
         if self.arch == "matryoshka":
@@ -200,6 +237,15 @@ class SAESpec(Section):
                     raise ValueError(f"level budget k={k} exceeds level size {size}")
         if self.tied_detached and not self.tied:
             raise ValueError("'tied_detached' needs 'tied: true'")
+        if (self.checkpoint is None) != (self.checkpoint_sha256 is None):
+            raise ValueError("'checkpoint' and 'checkpoint_sha256' go together (`medsae import sail` writes both)")
+        if self.checkpoint is not None:
+            for name in CHECKPOINT_FIXED:
+                if getattr(self, name) != STUDY_PRESET[name]:
+                    raise ValueError(
+                        f"'checkpoint' holds a study SAE: '{name}' must be {json.dumps(STUDY_PRESET[name])} "
+                        "(use preset: study)"
+                    )
         if self.arch in ("topk", "batchtopk") and self.d_sae is not None and self.k > self.d_sae:
             raise ValueError(f"k={self.k} exceeds d_sae={self.d_sae}")
         latents = self.levels[-1] if self.arch == "matryoshka" and self.levels else self.d_sae

@@ -26,6 +26,12 @@ to per-sample top-``k_L`` until θ is estimated; ``relu`` is ``max(0, z)``.
 AuxK (TopK family): with ``e = stopgrad(x_in - x̂_L)`` and ``D`` the dead latents (no firing for
 ``dead_after`` samples), ``ê = TopK_{k_aux}(z[:, D]) W_dec[D]`` (no bias) and the loss adds
 ``aux_coeff · MSE(ê, e)``.
+
+Precision (:meth:`SAE.training_forward`): ``dtype`` is the encoder matmul's, ``decoder_dtype`` the
+decoder's. bf16 for both is the study's Lightning ``bf16-mixed``: operands cast to bf16, products
+rounded to bf16, weights, biases and losses in fp32, and the backward passes of both matmuls in bf16
+too (autograd through the casts for the decoder, :func:`ops.gather_encode`'s ``grad_dtype`` for the
+encoder). Inference (:meth:`SAE.encode`) is fp32.
 """
 
 from __future__ import annotations
@@ -238,29 +244,37 @@ class SAE(nn.Module):
         dead_mask: torch.Tensor | None = None,
         dtype: torch.dtype = torch.float32,
         decoder_impl: str = "auto",
+        decoder_dtype: torch.dtype = torch.float32,
     ) -> TrainOutput:
-        """Loss and statistics of one training batch of normalised inputs ``x_in`` [batch, d_in]."""
+        """Loss and statistics of one training batch of normalised inputs ``x_in`` [batch, d_in].
+
+        ``dtype`` / ``decoder_dtype``: precision of the encoder / decoder matmul (module docstring).
+        """
         cfg = self.cfg
         x_in = x_in.float()
         x_c = (x_in - self.b_dec).detach()
+        w_enc_low = self.W_enc.detach().to(dtype)
         with torch.no_grad():  # gradients come from ops.gather_encode / ops.columns_encode
-            z = torch.addmm(self.b_enc.detach().to(dtype), x_c.to(dtype), self.W_enc.detach().to(dtype).t())
+            z = torch.addmm(self.b_enc.detach().to(dtype), x_c.to(dtype), w_enc_low.t())
+        grad_dtype = None if dtype == torch.float32 else dtype
         if cfg.inner == "relu":
-            return self._relu_forward(x_in, x_c, z)
+            return self._relu_forward(x_in, x_c, z, decoder_dtype)
         w_dec = self._train_decoder()
+        if decoder_dtype != torch.float32:  # a detached tied decoder reuses the encoder's cast copy
+            w_dec = w_enc_low if cfg.tied_detached and dtype == decoder_dtype else w_dec.to(decoder_dtype)
         batch = x_in.shape[0]
         recons: list[torch.Tensor] = []
         fired: list[torch.Tensor] = []
         x_hat = min_kept = l0 = None
         for li, (width, k) in enumerate(zip(cfg.levels, cfg.level_k, strict=True)):
             sel = self._select(z[:, :width], k)
-            vals = ops.gather_encode(x_c, self.W_enc, self.b_enc, self.b_dec, z, sel)
+            vals = ops.gather_encode(x_c, self.W_enc, self.b_enc, self.b_dec, z, sel, grad_dtype)
             act = torch.relu(vals) if cfg.topk_relu else vals
             if self._use_sparse(width, k, decoder_impl):
                 out = ops.sparse_decode(sel, act, w_dec)
             else:
-                out = ops.dense_codes(sel, act, width) @ w_dec[:width]
-            level_hat = out + self.b_dec
+                out = ops.dense_codes(sel, act.to(w_dec.dtype), width) @ w_dec[:width]
+            level_hat = out.float() + self.b_dec
             recons.append(((level_hat - x_in) ** 2).mean())
             fired.append(sel.cols[act.detach().abs() > FIRE_EPS])
             if li == len(cfg.levels) - 1:
@@ -275,26 +289,27 @@ class SAE(nn.Module):
         if cfg.auxk and cfg.aux_coeff > 0 and dead_mask is not None:
             dead = torch.nonzero(dead_mask).squeeze(1)
             if dead.numel() > 0:
-                aux = self._aux_loss(x_in, x_c, z, x_hat.detach(), dead, w_dec)
+                aux = self._aux_loss(x_in, x_c, z, x_hat.detach(), dead, w_dec, grad_dtype)
                 loss = loss + cfg.aux_coeff * aux
         return TrainOutput(loss, recon.detach(), aux.detach(), x_hat.detach(), torch.cat(fired), l0, min_kept)
 
-    def _aux_loss(self, x_in, x_c, z, x_hat, dead, w_dec) -> torch.Tensor:
+    def _aux_loss(self, x_in, x_c, z, x_hat, dead, w_dec, grad_dtype) -> torch.Tensor:
         """``MSE(TopK_{k_aux}(z[:, dead]) @ W_dec[dead], stopgrad(x_in - x_hat))`` (no bias)."""
-        z_dead = ops.columns_encode(x_c, self.W_enc, self.b_enc, self.b_dec, z, dead)
+        z_dead = ops.columns_encode(x_c, self.W_enc, self.b_enc, self.b_dec, z, dead, grad_dtype)
         k_aux = min(self.cfg.k_aux, dead.numel())
         vals, idx = torch.topk(z_dead, k_aux, dim=1, sorted=False)
         if self.cfg.topk_relu:
             vals = torch.relu(vals)
         codes = torch.zeros_like(z_dead).scatter(1, idx, vals)
-        e_hat = codes @ ops.select_rows(w_dec, dead)
+        e_hat = (codes.to(w_dec.dtype) @ ops.select_rows(w_dec, dead)).float()
         return ((e_hat - (x_in - x_hat)) ** 2).mean()
 
-    def _relu_forward(self, x_in, x_c, z) -> TrainOutput:
+    def _relu_forward(self, x_in, x_c, z, decoder_dtype) -> TrainOutput:
         all_cols = torch.arange(self.cfg.d_sae, device=x_in.device)
-        act = torch.relu(ops.columns_encode(x_c, self.W_enc, self.b_enc, self.b_dec, z, all_cols))
+        grad_dtype = None if z.dtype == torch.float32 else z.dtype
+        act = torch.relu(ops.columns_encode(x_c, self.W_enc, self.b_enc, self.b_dec, z, all_cols, grad_dtype))
         w_dec = self._train_decoder()
-        x_hat = act @ w_dec + self.b_dec
+        x_hat = (act.to(decoder_dtype) @ w_dec.to(decoder_dtype)).float() + self.b_dec
         recon = ((x_hat - x_in) ** 2).mean()
         loss = recon
         if self.cfg.l1_coeff > 0:

@@ -13,6 +13,10 @@ backward pass (``∂L/∂W_enc = Gᵀ x`` with a dense ``G`` and ``∂L/∂x`` f
 * :func:`sparse_decode` is ``Σ_j a_j W_dec[j]`` through ``embedding_bag`` (gathers only the active rows).
 * :func:`select_rows` is ``w[rows]`` for unique rows with a copying (not accumulating) backward.
 
+With ``grad_dtype`` (bf16 for the study's ``bf16-mixed``) the encode backward passes work as a bf16
+matmul does: the incoming gradient, ``x`` and ``W_enc`` rounded to ``grad_dtype``, products summed in
+fp32, and the ``W_enc`` and ``b_enc`` gradients rounded to ``grad_dtype`` (stored in fp32 weights).
+
 Selections are returned as CSR-like triples ``(rows, cols, offsets)`` grouped by row.
 """
 
@@ -106,33 +110,40 @@ def scatter_rows(
     return mat @ src
 
 
+def _rounded(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``t`` rounded to ``dtype`` and back to fp32 (unchanged when ``dtype`` is None)."""
+    return t.float() if dtype is None else t.to(dtype).float()
+
+
 def _encode_grads(ctx, grad_w_fn, g_sum_per_col, cols, w_enc):
     """Shared tail of the encode backward passes: (grad W_enc, grad b_enc, grad b_dec)."""
     d_sae = w_enc.shape[0]
+    low = ctx.grad_dtype
     need_w, need_be, need_bd = ctx.needs_input_grad[1], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
-    grad_w = grad_w_fn() if need_w else None
+    grad_w = _rounded(grad_w_fn(), low).to(w_enc.dtype) if need_w else None
     gb = None
     if need_be or need_bd:
         gb = torch.zeros(d_sae, dtype=torch.float32, device=w_enc.device).index_add_(0, cols, g_sum_per_col)
+        gb = _rounded(gb, low)
     grad_be = gb if need_be else None
-    grad_bd = -(gb.to(w_enc.dtype) @ w_enc) if need_bd else None
+    grad_bd = -(gb.to(w_enc.dtype) @ _rounded(w_enc, low).to(w_enc.dtype)) if need_bd else None
     return grad_w, grad_be, grad_bd
 
 
 class _GatherEncode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_c, w_enc, b_enc, b_dec, z, rows, cols):  # b_enc, b_dec: inputs for their gradients
+    def forward(ctx, x_c, w_enc, b_enc, b_dec, z, rows, cols, grad_dtype):  # b_enc, b_dec: for their gradients
         ctx.save_for_backward(x_c, w_enc, rows, cols)
+        ctx.grad_dtype = grad_dtype
         return z[rows, cols].float()
 
     @staticmethod
     def backward(ctx, g):
         x_c, w_enc, rows, cols = ctx.saved_tensors
-        g = g.float()
-        grads = _encode_grads(
-            ctx, lambda: scatter_rows(cols, rows, g, x_c, w_enc.shape[0]).to(w_enc.dtype), g, cols, w_enc
-        )
-        return None, *grads, None, None, None
+        g = _rounded(g, ctx.grad_dtype)
+        x_c = _rounded(x_c, ctx.grad_dtype)
+        grads = _encode_grads(ctx, lambda: scatter_rows(cols, rows, g, x_c, w_enc.shape[0]), g, cols, w_enc)
+        return None, *grads, None, None, None, None
 
 
 def gather_encode(
@@ -142,31 +153,34 @@ def gather_encode(
     b_dec: torch.Tensor,
     z: torch.Tensor,
     sel: Selection,
+    grad_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``z[sel.rows, sel.cols]`` (float32) where ``z = x_c @ W_encᵀ + b_enc`` and ``x_c = x - b_dec``.
 
     ``z`` is the precomputed (no-grad) pre-activation; gradients reach ``W_enc``, ``b_enc`` and
-    ``b_dec`` through a sparse backward (see the module docstring).
+    ``b_dec`` through a sparse backward, in ``grad_dtype`` precision when given (module docstring).
     """
-    return _GatherEncode.apply(x_c, w_enc, b_enc, b_dec, z, sel.rows, sel.cols)
+    return _GatherEncode.apply(x_c, w_enc, b_enc, b_dec, z, sel.rows, sel.cols, grad_dtype)
 
 
 class _ColumnsEncode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_c, w_enc, b_enc, b_dec, z, cols):
+    def forward(ctx, x_c, w_enc, b_enc, b_dec, z, cols, grad_dtype):
         ctx.save_for_backward(x_c, w_enc, cols)
+        ctx.grad_dtype = grad_dtype
         return z[:, cols].float()
 
     @staticmethod
     def backward(ctx, g):
         x_c, w_enc, cols = ctx.saved_tensors
-        g = g.float()
+        g = _rounded(g, ctx.grad_dtype)
+        x_c = _rounded(x_c, ctx.grad_dtype)
 
         def grad_w():  # cols are unique: a copy, not an accumulation
-            return torch.zeros_like(w_enc).index_copy_(0, cols, (g.t() @ x_c.float()).to(w_enc.dtype))
+            return torch.zeros_like(w_enc).index_copy_(0, cols, (g.t() @ x_c).to(w_enc.dtype))
 
         grads = _encode_grads(ctx, grad_w, g.sum(0), cols, w_enc)
-        return None, *grads, None, None
+        return None, *grads, None, None, None
 
 
 def columns_encode(
@@ -176,9 +190,10 @@ def columns_encode(
     b_dec: torch.Tensor,
     z: torch.Tensor,
     cols: torch.Tensor,
+    grad_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``z[:, cols]`` (float32) with a backward into ``W_enc[cols]``, ``b_enc[cols]`` and ``b_dec``."""
-    return _ColumnsEncode.apply(x_c, w_enc, b_enc, b_dec, z, cols)
+    return _ColumnsEncode.apply(x_c, w_enc, b_enc, b_dec, z, cols, grad_dtype)
 
 
 class _SelectRows(torch.autograd.Function):

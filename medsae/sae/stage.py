@@ -3,7 +3,8 @@
 * ``run_train(ctx)`` / ``run_train_many(ctxs)``: train one or several SAE configurations on the
   train split of one embed artifact; configurations that can share a pass over the data (same
   embeddings, batch size, epochs, shuffle, seed, device) are trained together, reading each batch
-  once. Writes ``sae.safetensors`` + ``cfg.json`` + ``train_log.json``; returns train-split metrics
+  once; a spec with ``sae.checkpoint`` imports the study's SAE from that file instead. Writes
+  ``sae.safetensors`` + ``cfg.json`` + ``train_log.json``; returns train-split metrics
   (``train_loss``, ``fvu``, ``mse``, ``l0_mean``, ``dead_fraction``, ``dense_fraction``).
 * ``run_encode(ctx)``: the inference-mode codes of EVERY embedded slice, in chunks, as CSR arrays
   (:mod:`medsae.sae.codes`) and as a long ``codes.parquet`` sorted by latent, which the SQL views
@@ -46,11 +47,21 @@ def _group_key(ctx: StageContext) -> tuple[Any, ...]:
 
 
 def run_train_many(ctxs: list[StageContext]) -> list[StageResult]:
-    """Train several SAE configurations, one pass over the data per compatible group."""
+    """Train several SAE configurations, one pass over the data per compatible group.
+
+    A configuration with ``sae.checkpoint`` is imported from that file instead (:mod:`medsae.sae.sail`).
+    """
     groups: dict[tuple[Any, ...], list[int]] = {}
-    for i, ctx in enumerate(ctxs):
-        groups.setdefault(_group_key(ctx), []).append(i)
     results: list[StageResult | None] = [None] * len(ctxs)
+    for i, ctx in enumerate(ctxs):
+        if ctx.section(SAESpec).checkpoint is not None:
+            from medsae.sae.sail import import_checkpoint
+
+            t0 = time.perf_counter()
+            imported = import_checkpoint(ctx)
+            results[i] = _write_train(ctx, imported, time.perf_counter() - t0)
+        else:
+            groups.setdefault(_group_key(ctx), []).append(i)
     for members in groups.values():
         first = ctxs[members[0]]
         first_spec = first.section(SAESpec)

@@ -92,9 +92,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    """The encoder matmul's dtype under ``sae.precision``."""
+    if precision in ("bf16", "bf16-mixed") or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return torch.float32
+
+
+def decoder_dtype(precision: str) -> torch.dtype:
+    """The decoder matmul's dtype: bf16 only under ``bf16-mixed`` (the study's Lightning precision)."""
+    return torch.bfloat16 if precision == "bf16-mixed" else torch.float32
 
 
 def lr_at(step: int, total: int, spec: SAESpec) -> float:
@@ -160,6 +166,7 @@ class _Run:
         self.cfg = SAEConfig.from_spec(self.spec, data.d)
         self.sae = SAE(self.cfg, torch.Generator().manual_seed(self.seed)).to(device)
         self.dtype = compute_dtype(self.spec.precision, device)
+        self.decoder_dtype = decoder_dtype(self.spec.precision)
         self.decoder_impl = self.spec.decoder_impl
         self.log_every = self.spec.log_every
         fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
@@ -261,7 +268,7 @@ class _Run:
         for group in self.opt.param_groups:
             group["lr"] = lr
         dead = self.counter >= cfg.dead_after if cfg.auxk else None
-        out = sae.training_forward(x_in, dead, self.dtype, self.decoder_impl)
+        out = sae.training_forward(x_in, dead, self.dtype, self.decoder_impl, self.decoder_dtype)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         if cfg.unit_norm_decoder:
@@ -391,7 +398,7 @@ def train_many(
             "resumed_from": run.resumed_from,
             "n_train": data.n,
             "device": str(device),
-            "precision": str(run.dtype).replace("torch.", ""),
+            "precision": "bf16-mixed" if run.decoder_dtype != torch.float32 else str(run.dtype).replace("torch.", ""),
             "configs_in_pass": len(runs),
             "pass_seconds": seconds,
             # train rows pushed through the pass per second (each one fed to every configuration)

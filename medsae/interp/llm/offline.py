@@ -36,16 +36,6 @@ OfflineHandler = Callable[[list[dict], dict], str]
 # Modules that register offline models when imported; tried (and skipped if absent) on first use.
 PLUGIN_MODULES: tuple[str, ...] = ("medsae.interp.llm.rule_model",)
 
-#: Handler modules that moved without a change to their rules: sha256 of the source at the new place ->
-#: the version before the move, so cached answers and the registry ids built on them stay valid.
-#: Any later edit of such a module changes its sha256, which then no longer matches and is its version.
-MOVED_VERSIONS: dict[str, str] = {
-    # medsae/interp/baseline_provider.py -> medsae/interp/llm/rule_model.py (import path and docstring only)
-    "a83f36bbe0ba3ad181ab609c14dc1dd874145615cecc9f9a1aad5a078ef23038": (
-        "a1e7fc4dd1ccc09d5e9cfad7cd3f909a34fff0edccf42bdfa05765c18adb2058"
-    ),
-}
-
 _HANDLERS: dict[str, OfflineHandler] = {}
 _VERSIONS: dict[int, str] = {}  # id(handler) -> sha256 of its module source
 _LOCK = threading.Lock()
@@ -105,8 +95,8 @@ def handler_version(model: str) -> str | None:
     except (OSError, TypeError):
         source = handler.__qualname__
     digest = hashlib.sha256(source.encode()).hexdigest()
-    _VERSIONS[id(handler)] = version = MOVED_VERSIONS.get(digest, digest)
-    return version
+    _VERSIONS[id(handler)] = digest
+    return digest
 
 
 def message_text(message: dict) -> str:

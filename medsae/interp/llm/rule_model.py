@@ -21,6 +21,11 @@ the task named on the system message's first line (``Task: ...``):
 * **rank explanations**: candidates ranked by their mean simulated value on the sample slices.
 * **match a query**: descriptions ranked by overlap of named terms with the query (modality and
   plane weigh most; naming a different modality or plane is penalised).
+* **describe a feature's concept** (the study's explainer, ``Sample N:`` metadata blocks): one phrase
+  naming what every sample shares: orientation and modality, up to two regions (else up to three
+  structures), the sex, e.g. "Axial CT of the liver in a female patient".
+* **judge concepts** (the study's 5-way ranking): candidates ranked by the mean share of their named
+  terms (modality, orientation, sex, region, structure) that each sample has; ties by letter.
 """
 
 from __future__ import annotations
@@ -219,12 +224,73 @@ def match(messages: list[dict]) -> str:
     return json.dumps({"feature_indices": chosen})
 
 
+# --------------------------------------------------------------------------- the study's protocol
+
+_SAMPLE_HEAD = re.compile(r"^Sample \d+:\s*$", re.MULTILINE)
+_FIELD = re.compile(r"^[ \t]+([A-Za-z ]+?)(?: \(\d+ total\))?:[ \t]*(.*)$", re.MULTILINE)
+_OPTION = re.compile(r"^\s*([A-E])\.\s+(.*)$", re.MULTILINE)
+_STUDY_SEX = {"m": "male", "f": "female"}
+_STUDY_KINDS = ("orientation", "modality", "region", "structure", "sex")
+
+
+def study_samples(text: str) -> list[dict[str, list[str]]]:
+    """Per ``Sample N:`` block of the study's metadata text: kind -> its values (normalised phrases)."""
+    starts = [m.end() for m in _SAMPLE_HEAD.finditer(text)]
+    ends = [m.start() for m in _SAMPLE_HEAD.finditer(text)][1:] + [len(text)]
+    out = []
+    for start, end in zip(starts, ends, strict=True):
+        fields = {k.strip().lower(): v.strip() for k, v in _FIELD.findall(text[start:end])}
+        sample: dict[str, list[str]] = {kind: [] for kind in _STUDY_KINDS}
+        if fields.get("modality"):
+            sample["modality"] = [fields["modality"].lower()]
+        if fields.get("orientation"):
+            sample["orientation"] = [fields["orientation"].split()[0].lower()]
+        if fields.get("sex"):
+            sample["sex"] = [_STUDY_SEX.get(fields["sex"].lower(), fields["sex"].lower())]
+        for kind, name in (("region", "anatomical regions"), ("structure", "anatomical structures and organs")):
+            sample[kind] = [normalise(v) for v in fields.get(name, "").split(",") if v.strip()]
+        out.append(sample)
+    return out
+
+
+def study_describe(messages: list[dict]) -> str:
+    """The concept every sample shares, as one phrase (see the module docstring)."""
+    samples = study_samples(_last_user(messages))
+    if not samples:
+        return "No samples"
+    common = {k: [v for v in samples[0][k] if all(v in s[k] for s in samples)] for k in _STUDY_KINDS}
+    head = " ".join(common["orientation"][:1] + [m.upper() for m in common["modality"][:1]])
+    where = common["region"][:2] or common["structure"][:3]
+    text = (head or "Slices") + (f" of the {' and '.join(where)}" if where else "")
+    if common["sex"]:
+        text += f" in a {common['sex'][0]} patient"
+    return text[0].upper() + text[1:]
+
+
+def study_judge(messages: list[dict]) -> str:
+    """The letters A-E, best first: by the mean share of a candidate's named terms the samples have."""
+    user = _last_user(messages)
+    samples = [{v for vs in s.values() for v in vs} for s in study_samples(user)]
+    phrases = {"ct", "mri", "axial", "coronal", "sagittal", "male", "female"} | set().union(*samples)
+    vocabulary = [Term("term", p) for p in sorted(phrases)]
+    scored = []
+    for option in _OPTION.finditer(user):
+        named = {t.value for t in mentioned(option.group(2), vocabulary)}
+        shares = [len(named & s) / len(named) for s in samples] if named and samples else [0.0]
+        scored.append((-float(np.mean(shares)), option.group(1)))
+    return ", ".join(letter for _, letter in sorted(scored))
+
+
 # --------------------------------------------------------------------------- dispatch
 
 
 def handle(messages: list[dict], params: dict) -> str:
     """The ``medsae/baseline`` model: dispatch on the system message's ``Task:`` line."""
     task = _task(messages)
+    if task.startswith("describe"):
+        return study_describe(messages)
+    if task.startswith("judge"):
+        return study_judge(messages)
     if task.startswith("explain"):
         return explain(messages)
     if task.startswith("simulate"):

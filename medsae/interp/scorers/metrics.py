@@ -5,7 +5,8 @@
 * ``spearman``: rank correlation; ``auroc``: predictions as scores for firing (a > 0) vs not.
 * ``detection_bacc`` / ``detection_auroc`` on the balanced detection set.
 * ``ranking_top2``: the study's 5-way ranking (1 when the true explanation ranks first or second;
-  :mod:`medsae.interp.scorers.ranking`).
+  :mod:`medsae.interp.scorers.ranking`); ``ranking_study_top2`` the same under the study's own
+  protocol (:mod:`medsae.interp.study.judge`).
 
 Slices whose prediction is missing are left out (never filled with zeros). When more than
 ``MAX_MISSING`` of a set is missing, or a correlation is undefined (constant predictions or
@@ -28,6 +29,7 @@ CHANCE = {
     "detection_bacc": 0.5,
     "detection_auroc": 0.5,
     "ranking_top2": 0.4,
+    "ranking_study_top2": 0.4,  # the study's protocol (medsae.interp.study.judge)
 }
 
 
