@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, PrivateAttr, ValidationError, field_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 from yaml.composer import ComposerError
 from yaml.constructor import ConstructorError
 from yaml.nodes import MappingNode
@@ -56,7 +56,7 @@ from medsae.ground.config import GroundSpec
 from medsae.interp.config import InterpretSpec
 from medsae.paths import resolve_spec_path
 from medsae.sae.config import SAESpec
-from medsae.specbase import PathStr, Section, seed_field
+from medsae.specbase import PathStr, Section, added_field, seed_field
 
 #: Largest spec file read (real specs are a few kB).
 MAX_SPEC_BYTES = 1_000_000
@@ -105,7 +105,9 @@ class ExperimentSpec(Section):
     sae: SAESpec = Field(default_factory=SAESpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     interpret: InterpretSpec = Field(default_factory=InterpretSpec)
-    ground: GroundSpec = Field(default_factory=GroundSpec)
+    ground: GroundSpec = added_field(
+        default_factory=GroundSpec, description="Grounding of latents in the structure masks (opt-in stage)."
+    )
     sweep: SweepSpec | None = Field(None, description="Expand into a grid of experiments.")
 
     #: Folder of the spec file relative paths are taken from (None: not read from a file -> the cwd).
@@ -116,8 +118,18 @@ class ExperimentSpec(Section):
     def _no_spaces(cls, v: str) -> str:
         return v.strip()
 
+    @model_validator(mode="after")
+    def _study_interpretation_needs_study_evaluation(self) -> ExperimentSpec:
+        if self.interpret.protocol == "study" and self.eval.protocol != "study":
+            raise ValueError(
+                "interpret.protocol study selects latents by the study's evaluation tables: "
+                "set eval.protocol: study as well"
+            )
+        return self
+
     def canonical_json(self) -> str:
-        """Canonical JSON of the resolved spec (sorted keys, compact, defaults included)."""
+        """Canonical JSON of the resolved spec (sorted keys, compact, defaults included except those
+        of fields added later, see ``specbase.added_field``)."""
         return canonical_json(self.model_dump(mode="json"))
 
     def spec_hash(self) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_serializer
 
 #: Largest seed: stages mix seeds into 32-bit generator states.
 MAX_SEED = 2**32 - 1
@@ -19,14 +19,43 @@ MAX_PATH_CHARS = 4096
 
 
 class Section(BaseModel):
-    """A spec section. Fields marked with :func:`execution_only` do not enter stage keys."""
+    """A spec section. Fields marked with :func:`execution_only` do not enter stage keys; fields
+    made with :func:`added_field` are left out of the dump while they hold their default."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
+    @model_serializer(mode="wrap")
+    def _omit_added_defaults(self, handler: Any) -> Any:
+        data = handler(self)
+        if isinstance(data, dict):
+            for name, info in type(self).model_fields.items():
+                extra = info.json_schema_extra
+                added = isinstance(extra, dict) and extra.get("added")
+                if added and name in data and getattr(self, name) == info.get_default(call_default_factory=True):
+                    del data[name]
+        return data
 
-def execution_only(default: Any, description: str, **kwargs: Any) -> Any:
-    """A field that changes how a stage runs but not what it computes (batch size, workers...)."""
-    return Field(default, description=description, json_schema_extra={"execution_only": True}, **kwargs)
+
+def added_field(default: Any = ..., description: str = "", **kwargs: Any) -> Any:
+    """A field added after specs were first keyed: at its default it is left out of the dump.
+
+    The spec hash (the experiment id) and the stage keys are hashes of that dump, so a spec written
+    before the field existed keeps its experiment and its finished stages; setting the field to
+    another value changes them, as any edit does. ``default_factory=`` may replace ``default``.
+    """
+    extra = {"added": True}
+    if "default_factory" in kwargs:
+        return Field(description=description, json_schema_extra=extra, **kwargs)
+    return Field(default, description=description, json_schema_extra=extra, **kwargs)
+
+
+def execution_only(default: Any, description: str, *, added: bool = False, **kwargs: Any) -> Any:
+    """A field that changes how a stage runs but not what it computes (batch size, workers...).
+
+    ``added``: also an :func:`added_field` (left out of the dump at its default).
+    """
+    extra = {"execution_only": True, "added": added}
+    return Field(default, description=description, json_schema_extra=extra, **kwargs)
 
 
 def seed_field(default: int, description: str) -> Any:

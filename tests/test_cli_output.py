@@ -251,7 +251,7 @@ def test_bad_stage_is_refused_before_any_work(tmp_path):
     error = result.exception
     assert isinstance(error, ArgumentError) and error.exit_code == 2
     assert str(error) == (
-        "--force: unknown stage 'trian' (expected one of slices, embed, train, encode, evaluate, summarize, "
+        "--force: unknown stage 'trian' (expected one of slices, embed, train, encode, ground, evaluate, summarize, "
         "interpret; did you mean 'train'?)"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]  # no phantom, no registry
@@ -274,7 +274,7 @@ def test_help_shows_choices_and_no_type_labels_that_look_like_values():
         options = text.partition("\nOptions:")[2]  # (typer prints an argument's type after its metavar)
         assert "<bool>" not in text and "list[" not in options, (command, text)
     run_help = " ".join(ok("exp", "run", "--help", columns=200).split())  # help wraps at 80 columns
-    assert "slices, embed, train, encode, evaluate, summarize, interpret" in run_help
+    assert "slices, embed, train, encode, ground, evaluate, summarize, interpret" in run_help
     assert "[table|csv|json]" in ok("exp", "list", "--help", columns=200)
     assert "[live|record|replay]" in ok("explain", "run", "--help", columns=200)
 

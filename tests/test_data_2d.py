@@ -63,6 +63,7 @@ def test_one_flat_slice_per_image_with_areas_in_the_crop(ingested):
     out, _, summary = ingested
     s = load_slices(out).set_index("image_id")
     assert summary["skipped"] == 0 and len(s) == 5
+    assert summary["slices_by_modality_plane"] == {"pathology/image": 1, "photo/image": 1, "xr/image": 3}
     assert s["plane"].isna().all() and (s["idx"] == 0).all() and (s["position"] == 0).all()
     assert s.loc["cxr1", "slice_uid"] == "xr/cxr1/image/0" and s.loc["tile-1", "modality"] == "pathology"
     st = load_structures(out).set_index(["slice_id", "structure"])["pixels"]

@@ -159,3 +159,29 @@ def test_check_lists_broken_series_and_writes_nothing(dicom_root, tmp_path):
     assert result.output.count("problem ct/") == 3 and "missing slices" in result.output
     assert "1 files are not DICOM" in result.output
     assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == before
+
+
+def test_compressed_series_without_a_pydicom_plugin_is_decoded_by_simpleitk(tmp_path):
+    """JPEG Lossless (which pydicom decodes only with extra plugins, absent here) read through GDCM."""
+    import pydicom
+    import SimpleITK as sitk
+
+    from medsae.data.dicom import find_series
+
+    stored = (np.arange(5 * 8 * 10).reshape(5, 8, 10) * 13 % 3000 - 1000).astype(np.int16)
+    write_series(tmp_path / "s", stored, slope=1.0, intercept=-1024.0)
+    for path in sorted((tmp_path / "s").glob("*.dcm")):  # re-encode each image's pixels with GDCM
+        ds = pydicom.dcmread(path)
+        writer = sitk.ImageFileWriter()
+        writer.SetUseCompression(True)
+        writer.SetCompressor("JPEG")
+        writer.SetFileName(str(tmp_path / "enc.dcm"))
+        writer.Execute(sitk.GetImageFromArray(ds.pixel_array[None]))
+        encoded = pydicom.dcmread(tmp_path / "enc.dcm")
+        ds["PixelData"] = pydicom.DataElement(0x7FE00010, "OB", encoded.PixelData)  # encapsulated frames
+        ds.file_meta.TransferSyntaxUID = encoded.file_meta.TransferSyntaxUID
+        ds.save_as(path, enforce_file_format=True)
+    series, _ = find_series(tmp_path / "s")
+    assert series[0].header.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.70" and series[0].problems == []
+    array, _ = load_scan(tmp_path / "s", "dicom", ".", series[0].files)
+    np.testing.assert_array_equal(array, (stored.astype(np.float32) - 1024).transpose(2, 1, 0))

@@ -228,9 +228,9 @@ def test_study_spec_validates_plans_and_fails_early_offline(tmp_path):
     assert medsae("exp", "validate", str(spec), registry=registry, cwd=tmp_path).returncode == 0
     plan = medsae("exp", "plan", str(spec), registry=registry, cwd=tmp_path)
     assert "blocked" in plan.stdout
-    t0 = time.perf_counter()
     proc = medsae("exp", "run", str(spec), registry=registry, cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and time.perf_counter() - t0 < 60
+    assert proc.returncode != 0  # before any stage: the one line names the missing data, no stage ran
+    assert "ran " not in proc.stdout
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "data/TotalSegmentator" in lines[0]
 

@@ -323,6 +323,7 @@ def study_run(tmp_path_factory):
         "inputs": inputs,
         "summarize": summ,
         "interpret": interp,
+        "interpret_files": json.loads((root / "interpret" / "interpret-key" / "study_concepts.json").read_text()),
     }
     mp.undo()
 
@@ -386,11 +387,10 @@ def test_study_run_ranks_every_latent_and_sums_up_as_the_study(study_run):
     assert summary["success_rate"] == pytest.approx(np.mean(np.array(ranks) <= 2))
     assert summary["mean_rank"] == pytest.approx(np.mean(ranks))
     assert summary["rank_distribution"] == {str(k): ranks.count(k) for k in range(1, 6)}
-    # the rule model names the organ of the organ latents it explains (puzzle 0: liver, 6: kidney_left)
+    # the rule model names the organ of the organ latents (puzzles 0: liver, 6: kidney_left, 3: brain on MRI)
     texts = dict(zip(expl["latent"], expl["text"], strict=True))
-    for latent, word in ((0, "liver"), (6, "kidneys")):
-        if latent in texts:
-            assert word in texts[latent].lower()
+    for latent, word in ((0, "liver"), (6, "kidneys"), (3, "brain")):  # all three are among the selected
+        assert word in texts[latent].lower()
 
 
 def test_study_rows_read_back_as_the_study_table_reads_them(study_run, tmp_path):
@@ -409,6 +409,28 @@ def test_study_rows_read_back_as_the_study_table_reads_them(study_run, tmp_path)
     assert outcome["n"] == outcome["n_ranked"] == len(ranks)
     assert outcome["top1"] == pytest.approx(np.mean(np.array(ranks) == 1))
     assert outcome["top2"] == pytest.approx(np.mean(np.array(ranks) <= 2))
+
+
+def test_an_interrupted_study_run_resumes_with_the_latents_it_had_not_finished(study_run, tmp_path):
+    from medsae.interp.agent import AgentInputs, make_agent
+    from medsae.interp.journal import WorkDirJournal
+
+    spec = InterpretSpec(protocol="study", study_latents=6, min_pool_scans=2, min_active=3, min_patients=2)
+    summ_dir, cache = study_run["inputs"]["summarize"], study_run["root"] / "llm_cache"
+    inputs = AgentInputs(summ_dir, study_run["inputs"]["slices"], "train-key", "summarize-key")
+    selected = pd.read_parquet(summ_dir / "study_selection.parquet")
+    chosen = selected["latent"].tolist()
+    make_agent(inputs, spec, cache).run(chosen[:2], sink=WorkDirJournal(tmp_path / "finished"))  # "killed" here
+    second = make_agent(inputs, spec, cache)
+    resumed = second.run(sink=WorkDirJournal(tmp_path / "finished"))
+    fresh = study_run["interpret"].tables
+    for table, key in (("explanations", "explanation_id"), ("explanation_scores", "score_id")):
+        assert sorted(r[key] for r in resumed.tables[table]) == sorted(r[key] for r in fresh[table])
+    rest = selected[selected["latent"].isin(chosen[2:])]
+    described = set(rest["latent"]) | {d for ds in rest["distractors"] for d in ds}
+    assert second.gateway.n_cache_hits == len(described) + len(rest) and second.gateway.n_calls == 0
+    assert resumed.summary["done"] == len(chosen)
+    assert resumed.files["study_concepts.json"] == study_run["interpret_files"]
 
 
 def test_study_protocol_needs_the_study_evaluation(study_run, tmp_path):
@@ -509,3 +531,13 @@ def test_vision_path_sends_images_at_the_study_temperatures(tmp_path, llm_server
         (own,) = [letter for letter, text in sent if text == texts[0]]
         assert not extra["parse_success"] and extra["rank"] == "ABCDE".index(own) + 1
     assert run.summary["study_ranking"]["n_parse_failures"] == 3
+
+
+def test_study_interpretation_without_study_evaluation_is_one_spec_error():
+    from medsae.errors import MedsaeError
+    from medsae.spec import parse_specs
+
+    raw = {"name": "s", "data": {"root": "x"}, "interpret": {"protocol": "study"}}
+    with pytest.raises(MedsaeError, match=r"interpret.protocol study .* set eval.protocol: study"):
+        parse_specs(raw)
+    assert parse_specs({**raw, "eval": {"protocol": "study"}})[0].interpret.protocol == "study"

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from medsae.cli.common import RegistryOption, console, name_help, open_registry
+from medsae.cli.common import RegistryOption, console, name_help, open_registry, stage_choice, stage_help
 from medsae.errors import MedsaeError
 
 if TYPE_CHECKING:
@@ -107,6 +107,12 @@ def sail_command(
         + " Default: the study's backbone for the checkpoint's input width (1024 DINOv3, 1536 BiomedParse).",
         show_default=False,
     ),
+    only: list[str] = typer.Option(
+        [],
+        "--only",
+        help=stage_help("Run only these stages (repeatable), e.g. up to evaluate."),
+        **stage_choice("--only"),
+    ),
     registry: RegistryOption = None,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
@@ -150,4 +156,4 @@ def sail_command(
         f"θ = {ckpt.theta:.6g}, from {source}",
         markup=False,
     )
-    exp_cli.run(spec=target, force=[], only=[], sets=None, registry=registry, quiet=quiet)
+    exp_cli.run(spec=target, force=[], only=only, sets=None, registry=registry, quiet=quiet)

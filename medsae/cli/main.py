@@ -58,7 +58,7 @@ app.command("sql")(sql_command)
 
 def _mount_optional() -> None:
     """Command groups that live in other modules (each cheap to import: heavy imports are lazy)."""
-    from medsae.cli import data, explain, export, gc, report, search
+    from medsae.cli import data, explain, export, gc, maps, report, search
     from medsae.cli import eval as eval_cli
     from medsae.cli import imports as imports_cli
     from medsae.cli import study as study_cli
@@ -74,6 +74,7 @@ def _mount_optional() -> None:
     app.command("gc")(gc.gc_command)
     app.command("study-table")(study_cli.study_table_command)
     app.add_typer(imports_cli.app, name="import", help="Import SAEs trained elsewhere (the study's checkpoints).")
+    app.add_typer(maps.app, name="latent", help="One latent on one slice: its activation map as a picture.")
 
 
 _mount_optional()

@@ -322,8 +322,9 @@ def _write_outputs(
 def summarize(result: IngestResult) -> dict[str, Any]:
     """Counts for the CLI and ``exp show``: scans, slices per modality/plane and split, skips."""
     s = result.slices
+    planes = s["plane"].astype(object).where(s["plane"].notna(), "image") if len(s) else s["plane"]  # 2-D: no plane
     by_plane = (
-        {f"{m}/{p}": int(c) for (m, p), c in s.groupby(["modality", "plane"]).size().items()}
+        {f"{m}/{p}": int(c) for (m, p), c in s.assign(plane=planes).groupby(["modality", "plane"]).size().items()}
         if len(s)
         else {}
     )

@@ -19,6 +19,7 @@ from medsae.data.dicom import DicomSeries, find_series, series_meta
 from medsae.data.ingest import ScanTask
 from medsae.data.pseudonym import dataset_key, pseudonym
 from medsae.data.scans import SourceScans, split_rows, standard_meta
+from medsae.errors import MissingInputError
 
 DATASET = "dicom"
 #: header-derived metadata beyond the standard columns, in slices.parquet order
@@ -49,6 +50,11 @@ def series_scan(
 def collect_dicom(root: Path, data: DataSpec, write: bool = True) -> SourceScans:
     """The scans of a DICOM folder; ``write=False`` (a dry run) creates no pseudonym key."""
     series, notes = find_series(root)
+    if not series:
+        raise MissingInputError(
+            f"{root}: no DICOM image series found ({notes.files} files, {notes.not_dicom} not DICOM, "
+            f"{notes.no_pixels} without pixel data)"
+        )
     key = dataset_key(root, create=write)
     scans = [series_scan(s, root, key) for s in series]
     everything = split_rows([(t.modality, t.image_id, m, subj) for t, m, subj in scans])

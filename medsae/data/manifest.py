@@ -105,8 +105,13 @@ class _Row:
         self._build(data, key)
         self.key = self._key()  # (modality, image_id), also for a row that is no scan
 
-    def _path(self, column: str) -> Path | None:
+    def _field(self, column: str) -> str | None:
+        """A structural value (path, modality, id, subject) without surrounding blanks."""
         text = clean_text(self.values.get(column))
+        return None if text is None else text.strip()
+
+    def _path(self, column: str) -> Path | None:
+        text = self._field(column)
         if text is None:
             return None
         path = Path(os.path.expanduser(text))
@@ -114,7 +119,7 @@ class _Row:
 
     def _build(self, data: DataSpec, key: bytes) -> None:
         image = self._path("image")
-        modality = clean_text(self.values.get("modality"))
+        modality = self._field("modality")
         if image is None:
             self._fail("no image path")
             return
@@ -139,9 +144,9 @@ class _Row:
         if not task.modality:
             self.problems.append("no modality (fill the 'modality' column)")
             task.modality = "unknown"
-        if clean_text(self.values.get("id")):
-            task.image_id = str(clean_text(self.values.get("id")))
-        subject = clean_text(self.values.get("subject"))
+        if self._field("id"):
+            task.image_id = str(self._field("id"))
+        subject = self._field("subject")
         if subject is not None:
             self.subject = pseudonym(key, subject, "sub-")
         self._masks(task, data)
@@ -200,9 +205,8 @@ class _Row:
     def _key(self) -> tuple[str, str]:
         if self.task is not None:
             return (self.task.modality, self.task.image_id)
-        modality = clean_text(self.values.get("modality"))
-        image = clean_text(self.values.get("image"))
-        ident = clean_text(self.values.get("id")) or (strip_suffix(Path(image).name) if image else f"row{self.number}")
+        modality, image = self._field("modality"), self._field("image")
+        ident = self._field("id") or (strip_suffix(Path(image).name) if image else f"row{self.number}")
         return (modality_name(modality) if modality else "unknown", ident)
 
 

@@ -43,11 +43,12 @@ class SourceScans:
 
 
 def clean_text(value: object) -> str | None:
-    """A metadata value as trimmed text, None when missing or blank."""
+    """A metadata value as text, as written (the slice index keeps the source's spelling); None when
+    missing or blank."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
-    text = " ".join(str(value).split())
-    return text or None
+    text = str(value)
+    return text if text.strip() else None
 
 
 def to_age(value: object) -> float | None:

@@ -75,7 +75,9 @@ def volume_crop(shape: tuple[int, ...], axis: int, mode: str = "center_square") 
 def take_slices(volume: np.ndarray, axis: int, idx: np.ndarray, crop: str = "center_square") -> np.ndarray:
     """Cropped slices ``[n, rows, cols]`` of a volume along ``axis`` at indices ``idx``."""
     cropped = volume[volume_crop(volume.shape, axis, crop)]
-    return np.moveaxis(cropped.take(np.asarray(idx, dtype=np.intp), axis=axis), axis, 0)
+    # fancy indexing on a view gathers only the wanted slices; ``take`` would first copy the whole
+    # volume into C order (NIfTI and DICOM volumes are read in Fortran order)
+    return np.moveaxis(cropped, axis, 0)[np.asarray(idx, dtype=np.intp)]
 
 
 def pad_square(images: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from medsae.specbase import PathStr, Section, execution_only, seed_field
+from medsae.specbase import PathStr, Section, added_field, execution_only, seed_field
 
 #: ``model`` used when a spec names a source but no model (the source's canonical network).
 DEFAULT_MODELS = {"efficientnet_lite0": "efficientnet_lite0", "biomedparse": "microsoft/BiomedParse"}
@@ -66,6 +66,19 @@ class EmbedSpec(Section):
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Autocast precision.")
     dtype: Literal["float32", "float16"] = Field("float32", description="dtype of the stored embedding shards.")
     shard_size: int = Field(4096, ge=1, le=262_144, description="Rows per embedding shard file.")
+    tokens_per_slice: int = added_field(
+        0,
+        "Spatial tokens stored per slice beside the pooled vector (bf16 token shards, for a token SAE and "
+        "grounding); 0 = none. At most the backbone's grid of h*w tokens is stored.",
+        ge=0,
+        le=4096,
+    )
+    token_sampling: Literal["uniform", "foreground"] = added_field(
+        "uniform",
+        "Which tokens are stored: uniform over the grid, or weighted by the share of non-zero (foreground) "
+        "pixels under each token.",
+    )
+    token_seed: int = added_field(0, "Seed of the token sampling (each slice draws with [seed, slice_id]).", ge=0)
     device: str = execution_only("auto", "auto = cuda, then mps, then cpu; or an explicit torch device.")
     batch_size: int = execution_only(
         32, "Images per forward pass (batch_size x input_size^2 is at most 2^30 pixels).", ge=1, le=4096

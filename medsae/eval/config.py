@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_serializer, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from medsae.specbase import Section, execution_only, seed_field
+from medsae.specbase import Section, added_field, execution_only, seed_field
 
 #: Largest N of a top-N list (recovery curves, monosemanticity, retrieval fingerprints).
 MAX_TOP_N = 100_000
@@ -87,7 +87,7 @@ STUDY_PROBE_TARGETS: list[dict[str, Any]] = [
 class EvalSpec(Section):
     """Evaluation suite settings; defaults follow the study where it defines them (docs/method.md#evaluation)."""
 
-    protocol: Literal["medsae", "study"] = Field(
+    protocol: Literal["medsae", "study"] = added_field(
         "medsae",
         description="medsae = medsae's evaluation; study = the study's protocol exactly "
         "(docs/method.md#study-protocol): its probe groups, group coefficient tables, row order, "
@@ -188,11 +188,3 @@ class EvalSpec(Section):
                     f"group names ({', '.join(builtin)}); leave probe_targets out for the study's groups"
                 )
         return value
-
-    @model_serializer(mode="wrap")
-    def _omit_default_protocol(self, handler: Any) -> dict[str, Any]:
-        """Leave ``protocol: medsae`` out of the dump, so specs written before it keep their keys and hash."""
-        data = handler(self)
-        if data.get("protocol") == "medsae":
-            del data["protocol"]
-        return data

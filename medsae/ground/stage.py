@@ -38,13 +38,14 @@ from medsae.ground.scores import (
 )
 from medsae.ground.select import TopSlices, top_slices
 from medsae.ground.tokens import activation_grid, pooled_pre_acts, token_pre_acts, upsample
+from medsae.registry.queries import GROUND_MAPS_FILE
 from medsae.sae.checkpoint import load_sae
 from medsae.sae.codes import load_codes
 from medsae.stage import Metric, StageContext, StageResult
 
 CODE_VERSION = "1"
 GROUNDING_FILE = "grounding.parquet"
-MAPS_FILE = "activation_maps.npz"
+MAPS_FILE = GROUND_MAPS_FILE  # read back by medsae.registry.queries.ground_maps
 #: How the maps were made (the token-SAE route would be another value).
 ROUTE = "pooled_sae_on_tokens"
 

@@ -7,43 +7,43 @@ recipe in ``docs/method.md#autointerp``, scaled down where the phantom demo need
 ``protocol: medsae`` (the default) is medsae's agent; ``protocol: study`` runs the study's
 auto-interpretation exactly (docs/method.md#interpret-study-protocol, :mod:`medsae.interp.study`): its
 250-latent selection, explanations from 5 diverse top train images with their metadata, and its
-5-way ranking on 5 diverse val images. The ``study_*`` fields only matter under ``protocol: study``
-and are left out of the dump otherwise, so specs written before the protocol existed keep their keys.
+5-way ranking on 5 diverse val images. The ``study_*`` fields only matter under ``protocol: study``;
+at their defaults they are left out of the dump, so specs written before the protocol keep their keys.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import Field, model_serializer
+from pydantic import Field
 
-from medsae.specbase import Section, execution_only
+from medsae.specbase import Section, added_field, execution_only
 
 
 class InterpretSpec(Section):
     """Sampling, explainer and scorer settings of the auto-interpretation agent."""
 
-    protocol: Literal["medsae", "study"] = Field(
+    protocol: Literal["medsae", "study"] = added_field(
         "medsae",
         description="medsae = medsae's agent (held-out simulation, stratified sets); study = the study's "
         "auto-interpretation exactly (docs/method.md#interpret-study-protocol); needs eval.protocol study.",
     )
     # -- the study's protocol (protocol: study) -------------------------------------------------
-    study_latents: int = Field(
+    study_latents: int = added_field(
         250, ge=1, le=2**20, description="protocol study: latents explained, by the study's combined rank."
     )
-    study_explainer_template: str = Field(
+    study_explainer_template: str = added_field(
         "study_explainer", description="protocol study: the explainer prompt (5 diverse train samples)."
     )
-    study_judge_template: str = Field(
+    study_judge_template: str = added_field(
         "study_judge", description="protocol study: the 5-way ranking prompt (5 diverse val samples)."
     )
-    study_images: bool = Field(
+    study_images: bool = added_field(
         True,
         description="protocol study: attach the samples' images, as the study (offline medsae/ models "
         "read text only and never get images).",
     )
-    study_image_size: int = Field(
+    study_image_size: int = added_field(
         1024, ge=16, le=4096, description="protocol study: image side in pixels (the study: 1024)."
     )
 
@@ -178,16 +178,6 @@ class InterpretSpec(Section):
     retry_backoff_s: float = execution_only(
         0.5, "First wait before a retry (s); doubles per attempt, jittered, at least the Retry-After.", gt=0, le=600
     )
-
-    @model_serializer(mode="wrap")
-    def _omit_medsae_protocol(self, handler: Any) -> dict[str, Any]:
-        """Under ``protocol: medsae`` leave the protocol and the ``study_*`` fields out of the dump, so specs
-        written before the protocol existed keep their stage keys and hash."""
-        data = handler(self)
-        if data.get("protocol") == "medsae":
-            for name in [k for k in data if k == "protocol" or k.startswith("study_")]:
-                del data[name]
-        return data
 
 
 #: Fields that only matter to the LLM part (``interpret``), not to ``summarize`` (statistics and

@@ -349,6 +349,64 @@ def ranking_outcomes(source: Source, summarize_keys: Sequence[str]) -> list[dict
     )
 
 
+# -- grounding ------------------------------------------------------------------------------------
+
+#: The ground stage's token-grid activation maps (written by ``medsae.ground.stage``).
+GROUND_MAPS_FILE = "activation_maps.npz"
+
+
+def latent_grounding(source: Source, ground_key: str, latents: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """``latent_grounding`` rows (best structure and its scores) of one ground stage, by latent.
+
+    Only ``latents`` when given; a registry from before the table existed gives no rows.
+    """
+    if not has_table(source, "latent_grounding"):
+        return []
+    where, params = "stage_key = ?", [ground_key]
+    if latents is not None:
+        where += " AND list_contains(?, latent)"
+        params.append([int(x) for x in latents])
+    return rows(source, f"SELECT * EXCLUDE (stage_key) FROM latent_grounding WHERE {where} ORDER BY latent", params)
+
+
+def ground_maps(folder: Path, latents: Sequence[int]) -> dict[int, tuple[Any, Any]]:
+    """latent -> (slice ids, token-grid maps ``[n, h, w]`` float32) of a ground stage's folder.
+
+    The slices are the latent's top held-out slices, strongest pooled code first. Latents the
+    stage did not ground are absent; a folder without the maps file gives an empty dict.
+    """
+    import numpy as np
+
+    path = Path(folder) / GROUND_MAPS_FILE
+    if not path.is_file():
+        return {}
+    with np.load(path) as data:
+        stored = data["latents"]
+        pos = {int(x): i for i, x in enumerate(stored)}
+        wanted = [int(x) for x in latents if int(x) in pos]
+        if not wanted:
+            return {}
+        at = np.asarray([pos[x] for x in wanted])
+        ids, maps = data["slice_ids"][at], data["maps"][at]
+    out = {}
+    for j, latent in enumerate(wanted):
+        keep = ids[j] >= 0  # -1 pads latents with fewer top slices
+        out[latent] = (ids[j][keep].astype(np.int64), maps[j][keep].astype(np.float32))
+    return out
+
+
+def slice_structure_rows(source: Source, slices_key: str, slice_ids: Sequence[int]) -> list[dict[str, Any]]:
+    """``slice_structures`` rows (slice_id, structure, pixels) of the slices ``slice_ids``."""
+    if not slice_ids:
+        return []
+    return rows(
+        source,
+        """SELECT slice_id, structure, pixels FROM slice_structures
+           WHERE slices_key = ? AND list_contains(?, slice_id) ORDER BY slice_id, structure""",
+        [slices_key, [int(s) for s in slice_ids]],
+    )
+
+
 __all__ = [
     "Source",
     "evaluated_runs",
@@ -356,13 +414,16 @@ __all__ = [
     "experiment_stages",
     "explainer_summary",
     "find_experiment",
+    "ground_maps",
     "has_table",
     "key_metrics",
+    "latent_grounding",
     "list_experiments",
     "ranking_outcomes",
     "require",
     "rows",
     "scalar_metrics",
+    "slice_structure_rows",
     "source_path",
     "stage_folder",
     "stage_folders",

@@ -283,6 +283,14 @@ def build_report(
         n_slices=n_slices,
         thumb_size=thumb_size,
     )
+    with registry.read() as con:
+        ground = gather.grounding(con, exp, chosen_ids)
+    if ground.rows:
+        from medsae.report.grounding import grounding_views
+
+        views = grounding_views(ground, exp.artifact_dir("slices"))
+        for card in cards:
+            card.grounding = views.get(card.latent)
     cards_note = None
     if table.empty:
         cards_note = (

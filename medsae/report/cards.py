@@ -69,6 +69,7 @@ class LatentCard:
     explanations: list[ExplanationView] = field(default_factory=list)
     slice_source: str = ""
     note: str | None = None
+    grounding: Any = None  # medsae.report.grounding.GroundingView when the ground stage scored the latent
 
 
 def latent_table(latents: pd.DataFrame, codes: tuple[Any, np.ndarray] | None) -> pd.DataFrame:

@@ -211,6 +211,29 @@ def slice_metadata(con: duckdb.DuckDBPyConnection, exp: ExperimentRecord, slice_
     return meta.set_index("slice_id", drop=False) if not meta.empty else meta
 
 
+@dataclass
+class GroundingData:
+    """What the cards show of a ground stage: best structure rows, token-grid maps, structures per slice."""
+
+    rows: dict[int, dict[str, Any]] = field(default_factory=dict)  # latent -> latent_grounding row
+    maps: dict[int, tuple[Any, Any]] = field(default_factory=dict)  # latent -> (slice ids, maps [n, h, w])
+    present: dict[int, set[str]] = field(default_factory=dict)  # slice_id -> structures with pixels in it
+
+
+def grounding(con: duckdb.DuckDBPyConnection, exp: ExperimentRecord, latents: list[int]) -> GroundingData:
+    """The ground stage's rows and maps for ``latents`` (empty when the experiment has no ground stage)."""
+    key, folder, slices_key = exp.key("ground"), exp.artifact_dir("ground"), exp.key("slices")
+    if key is None or folder is None or slices_key is None or not latents:
+        return GroundingData()
+    rows = {int(r["latent"]): r for r in queries.latent_grounding(con, key, latents)}
+    maps = queries.ground_maps(folder, list(rows))
+    ids = sorted({int(s) for sids, _ in maps.values() for s in sids})
+    present: dict[int, set[str]] = {}
+    for r in queries.slice_structure_rows(con, slices_key, ids):
+        present.setdefault(int(r["slice_id"]), set()).add(r["structure"])
+    return GroundingData(rows, maps, present)
+
+
 def _loads(text: str | None) -> dict[str, Any]:
     if not text:
         return {}

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_serializer, model_validator
+from pydantic import Field, model_validator
 
-from medsae.specbase import PathStr, Section, execution_only, seed_field
+from medsae.specbase import PathStr, Section, added_field, execution_only, seed_field
 
 #: Fields that ``preset: study`` fills in (explicitly given fields win). Each value is the study's
 #: (docs/method.md#study-preset):
@@ -61,9 +61,6 @@ STUDY_PRESET: dict[str, Any] = {
 #: the study's values, so the spec describes the SAE the file holds.
 CHECKPOINT_FIXED = ("arch", "matryoshka_inner", "topk_relu", "tied", "normalize", "threshold_inference")
 #: Optional fields left out of a dumped spec while unset, so specs without them keep their keys and hash.
-_OMITTED_WHEN_UNSET = ("checkpoint", "checkpoint_sha256")
-
-
 #: Largest dictionary (latents) an SAE may have.
 MAX_LATENTS = 2**20
 #: Largest k (active latents per sample).
@@ -180,8 +177,9 @@ class SAESpec(Section):
         None,
         "A study (SAIL) Lightning .ckpt to import instead of training (`medsae import sail` writes this); a "
         "relative path is taken from the spec file's folder. The file is identified by checkpoint_sha256.",
+        added=True,
     )
-    checkpoint_sha256: str | None = Field(
+    checkpoint_sha256: str | None = added_field(
         None,
         pattern=r"^[0-9a-f]{64}$",
         description="sha256 of sae.checkpoint (lower-case hex): the file's identity in the train key.",
@@ -210,14 +208,6 @@ class SAESpec(Section):
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
         return apply_preset(data) if isinstance(data, dict) else data
-
-    @model_serializer(mode="wrap")
-    def _omit_unset(self, handler: Any) -> dict[str, Any]:
-        data = handler(self)
-        for name in _OMITTED_WHEN_UNSET:
-            if data.get(name, 0) is None:
-                del data[name]
-        return data
 
     def with_resolved_checkpoint(self, resolve: Callable[[str], Path]) -> SAESpec:
         """This section with ``checkpoint`` made absolute by ``resolve`` (the spec's path resolver)."""

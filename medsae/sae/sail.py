@@ -121,13 +121,13 @@ def _load(path: Path) -> dict[str, Any]:
 
 def _int(value: Any, where: str, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise SailCheckpointError(f"{where}: expected an integer in [{lo}, {hi}], got {value!r}")
+        raise SailCheckpointError(f"{where}: expected an integer in [{lo}, {hi}], got {repr(value)[:80]}")
     return int(value)
 
 
 def _int_list(value: Any, where: str, hi: int) -> list[int]:
     if not isinstance(value, list | tuple) or not value or len(value) > 64:
-        raise SailCheckpointError(f"{where}: expected a list of 1 to 64 integers, got {value!r}")
+        raise SailCheckpointError(f"{where}: expected a list of 1 to 64 integers, got {repr(value)[:80]}")
     return [_int(v, f"{where}[{i}]", 1, hi) for i, v in enumerate(value)]
 
 

@@ -1,4 +1,4 @@
-"""The study's auto-interpretation protocol, exactly (``interpret.protocol: study``, docs/method.md#interpret-study-protocol).
+"""The study's auto-interpretation, exactly: ``interpret.protocol: study`` (docs/method.md#interpret-study-protocol).
 
 By role, as the study's ``evaluate_autointerp.py`` runs them:
 

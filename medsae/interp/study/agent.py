@@ -34,6 +34,7 @@ import numpy as np
 from medsae.errors import MedsaeError
 from medsae.interp import hygiene
 from medsae.interp.config import InterpretSpec
+from medsae.interp.explainer import supports_vision
 from medsae.interp.inputs import AgentInputs, Sets, load_slice_tables, read_summary
 from medsae.interp.journal import RowSink, Tables, deduplicated, empty_tables
 from medsae.interp.llm import LLMGateway, LLMRequest, LLMResponse
@@ -93,6 +94,12 @@ class StudyAgent:
 
     def _prompter(self, model: str, api_base: str | None, template: str, temperature: float, max_tokens: int):
         images = bool(self.spec.study_images) and not model.startswith(OFFLINE_PREFIX)
+        if images and not supports_vision(model):
+            log.warning(
+                "interpret.protocol study sends images, and litellm does not list %s as accepting them; "
+                "use a vision-language model (or study_images: false)",
+                model,
+            )
         return StudyPrompter(
             model=model,
             template=self._template(template),
@@ -160,6 +167,7 @@ class StudyAgent:
             for table, rows in earlier.items():
                 self._tables.setdefault(table, []).extend(rows)
             self._finished |= done
+            self._recall_concepts(earlier)
         todo = [lat for lat in chosen if lat not in done]
         describer = self._prompter(
             spec.explainer_model,
@@ -189,6 +197,17 @@ class StudyAgent:
         new = [t.prompt_row() for t in self.templates.values() if t.hash not in emitted]
         if new:
             self._emit({"prompts": new})
+
+    def _recall_concepts(self, earlier: Tables) -> None:
+        """Descriptions of an interrupted run's finished latents and their distractors (for the concepts file)."""
+        for row in earlier.get("explanations", []):
+            if row["kind"] == EXPLANATION:
+                self.concepts.setdefault(int(row["latent"]), row["text"] or "")
+        for row in earlier.get("explanation_scores", []):
+            if row["method"] == judge.METHOD:
+                extra = json.loads(row["extra_json"] or "{}")
+                for latent, text in zip(extra.get("distractors", []), extra.get("distractor_texts", []), strict=False):
+                    self.concepts.setdefault(int(latent), text)
 
     # ---------------------------------------------------------------- describe
 
