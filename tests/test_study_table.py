@@ -1,4 +1,5 @@
-"""End to end: the tiny phantom evaluated under both protocols, and ``medsae study-table`` on it.
+"""End to end: the tiny phantom run under the study's protocol (evaluation and interpretation) and
+evaluated under medsae's, and ``medsae study-table`` on it.
 
 The study-protocol run must name the targets the phantom cannot support (no kvp contrast, none of
 the study's scanner models) in one warning line and finish; the table's numbers must be the
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -19,12 +21,18 @@ from typer.testing import CliRunner
 from medsae.cli.main import app
 from medsae.registry import Registry
 
-ONLY = ("--only", "slices", "--only", "embed", "--only", "train", "--only", "encode", "--only", "evaluate")
+STUDY_SPEC = Path(__file__).parents[1] / "experiments" / "study_reproduce.yaml"
 
 
 def _spec(tmp, protocol: str) -> dict:
+    """The tiny phantom; under the study's protocol with the eval and interpret sections of
+    experiments/study_reproduce.yaml (phantom-sized budgets and 20 latents on top)."""
     spec = tiny_spec(tmp)
     spec["name"] = f"tiny_{protocol}"
+    if protocol == "study":
+        reproduce = yaml.safe_load(STUDY_SPEC.read_text())
+        spec["eval"].update(reproduce["eval"])
+        spec["interpret"] = {**reproduce["interpret"], "study_latents": 20}
     # a val split with several scans (no held-out institute), a short training and small probe budgets
     spec["data"].update(test_institutes=["J"], val_fraction=0.4, size=32, stride=2)
     spec["data"]["phantom"].update(shape=[32, 32, 40])
@@ -35,7 +43,7 @@ def _spec(tmp, protocol: str) -> dict:
         plots=False,
         probe_max_iter=100,
         recovery_max_iter=50,
-        mono_top_ns=[3, 5],
+        mono_top_ns=[3, 5, 50],  # the study selects latents by monosemanticity-50
         mono_min_images=2,
         mono_null_draws=10,
         retrieval_refs=30,
@@ -46,12 +54,12 @@ def _spec(tmp, protocol: str) -> dict:
 
 @pytest.fixture(scope="module")
 def two_protocols(tmp_path_factory):
-    """The tiny phantom through evaluate under the study's protocol, then medsae's evaluate on the same SAE."""
+    """The tiny phantom run end to end under the study's protocol, then medsae's evaluate on the same SAE."""
     tmp = tmp_path_factory.mktemp("study_table")
     registry = tmp / "registry.duckdb"
     for protocol in ("study", "medsae"):
         (tmp / f"{protocol}.yaml").write_text(yaml.safe_dump(_spec(tmp, protocol)))
-    study = medsae("exp", "run", str(tmp / "study.yaml"), *ONLY, registry=registry, cwd=tmp)
+    study = medsae("exp", "run", str(tmp / "study.yaml"), registry=registry, cwd=tmp)
     medsae("exp", "run", str(tmp / "medsae.yaml"), "--only", "evaluate", registry=registry, cwd=tmp)
     return tmp, registry, study
 
@@ -135,7 +143,20 @@ def test_study_table_values_are_the_registry_metrics(two_protocols):
     assert row["n_targets"] == _metric(registry, "tiny_study", "recovery_mean_n_features", column="n")
     # one configuration per embedding: rank 1 wherever both ranking scores exist
     assert row["final_rank"] == 1 and row["rank_mono"] == 1 and row["rank_perf"] == 1
-    assert row["top1"] is None and row["top2"] is None  # not interpreted
+    # the 5-way ranking of the study protocol's interpretation, counted here from the score rows
+    ranks = [
+        json.loads(extra)["rank"]
+        for (extra,) in query(
+            registry,
+            """SELECT s.extra_json FROM explanation_scores s JOIN explanations x USING (explanation_id)
+               JOIN experiment_stages es ON es.stage_key = x.stage_key  -- explanations carry summarize's key
+               JOIN experiments e USING (experiment_id)
+               WHERE e.name = 'tiny_study' AND s.method = 'ranking_study_top2'""",
+        )
+    ]
+    assert len(ranks) >= 5 and set(ranks) <= {1, 2, 3, 4, 5}
+    assert row["top1"] == pytest.approx(sum(r == 1 for r in ranks) / len(ranks))
+    assert row["top2"] == pytest.approx(sum(r <= 2 for r in ranks) / len(ranks))
     ks = [r["k"] for r in payload["fingerprint"]]
     assert ks == [1, 5, 20, "dense"]
     for r in payload["fingerprint"][:-1]:
@@ -167,6 +188,8 @@ def test_study_table_reads_the_five_way_ranking(two_protocols, tmp_path):
     copy = tmp_path / "registry.duckdb"
     shutil.copy(registry, copy)
     reg = Registry(copy)
+    with reg.write() as con:  # only the rows below: the real run's ranking is checked above
+        con.execute("DELETE FROM explanation_scores WHERE method LIKE 'ranking%'")
     (summarize,) = query(
         copy,
         """SELECT es.stage_key FROM experiments e JOIN experiment_stages es USING (experiment_id)

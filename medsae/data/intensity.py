@@ -89,13 +89,18 @@ class IntensityMap:
     out_hi: float
 
     def apply(self, values: np.ndarray) -> np.ndarray:
-        """Map any array of raw intensities to uint8 (vectorised, float32 maths)."""
-        v = np.clip(values.astype(np.float32, copy=False), self.clip_lo, self.clip_hi)
+        """Map any array of raw intensities to uint8 (vectorised, float32 maths).
+
+        One float32 working copy, updated in place: a study-sized CT needs the volume plus one copy.
+        """
         span = self.out_hi - self.out_lo
         if span <= 0:
             return np.zeros(values.shape, dtype=np.uint8)
-        scaled = (v - np.float32(self.out_lo)) * np.float32(255.0 / span)
-        return np.clip(scaled, 0, 255).astype(np.uint8)
+        v = np.clip(values.astype(np.float32, copy=False), self.clip_lo, self.clip_hi)  # a new array
+        v -= np.float32(self.out_lo)
+        v *= np.float32(255.0 / span)
+        np.clip(v, 0, 255, out=v)
+        return v.astype(np.uint8)
 
 
 def ct_map(volume: np.ndarray, centre: float, width: float, scaling: str = "volume") -> IntensityMap:

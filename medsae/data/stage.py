@@ -1,4 +1,4 @@
-"""The ``slices`` stage: index a TotalSegmentator folder into slices and structure areas.
+"""The ``slices`` stage: index a dataset (TotalSegmentator layout, manifest or DICOM folder) into slices.
 
 ``run_slices(ctx)`` makes sure the dataset exists (writing the phantom when the spec asks), runs
 the ingest with ``ctx.work_dir`` holding one committed part per volume (so a killed run resumes at

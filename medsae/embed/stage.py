@@ -30,6 +30,7 @@ from medsae.data.render import iter_scan_images
 from medsae.embed.backbones import Backbone, load_backbone
 from medsae.embed.config import EmbedSpec
 from medsae.embed.store import sha256_file, shard_name, write_manifest, write_shard
+from medsae.embed.token_store import sample_tokens, write_token_shard
 from medsae.errors import MedsaeError
 from medsae.progress import task
 from medsae.stage import Metric, StageContext, StageResult
@@ -98,7 +99,10 @@ def _finish(
     info = backbone.describe() if hasattr(backbone, "describe") else {"model": backbone.name}
     device = str(backbone.device)
     for entry in shards:
-        _link(Path(ctx.work_dir) / entry["file"], Path(ctx.out_dir) / entry["file"])
+        for key in ("file", "tokens_file", "pos_file"):
+            if key in entry:
+                _link(Path(ctx.work_dir) / entry[key], Path(ctx.out_dir) / entry[key])
+    tokens = _tokens_manifest(spec, shards)
     write_manifest(
         Path(ctx.out_dir),
         shards=[{k: e[k] for k in ("file", "rows", "sha256")} for e in shards],
@@ -110,6 +114,7 @@ def _finish(
         seconds=seconds,
         batch_size=spec.batch_size,
         num_workers=spec.num_workers,
+        **({"tokens": tokens} if tokens else {}),
         **{"source": spec.source, **info, "device": device},
     )
     extra = {
@@ -137,9 +142,26 @@ def _finish(
             "device": device,
             "images_per_s": round(rate, 2),
             "load_seconds": round(load_seconds, 2),
+            **({"tokens_per_slice": tokens["per_slice"], "token_bytes": tokens["bytes"]} if tokens else {}),
         },
         device=device,
     )
+
+
+def _tokens_manifest(spec: EmbedSpec, shards: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The manifest's ``tokens`` entry (:mod:`medsae.embed.token_store`), None when no tokens are stored."""
+    if not spec.tokens_per_slice:
+        return None
+    keys = ("tokens_file", "tokens_sha256", "pos_file", "pos_sha256", "rows")
+    return {
+        "per_slice": int(shards[0]["token_k"]),
+        "grid": shards[0]["token_grid"],
+        "sampling": spec.token_sampling,
+        "seed": spec.token_seed,
+        "dtype": "bfloat16",
+        "bytes": int(sum(s["token_bytes"] for s in shards)),
+        "shards": [{k: s[k] for k in keys} for s in shards],
+    }
 
 
 def work_items(scans: np.ndarray, shard_size: int) -> list[tuple[int, int]]:
@@ -173,8 +195,10 @@ def _resume(work: Path, *, n: int, shard_size: int, slice_ids: np.ndarray) -> di
                 entry = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a kill
-            path = work / entry["file"]
-            if path.is_file() and sha256_file(path) == entry["sha256"]:
+            files = [(entry["file"], entry["sha256"])]
+            if "tokens_file" in entry:
+                files += [(entry["tokens_file"], entry["tokens_sha256"]), (entry["pos_file"], entry["pos_sha256"])]
+            if all((work / f).is_file() and sha256_file(work / f) == sha for f, sha in files):
                 done[int(entry["index"])] = entry
     # only a contiguous prefix counts: shards are written in order
     prefix: dict[int, dict[str, Any]] = {}
@@ -278,8 +302,10 @@ class _ShardRunner:
         self.work = work
         self.spec = spec
         self.n = len(slice_ids)
+        self.slice_ids = slice_ids
         self.done = done
         self.n_written = 0
+        self._grid: tuple[int, int] = (0, 0)
         # vectors stay on the device until the shard is complete: no host sync after every batch
         self._embed = getattr(backbone, "embed_on_device", backbone.embed)
 
@@ -292,35 +318,70 @@ class _ShardRunner:
         pending: list[torch.Tensor] = []
         n_pending = 0
         outputs: list[torch.Tensor] = []
+        tokens: list[tuple[np.ndarray, np.ndarray]] = []
+        row0 = 0  # row of the first pending image
         shard = -1
         clock = time.perf_counter()
         for start, images in loader:
             start = int(start)
             if start // self.spec.shard_size != shard:
                 shard = start // self.spec.shard_size
+            if not n_pending:
+                row0 = start
             pending.append(images.to(self.backbone.device, non_blocking=True))
             n_pending += images.shape[0]
             shard_complete = start + images.shape[0] == self._shard_stop(shard)
             while n_pending >= batch or (shard_complete and n_pending):
                 rows = torch.cat(pending) if len(pending) > 1 else pending[0]
                 take = min(batch, n_pending)
-                outputs.append(self._embed(rows[:take]))
+                if self.spec.tokens_per_slice:
+                    pooled, sample = self._embed_with_tokens(rows[:take], self.slice_ids[row0 : row0 + take])
+                    outputs.append(pooled)
+                    tokens.append(sample)
+                else:
+                    outputs.append(self._embed(rows[:take]))
+                row0 += take
                 pending = [rows[take:]] if take < n_pending else []
                 n_pending -= take
                 yield take
             if shard_complete:
                 vectors = torch.cat(outputs).cpu().numpy()
                 outputs = []
+                sample = None
+                if tokens:
+                    sample = (np.concatenate([t for t, _ in tokens]), np.concatenate([p for _, p in tokens]))
+                tokens = []
                 now = time.perf_counter()
-                self._record(shard, vectors, seconds=now - clock)
+                self._record(shard, vectors, seconds=now - clock, tokens=sample)
                 clock = now
 
-    def _record(self, shard: int, vectors: np.ndarray, seconds: float) -> None:
+    @torch.inference_mode()
+    def _embed_with_tokens(self, images: torch.Tensor, slice_ids: np.ndarray) -> tuple[torch.Tensor, tuple]:
+        """Pooled vectors (as :meth:`embed_on_device` computes them) and the stored token sample of a batch."""
+        if not hasattr(self.backbone, "embed_tokens"):
+            raise MedsaeError(f"embed: backbone {self.backbone.name} gives no spatial tokens (set tokens_per_slice: 0)")
+        feats = self.backbone.embed_tokens(images)
+        self._grid = feats.grid
+        sample = sample_tokens(
+            feats.spatial, images, slice_ids, self.spec.tokens_per_slice, self.spec.token_sampling, self.spec.token_seed
+        )
+        return feats.pooled.float(), sample
+
+    def _record(
+        self, shard: int, vectors: np.ndarray, seconds: float, tokens: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> None:
         expected = self._shard_stop(shard) - shard * self.spec.shard_size
         if vectors.shape[0] != expected:
             raise MedsaeError(f"embed: shard {shard} got {vectors.shape[0]} rows, expected {expected}")
         entry = write_shard(self.work, shard, vectors, self.spec.dtype)
         entry.update(index=shard, d=int(vectors.shape[1]), seconds=seconds, device=str(self.backbone.device))
+        if tokens is not None:
+            bits, positions = tokens
+            if bits.shape[0] != expected:
+                raise MedsaeError(f"embed: token shard {shard} got {bits.shape[0]} rows, expected {expected}")
+            entry.update(write_token_shard(self.work, shard, bits, positions))
+            size = sum(os.path.getsize(self.work / entry[k]) for k in ("tokens_file", "pos_file"))
+            entry.update(token_k=int(bits.shape[1]), token_grid=list(self._grid), token_bytes=int(size))
         with open(self.work / _RECORD, "a") as fh:
             fh.write(json.dumps(entry) + "\n")
             fh.flush()
