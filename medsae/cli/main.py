@@ -63,7 +63,7 @@ def _mount_optional() -> None:
     from medsae.cli import imports as imports_cli
     from medsae.cli import study as study_cli
 
-    app.add_typer(data.app, name="data", help="Datasets: phantom generation and TotalSegmentator ingest.")
+    app.add_typer(data.app, name="data", help="Datasets: phantoms, ingest (TotalSegmentator, manifest, DICOM, 2-D).")
     app.add_typer(eval_cli.app, name="eval", help="Rank SAE configurations, plot sweeps.")
     app.add_typer(explain.app, name="explain", help="Explain latents with an LLM, compare explainers.")
     app.command("search")(search.search_command)
