@@ -6,7 +6,9 @@ Every stage of an experiment gets a key::
 
 where ``params`` is the stage's spec section without execution-only fields (and the fields its
 row of :data:`medsae.stages.STAGE_TABLE` excludes) and ``inputs`` names external content (the
-dataset manifest). The stage kinds, what each reads and which function builds it are the rows of
+dataset manifest). ``upstream`` names the stage's upstream stages and those of its optional upstream
+stages that the experiment has (``ground`` for ``interpret``), so an experiment without them keeps
+its keys. The stage kinds, what each reads and which function builds it are the rows of
 that table; the planner names no stage itself. A stage is *done* when the registry has its row and
 its artifact folder exists. Running a stage:
 
@@ -180,6 +182,7 @@ def plan_experiment(
     external = {n: _EXTERNAL_INPUTS[n](spec) if prepare_data else ("unknown", None) for n in sorted(names)}
     for d in table:
         ups = {up: plan.nodes[up] for up in d.upstream}
+        ups |= {up: plan.nodes[up] for up in d.optional_upstream if up in plan.nodes}  # planned ones only
         params = d.key_params(d.spec_section(spec))
         upstream = {up: node.key for up, node in ups.items()}
         key = stage_key(d, params, spec.seed, upstream, {n: external[n][0] for n in d.inputs})
@@ -203,7 +206,7 @@ def _with_upstream(kinds: Collection[str]) -> set[str]:
         kind = todo.pop()
         if kind not in needed:
             needed.add(kind)
-            todo.extend(stage_def(kind).upstream)
+            todo.extend(stage_def(kind).reads())
     return needed
 
 

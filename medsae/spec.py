@@ -127,6 +127,12 @@ class ExperimentSpec(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _token_sae_needs_stored_tokens(self) -> ExperimentSpec:
+        if self.sae.input == "tokens" and self.embed.tokens_per_slice == 0:
+            raise ValueError("sae.input tokens trains on stored tokens: set embed.tokens_per_slice > 0")
+        return self
+
     def canonical_json(self) -> str:
         """Canonical JSON of the resolved spec (sorted keys, compact, defaults included except those
         of fields added later, see ``specbase.added_field``)."""

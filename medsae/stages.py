@@ -47,9 +47,16 @@ class StageDef:
     batch_by: str | None = None
     #: The section as the stage receives it, when that differs from the keyed one (paths resolved).
     resolve: Callable[[ExperimentSpec], Section] | None = None
-    #: An optional stage: part of an experiment only when this says so (None: always). No other
-    #: stage may read from an optional one.
+    #: An optional stage: part of an experiment only when this says so (None: always). Other stages
+    #: read an optional one only as an ``optional_upstream``.
     when: Callable[[ExperimentSpec], bool] | None = None
+    #: Optional stages this one reads when the experiment has them: then in ``ctx.inputs`` and in the
+    #: key like ``upstream``; absent, the key is what it was without them.
+    optional_upstream: tuple[str, ...] = ()
+
+    def reads(self) -> tuple[str, ...]:
+        """Every stage this one may read: its upstream, then its optional upstream."""
+        return self.upstream + self.optional_upstream
 
     def planned(self, spec: ExperimentSpec) -> bool:
         """Whether ``spec``'s experiment has this stage."""
@@ -133,7 +140,14 @@ STAGE_TABLE: tuple[StageDef, ...] = (
         "interpret",
         key_exclude=LLM_ONLY_FIELDS,
     ),
-    StageDef("interpret", ("summarize", "encode", "slices"), "medsae.interp.stage:run_interpret", "interpret"),
+    # ground (when enabled): explanations are checked against each latent's best-grounded structure
+    StageDef(
+        "interpret",
+        ("summarize", "encode", "slices"),
+        "medsae.interp.stage:run_interpret",
+        "interpret",
+        optional_upstream=("ground",),
+    ),
 )
 
 #: Stage kinds in execution order.

@@ -8,19 +8,24 @@ areas the ingest counted, and the registry rows are those of the stage's own par
 from __future__ import annotations
 
 import json
+import shutil
 
 import duckdb
 import numpy as np
 import pandas as pd
 import pytest
+from byod_fixtures import phantom_manifest
 from test_e2e import tiny_spec
 
-from medsae.data.index import load_structures
+from medsae.data.build import run_ingest
+from medsae.data.index import load_slices, load_structures
 from medsae.data.render import render_slice
 from medsae.ground.render import iter_rendered
+from medsae.ground.stage import run_ground
 from medsae.plan import plan_experiment, run_plans
 from medsae.registry.db import Registry
 from medsae.spec import parse_specs
+from medsae.stage import StageContext
 
 UP_TO_GROUND = {"slices", "embed", "train", "encode", "ground"}
 
@@ -141,3 +146,36 @@ def test_the_stage_table_runs_ground_after_encode_with_the_embed_section():
     section = d.run_section(spec)
     assert isinstance(section, GroundRun) and section.embed == spec.embed and section.enabled
     assert "embed" not in d.key_params(d.spec_section(spec))  # the backbone enters the key through embed's key
+
+
+def test_grounding_on_a_label_map_copy_gives_the_layouts_rows(grounded, tmp_path):
+    """The fixture's phantom as a manifest of copied volumes with one label map each (no mask files, no
+    segmentations folder beside the volumes): the ground stage, on that slices artifact and the fixture's
+    embed / train / encode stages, gives the same best structures and scores as on the TotalSegmentator layout."""
+    tmp, plan, registry = grounded
+    maps = tmp_path / "maps"
+    manifest = pd.read_csv(phantom_manifest(tmp / "phantom", maps / "manifest.csv", masks="labelmap"))
+    (maps / "images").mkdir()
+    for i, rel in enumerate(manifest["image"]):
+        copied = maps / "images" / f"{i}.nii.gz"
+        shutil.copyfile(maps / rel, copied)
+        manifest.loc[i, "image"] = copied.relative_to(maps).as_posix()
+    manifest.to_csv(maps / "manifest.csv", index=False)
+    data = {k: v for k, v in small_spec(tmp)["data"].items() if k != "phantom"}
+    ingest = run_ingest(maps, {**data, "root": str(maps), "format": "manifest"}, tmp_path / "slices", tmp_path / "w")
+    layout = load_slices(plan.nodes["slices"].final_dir)
+    pd.testing.assert_frame_equal(ingest.slices[["slice_uid", "split"]], layout[["slice_uid", "split"]])
+    scans = pd.read_parquet(ingest.out_dir / "scans.parquet")
+    assert scans["label_map"].str.startswith("labelmaps/").all() and (scans["masks"] == "{}").all()
+
+    node = plan.nodes["ground"]
+    inputs = {**node.inputs, "slices": ingest.out_dir}
+    ctx = StageContext("ground", "labelmap", tmp_path / "o", tmp_path / "w", inputs, dict(node.upstream), node.seed,
+                       quiet=True, spec=node.spec)  # fmt: skip
+    got = pd.DataFrame(run_ground(ctx).tables["latent_grounding"]).sort_values("latent").reset_index(drop=True)
+    want = sql(registry, "SELECT * FROM latent_grounding WHERE stage_key = ? ORDER BY latent", [node.key])
+    assert len(want) > 0
+    assert got["latent"].tolist() == want["latent"].tolist()
+    assert got["structure"].tolist() == want["structure"].tolist()
+    for column in ("iou", "dice", "lift", "pointing", "iou_shuffled", "n_present"):
+        np.testing.assert_allclose(got[column].astype(float), want[column].astype(float), rtol=1e-6, err_msg=column)

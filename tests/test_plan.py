@@ -84,6 +84,8 @@ _OLD_STAGES = {
     "summarize": (("encode", "slices", "train", "evaluate"), "medsae.interp.stage", "interpret"),
     "interpret": (("summarize", "encode", "slices"), "medsae.interp.stage", "interpret"),
 }
+#: Stages that enter a key only when the experiment has them (interpret checks explanations against ground).
+_OPTIONAL_UPSTREAM = {"interpret": ("ground",)}
 
 
 def _old_keys(spec, manifest: str) -> dict[str, str]:
@@ -109,7 +111,7 @@ def _old_keys(spec, manifest: str) -> dict[str, str]:
             "code_version": str(importlib.import_module(module).CODE_VERSION),
             "params": params,
             "seed": spec.seed,
-            "upstream": {up: keys[up] for up in upstream},
+            "upstream": {up: keys[up] for up in upstream + _OPTIONAL_UPSTREAM.get(kind, ()) if up in keys},
             "inputs": {"dataset": manifest} if kind == "slices" else {},
         }
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)

@@ -304,6 +304,9 @@ def _write_outputs(
         for col in ("planes", "shape", "resample_axes", "files", "unlisted_labels"):
             if col in scans.columns:
                 scans[col] = scans[col].map(lambda v: json.dumps(v if isinstance(v, list) else []))
+        for col in ("masks", "labels"):  # structure -> mask file / label values
+            if col in scans.columns:
+                scans[col] = scans[col].map(lambda v: json.dumps(v if isinstance(v, dict) else {}, sort_keys=True))
         scans = scans.sort_values(["modality", "image_id"]).reset_index(drop=True)
     _write_table(scans, out_dir / "scans.parquet")
     keys = slices[["modality", "image_id"]].drop_duplicates()

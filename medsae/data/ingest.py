@@ -135,6 +135,10 @@ def _task_info(task: ScanTask, opts: SliceOptions) -> dict[str, Any]:
         "reader": task.reader,
         "files": list(task.files),
         "study_type": task.study_type,
+        # where the masks are, so that rendering finds them again (medsae.data.masks)
+        "masks": dict(task.masks),
+        "label_map": task.label_map,
+        "labels": dict(task.labels),
         "opts": opts.digest(),
     }
 

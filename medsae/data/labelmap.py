@@ -119,6 +119,14 @@ def _value_codes(labels: np.ndarray, values: np.ndarray) -> np.ndarray:
     return np.where(values[pos] == labels, pos + 1, 0).astype(np.int32)
 
 
+def structure_mask(labels: np.ndarray, values: list[int]) -> np.ndarray:
+    """The boolean mask of one structure of a label map: the voxels holding one of ``values``.
+
+    The voxels :func:`label_areas` counts for it (float maps rounded), for rendering a label map's masks.
+    """
+    return _value_codes(labels, np.asarray(sorted(set(values)), dtype=np.int64)) > 0
+
+
 def label_areas(
     labels: np.ndarray, table: dict[str, list[int]], axes: tuple[int, ...], crop: str
 ) -> tuple[list[str], dict[int, np.ndarray]]:

@@ -6,6 +6,8 @@ scan's recorded :class:`IntensityMap`, take the slice along its axis, crop, turn
 display orientation (:mod:`medsae.data.orientation`; 2-D images as stored) and resize to ``size``.
 
 * :func:`render_slice` — one slice (the volume stays cached, so neighbours are cheap);
+* :func:`render_scan_images` — the slices of one scan (:mod:`medsae.data.masks` renders their
+  structure masks on the same pixels, from the grid :func:`scan_grid` records);
 * :func:`iter_scan_images` — all requested slices, grouped by scan, one volume read per scan;
   the embed stage's input pipeline (optionally with worker processes);
 * :func:`thumbnail` — a PNG, cached on disk in ``<slices_dir>/../.cache/<key>/thumbs/<size>/``
@@ -22,7 +24,7 @@ import io
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -33,7 +35,7 @@ from medsae.data.intensity import IntensityMap
 from medsae.data.orientation import display
 from medsae.data.readers import FLAT_READERS, load_scan
 from medsae.data.slicing import pad_square, resize_images, take_slices
-from medsae.data.volume import ScanError, SliceOptions, prepare, prepare_flat
+from medsae.data.volume import Prepared, ScanError, SliceOptions, prepare, prepare_flat
 from medsae.errors import MedsaeError, MissingInputError
 
 
@@ -95,34 +97,54 @@ def render_index(slices_dir: str | Path) -> RenderIndex:
     return _load_index(str(path), stamp)
 
 
-_VOLUME_CACHE: dict[tuple[str, int, int], np.ndarray] = {}
+@dataclass(frozen=True)
+class ScanGrid:
+    """A scan on its slicing grid: the uint8 volume images are cut from, and how the grid was made.
+
+    ``prep`` is the :class:`Prepared` record without its float array: its source grid, reorientation
+    and resampling are what a mask of the scan follows onto the same grid (:mod:`medsae.data.masks`).
+    """
+
+    u8: np.ndarray
+    prep: Prepared
+    flat: bool  # a 2-D image (shown as stored)
 
 
-def scan_volume_u8(index: RenderIndex, scan_row: int) -> np.ndarray:
-    """A scan's prepared volume mapped to uint8 (the last one is cached per process)."""
+_GRID_CACHE: dict[tuple[str, int, int], ScanGrid] = {}
+
+
+def scan_grid(index: RenderIndex, scan_row: int) -> ScanGrid:
+    """A scan's prepared grid and uint8 volume (the last scan is cached per process)."""
     key = (str(index.root), int(scan_row), id(index))
-    if key in _VOLUME_CACHE:
-        return _VOLUME_CACHE[key]
+    if key in _GRID_CACHE:
+        return _GRID_CACHE[key]
     row = index.scans.iloc[int(scan_row)]
     path = index.root / row["volume"]
     reader = scan_reader(row)
+    flat = reader in FLAT_READERS
     files = json.loads(row["files"]) if isinstance(row.get("files"), str) else []
     try:
         array, affine = load_scan(index.root, reader, row["volume"], files)
-        if reader in FLAT_READERS:
+        if flat:
             prep = prepare_flat(array.astype(np.float32))
         else:
             prep = prepare(array, affine, row["modality"], index.options)
     except ScanError as exc:
         raise MedsaeError(f"{path}: cannot render slices: {exc}") from None
+    del array
     shape = json.loads(row["shape"])
     if list(prep.array.shape) != shape:
         raise MedsaeError(f"{path}: volume grid {list(prep.array.shape)} differs from the ingested {shape}")
     imap = IntensityMap(row["clip_lo"], row["clip_hi"], row["out_lo"], row["out_hi"])
-    u8 = imap.apply(prep.array)
-    _VOLUME_CACHE.clear()
-    _VOLUME_CACHE[key] = u8
-    return u8
+    grid = ScanGrid(imap.apply(prep.array), replace(prep, array=np.empty(0, dtype=np.float32)), flat)
+    _GRID_CACHE.clear()
+    _GRID_CACHE[key] = grid
+    return grid
+
+
+def scan_volume_u8(index: RenderIndex, scan_row: int) -> np.ndarray:
+    """A scan's prepared volume mapped to uint8 (the last one is cached per process)."""
+    return scan_grid(index, scan_row).u8
 
 
 def scan_reader(row: pd.Series) -> str:
@@ -132,25 +154,34 @@ def scan_reader(row: pd.Series) -> str:
 
 
 def render_from_volume(
-    u8: np.ndarray, axis: int, idx: np.ndarray, options: SliceOptions, size: int, flat: bool = False
+    u8: np.ndarray,
+    axis: int,
+    idx: np.ndarray,
+    options: SliceOptions,
+    size: int,
+    flat: bool = False,
+    resize: str | None = None,
 ) -> np.ndarray:
-    """Images ``[n, size, size]`` uint8 of slices ``idx`` along ``axis`` of a uint8 volume (``flat``: 2-D)."""
+    """Images ``[n, size, size]`` uint8 of slices ``idx`` along ``axis`` of a uint8 volume (``flat``: 2-D).
+
+    ``resize`` overrides the options' resampling (masks are resized bilinear, then thresholded).
+    """
     images = take_slices(u8, axis, idx, options.crop)
     if options.crop == "none":
         images = pad_square(images)
     # orientation first: flipping the small crop is cheaper and commutes with the square resize
     upright = np.ascontiguousarray(images) if flat else display(images, axis, options.orientation)
-    return resize_images(upright, size, options.resize)
+    return resize_images(upright, size, resize or options.resize)
 
 
-def _render_scan(index: RenderIndex, scan_row: int, ids: np.ndarray, size: int) -> np.ndarray:
-    u8 = scan_volume_u8(index, scan_row)
-    flat = scan_reader(index.scans.iloc[int(scan_row)]) in FLAT_READERS
+def render_scan_images(index: RenderIndex, scan_row: int, ids: np.ndarray, size: int) -> np.ndarray:
+    """Images ``[n, size, size]`` uint8 of slices ``ids`` (all of scan ``scan_row``), as the embed stage sees them."""
+    grid = scan_grid(index, scan_row)
     out = np.empty((len(ids), size, size), dtype=np.uint8)
     axes = index.axis[ids]
     for axis in np.unique(axes):
         sel = np.flatnonzero(axes == axis)
-        out[sel] = render_from_volume(u8, int(axis), index.idx[ids[sel]], index.options, size, flat)
+        out[sel] = render_from_volume(grid.u8, int(axis), index.idx[ids[sel]], index.options, size, grid.flat)
     return out
 
 
@@ -166,7 +197,7 @@ def render_slice(slices_dir: str | Path, slice_id: int, size: int | None = None)
     index = render_index(slices_dir)
     ids = np.asarray([int(slice_id)], dtype=np.int64)
     _check_ids(index, ids, slices_dir)
-    return _render_scan(index, int(index.scan_of_slice[ids[0]]), ids, size or index.options.size)[0]
+    return render_scan_images(index, int(index.scan_of_slice[ids[0]]), ids, size or index.options.size)[0]
 
 
 def _scan_groups(index: RenderIndex, ids: np.ndarray) -> list[np.ndarray]:
@@ -179,7 +210,7 @@ def _scan_groups(index: RenderIndex, ids: np.ndarray) -> list[np.ndarray]:
 def _render_group(args: tuple[str, np.ndarray, int]) -> tuple[np.ndarray, np.ndarray]:
     slices_dir, ids, size = args
     index = render_index(slices_dir)
-    return ids, _render_scan(index, int(index.scan_of_slice[ids[0]]), ids, size)
+    return ids, render_scan_images(index, int(index.scan_of_slice[ids[0]]), ids, size)
 
 
 def iter_scan_images(
@@ -202,7 +233,7 @@ def iter_scan_images(
     groups = _scan_groups(index, ids)
     if workers <= 0 or len(groups) <= 1:
         for group in groups:
-            yield group, _render_scan(index, int(index.scan_of_slice[group[0]]), group, size)
+            yield group, render_scan_images(index, int(index.scan_of_slice[group[0]]), group, size)
         return
     from concurrent.futures import ProcessPoolExecutor
 

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from medsae.specbase import PathStr, Section, added_field, execution_only, seed_field
+from medsae.specbase import MAX_SEED, PathStr, Section, added_field, execution_only, seed_field
 
 #: ``model`` used when a spec names a source but no model (the source's canonical network).
 DEFAULT_MODELS = {"efficientnet_lite0": "efficientnet_lite0", "biomedparse": "microsoft/BiomedParse"}
@@ -78,7 +78,9 @@ class EmbedSpec(Section):
         "Which tokens are stored: uniform over the grid, or weighted by the share of non-zero (foreground) "
         "pixels under each token.",
     )
-    token_seed: int = added_field(0, "Seed of the token sampling (each slice draws with [seed, slice_id]).", ge=0)
+    token_seed: int = added_field(
+        0, "Seed of the token sampling (each slice draws with [seed, slice_id]).", ge=0, le=MAX_SEED
+    )
     device: str = execution_only("auto", "auto = cuda, then mps, then cpu; or an explicit torch device.")
     batch_size: int = execution_only(
         32, "Images per forward pass (batch_size x input_size^2 is at most 2^30 pixels).", ge=1, le=4096

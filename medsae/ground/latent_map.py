@@ -29,7 +29,7 @@ class LatentMap:
     latent: int
     slice_id: int
     image: np.ndarray  # uint8 [S, S]: the slice as the backbone saw it
-    token_map: np.ndarray  # float32 [h, w]: max(0, token pre-activation) on the token grid
+    token_map: np.ndarray  # float32 [h, w]: max(0, token pre-activation), a token SAE: its codes; token grid
     pixels: np.ndarray  # float32 [S, S]: token_map bilinearly upsampled to the slice's pixels
     pooled_pre_act: float  # the SAE's pre-activation of the slice's pooled vector
     token_mean_pre_act: float  # mean over tokens of the token pre-activations (= pooled when exact)
@@ -41,8 +41,9 @@ def latent_map(registry: Registry, experiment: str, latent: int, slice_id: int, 
     from medsae.data.render import render_index, render_slice
     from medsae.embed.backbones import load_backbone, resolve_device
     from medsae.ground.picture import map_on_pixels
-    from medsae.ground.tokens import activation_grid, pooled_pre_acts, token_pre_acts
+    from medsae.ground.tokens import activation_grid, pooled_pre_acts, token_pre_acts, token_sae_codes
     from medsae.sae.checkpoint import load_sae
+    from medsae.sae.stage import trained_on
 
     exp = queries.find_experiment(registry, experiment)
     name = exp["name"]
@@ -62,7 +63,10 @@ def latent_map(registry: Registry, experiment: str, latent: int, slice_id: int, 
     backbone = load_backbone({**embed, "device": str(dev)}, device=str(dev))
     feats = backbone.embed_tokens(image[None])
     cols = torch.as_tensor([latent], device=dev)
-    z_tokens = token_pre_acts(sae, feats, cols)  # [1, T, 1]
+    if trained_on(train_dir) == "tokens":  # a token SAE: its own codes of every token, as the ground stage
+        z_tokens = token_sae_codes(sae, feats, cols)  # [1, T, 1]
+    else:
+        z_tokens = token_pre_acts(sae, feats, cols)  # [1, T, 1]
     token_map = activation_grid(z_tokens, feats.grid)[0, 0].cpu().numpy()
     return LatentMap(
         experiment=name,

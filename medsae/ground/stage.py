@@ -3,8 +3,10 @@
 1. :mod:`medsae.ground.select` picks the latents (firing on >= ``min_active`` held-out slices) and
    their ``top_slices`` strongest held-out slices from the encode stage's codes;
 2. :mod:`medsae.ground.render` renders just those slices and the masks of the structures in them;
-3. the backbone gives their spatial tokens (:meth:`TorchBackbone.embed_tokens`) and the pooled SAE
-   is applied to every token (:mod:`medsae.ground.tokens`): one activation map per latent and slice;
+3. the backbone gives their spatial tokens (:meth:`TorchBackbone.embed_tokens`) and the SAE is
+   applied to every token (:mod:`medsae.ground.tokens`): one activation map per latent and slice. A
+   pooled SAE gives its pre-activations per token (route ``pooled_sae_on_tokens``); a token SAE
+   (``sae.input: tokens``) its own codes per token (route ``token_sae``);
 4. :mod:`medsae.ground.scores` scores each latent against every structure present, and again with
    masks shuffled across slices of the same modality and plane.
 
@@ -37,17 +39,18 @@ from medsae.ground.scores import (
     shuffle_partners,
 )
 from medsae.ground.select import TopSlices, top_slices
-from medsae.ground.tokens import activation_grid, pooled_pre_acts, token_pre_acts, upsample
+from medsae.ground.tokens import activation_grid, pooled_pre_acts, token_pre_acts, token_sae_codes, upsample
 from medsae.registry.queries import GROUND_MAPS_FILE
 from medsae.sae.checkpoint import load_sae
 from medsae.sae.codes import load_codes
+from medsae.sae.stage import trained_on
 from medsae.stage import Metric, StageContext, StageResult
 
 CODE_VERSION = "1"
 GROUNDING_FILE = "grounding.parquet"
 MAPS_FILE = GROUND_MAPS_FILE  # read back by medsae.registry.queries.ground_maps
-#: How the maps were made (the token-SAE route would be another value).
-ROUTE = "pooled_sae_on_tokens"
+#: How the maps were made, by what the SAE was trained on (``sae.input``): the ``route`` column.
+ROUTES = {"pooled": "pooled_sae_on_tokens", "tokens": "token_sae"}
 
 
 def run_ground(ctx: StageContext) -> StageResult:
@@ -61,14 +64,15 @@ def run_ground(ctx: StageContext) -> StageResult:
     table = load_slices(slices_dir, columns=["slice_id", "split", "modality", "plane"])
     splits = table["split"].to_numpy(object)[code_slice_ids]
     chosen = top_slices(codes, np.isin(splits, spec.splits), spec.top_slices, spec.min_active, spec.max_latents)
-    summary: dict[str, Any] = {"n_latents": int(len(chosen.latents)), "route": ROUTE}
+    route = ROUTES[trained_on(ctx.inputs["train"])]
+    summary: dict[str, Any] = {"n_latents": int(len(chosen.latents)), "route": route}
     if len(chosen.latents) == 0:
         return StageResult(metrics=[Metric("grounded_latents", 0.0)], summary=summary, device="cpu")
     device = resolve_device(spec.device)
-    maps = _token_maps(ctx, spec, chosen, code_slice_ids, device)
+    maps = _token_maps(ctx, spec, chosen, code_slice_ids, device, route)
     meta = table.set_index("slice_id")
     structures = load_structures(slices_dir)
-    rows, all_rows = _score_all(spec, chosen, code_slice_ids, maps, meta, structures)
+    rows, all_rows = _score_all(spec, chosen, code_slice_ids, maps, meta, structures, route)
     _write_outputs(Path(ctx.out_dir), chosen, code_slice_ids, maps, all_rows)
     summary.update(
         exact=maps.exact,
@@ -94,15 +98,23 @@ class _Maps:
         self.masks: dict[int, dict[str, np.ndarray]] = {}
         self.groups: dict[int, str] = {}
         self.exact = True
-        self.pool_gap = 0.0  # max |mean_t z_t - z_pooled| / max |z_pooled|
+        self.pool_gap: float | None = 0.0  # max |mean_t z_t - z_pooled| / max |z_pooled|; None: token SAE
         self.reembed_gap = 0.0  # max |pooled now - pooled stored| / max |pooled stored|
         self.unshuffled = 0
 
 
 def _token_maps(
-    ctx: StageContext, spec: GroundRun, chosen: TopSlices, code_slice_ids: np.ndarray, device: torch.device
+    ctx: StageContext,
+    spec: GroundRun,
+    chosen: TopSlices,
+    code_slice_ids: np.ndarray,
+    device: torch.device,
+    route: str,
 ) -> _Maps:
-    """Render the union of top slices, embed their tokens and keep each latent's map on each of its slices."""
+    """Render the union of top slices, embed their tokens and keep each latent's map on each of its slices.
+
+    Route ``token_sae``: the maps are the token SAE's codes, exact by definition (no pooled check).
+    """
     sae = load_sae(ctx.inputs["train"], device)
     backbone = load_backbone(spec.embed, device=str(device))
     store = open_embeddings(ctx.inputs["embed"])
@@ -112,6 +124,9 @@ def _token_maps(
         for slot, r in enumerate(rows):
             wanted.setdefault(int(code_slice_ids[r]), []).append((li, slot))
     out = _Maps(chosen)
+    token_sae = route == ROUTES["tokens"]
+    if token_sae:
+        out.pool_gap = None
     structures = load_structures(ctx.inputs["slices"])
     slice_ids = np.fromiter(wanted, dtype=np.int64)
     scans = iter_rendered(ctx.inputs["slices"], slice_ids, structures, spec.score_size)
@@ -121,15 +136,18 @@ def _token_maps(
         for start in range(0, len(scan.slice_ids), spec.batch_size):
             ids = scan.slice_ids[start : start + spec.batch_size]
             feats = backbone.embed_tokens(scan.images[start : start + spec.batch_size])
-            out.exact = out.exact and feats.exact
+            out.exact = out.exact and (token_sae or feats.exact)
             out.grid = feats.grid
             stored = torch.from_numpy(store.load(np.asarray([row_of_slice[int(s)] for s in ids])))
             out.reembed_gap = max(out.reembed_gap, _relative_gap(feats.pooled.cpu(), stored))
             latents = sorted({li for s in ids for li, _ in wanted[int(s)]})
             cols = torch.as_tensor(chosen.latents[latents], device=device)
-            z_tok = token_pre_acts(sae, feats, cols)
-            z_pool = pooled_pre_acts(sae, feats.pooled, cols)
-            out.pool_gap = max(out.pool_gap, _relative_gap(z_tok.mean(dim=1).cpu(), z_pool.cpu()))
+            if token_sae:
+                z_tok = token_sae_codes(sae, feats, cols)
+            else:
+                z_tok = token_pre_acts(sae, feats, cols)
+                z_pool = pooled_pre_acts(sae, feats.pooled, cols)
+                out.pool_gap = max(out.pool_gap, _relative_gap(z_tok.mean(dim=1).cpu(), z_pool.cpu()))
             grid = activation_grid(z_tok, feats.grid).cpu().numpy()  # [n, L, h, w]
             col_of = {li: c for c, li in enumerate(latents)}
             for i, sid in enumerate(ids):
@@ -152,6 +170,7 @@ def _score_all(
     maps: _Maps,
     meta: pd.DataFrame,
     structures: pd.DataFrame,
+    route: str,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Registry rows (best structure per latent) and every latent x structure score."""
     pool = np.fromiter(maps.masks, dtype=np.int64)
@@ -196,7 +215,7 @@ def _score_all(
                 "iou_shuffled_best": shuffled_best.iou if shuffled_best else 0.0,
                 "dominant_structure": dom,
                 "dominant_share": dom_share,
-                "route": ROUTE,
+                "route": route,
                 "exact": maps.exact,
             }
         )

@@ -1,4 +1,5 @@
-"""The pooled SAE applied to every spatial token of a slice (route "pooled SAE on tokens").
+"""Activation maps on the token grid: the pooled SAE applied to every spatial token of a slice (route
+"pooled SAE on tokens"), or a token SAE's own codes of every token (route "token SAE", :func:`token_sae_codes`).
 
 The SAE was trained on pooled vectors ``x``; its pre-activations are affine in its input,
 ``z(x) = W_enc (norm(x) - b_dec) + b_enc``. For a token ``x_t`` of a slice whose pooled vector is
@@ -50,6 +51,22 @@ def pooled_pre_acts(sae: SAE, pooled: torch.Tensor, latents: torch.Tensor | None
     """The SAE's own pre-activations ``[n, L]`` of pooled vectors (what the encode stage thresholds)."""
     z = sae.pre_acts(sae.normalize(pooled.float()))
     return z if latents is None else z[:, latents]
+
+
+@torch.no_grad()
+def token_sae_codes(sae: SAE, feats: TokenFeatures, latents: torch.Tensor | None = None) -> torch.Tensor:
+    """Route "token SAE": codes ``[n, h*w, L]`` of a token SAE on every grid token of each slice.
+
+    Each token is normalised on its own (as the SAE's training samples were: the embed stage's stored
+    tokens are grid tokens of :attr:`TokenFeatures.spatial`) and encoded in inference mode, so a map
+    shows where the latent actually fires; feed it to :func:`activation_grid` like pre-activations.
+    """
+    spatial = feats.spatial.float()
+    n, h, w, d = spatial.shape
+    codes = sae.encode(sae.normalize(spatial.reshape(n * h * w, d)))
+    if latents is not None:
+        codes = codes[:, latents]
+    return codes.reshape(n, h * w, -1)
 
 
 def activation_grid(z_tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -9,6 +9,7 @@ By role (as EleutherAI's delphi separates clients, explainers and scorers):
   :mod:`~medsae.interp.explainer` writes an explanation (checked by :mod:`~medsae.interp.hygiene`),
   :mod:`~medsae.interp.scorers` score it (simulation, detection, ranking, metrics, sanity) against
   the :mod:`~medsae.interp.baselines` (shuffled explanation, best single attribute), and
+  :mod:`~medsae.interp.mask_match` checks explanations against the ground stage's best structures,
   :mod:`~medsae.interp.rows` builds every explanation and score row; :mod:`~medsae.interp.pipeline`
   runs latents concurrently, :mod:`~medsae.interp.journal` keeps what finished,
   :mod:`~medsae.interp.run_stats` sums a run up;

@@ -6,7 +6,8 @@ run the agent with another explainer or scorer, and write the rows straight into
 as latents finish (small batches, one short transaction each), so a killed run keeps what it
 finished. Ids are content hashes, so rows that exist already are skipped
 (INSERT OR IGNORE): a rerun adds nothing and makes no LLM call for what is in the cache, a new
-model adds its own rows.
+model adds its own rows. On an experiment with a ground stage, ``explain run`` also scores every
+explanation of the experiment against the masks (``mask_match``, :mod:`medsae.interp.mask_match`).
 
 ``compare`` and ``show`` read the rows of the experiment's own summarize stage (its example
 sets), not those of other experiments that happen to share the SAE. Degenerate scores (see
@@ -29,15 +30,24 @@ from medsae.interp.agent import make_agent
 from medsae.interp.config import InterpretSpec
 from medsae.interp.explainer import explain_examples
 from medsae.interp.inputs import AgentInputs, load_slice_tables
-from medsae.interp.journal import RegistrySink
+from medsae.interp.journal import RegistrySink, insert_results
 from medsae.interp.llm.cache import cache_dir_for
+from medsae.interp.mask_match import Grounding, mask_match_rows, mask_match_summary
 from medsae.interp.metadata import format_lines
 from medsae.interp.scorers import sanity
 from medsae.interp.scorers.metrics import summarize_values
 from medsae.registry import queries
 from medsae.registry.db import Registry
 
-HEADLINE_METHODS = ("pearson", "spearman", "auroc", "detection_bacc", "ranking_top2", "ranking_study_top2")
+HEADLINE_METHODS = (
+    "pearson",
+    "spearman",
+    "auroc",
+    "detection_bacc",
+    "ranking_top2",
+    "ranking_study_top2",
+    "mask_match",  # the explanation names the latent's best-grounded structure (experiments with ground)
+)
 
 
 @dataclass
@@ -51,6 +61,7 @@ class ExperimentInputs:
     summarize_key: str
     sae_key: str
     interpret_section: dict[str, Any]  # the stored spec's interpret section, as written
+    ground_key: str | None = None  # the experiment's ground stage (None: no ground stage)
 
 
 def experiment_inputs(registry: Registry, name: str) -> ExperimentInputs:
@@ -71,6 +82,7 @@ def experiment_inputs(registry: Registry, name: str) -> ExperimentInputs:
         summarize_key=stages["summarize"]["stage_key"],
         sae_key=sae_key,
         interpret_section=dict(spec.get("interpret") or {}),
+        ground_key=stages.get("ground", {}).get("stage_key"),
     )
 
 
@@ -156,7 +168,25 @@ def explain_experiment(
     agent = make_agent(inputs, spec, cache_dir_for(exp.summarize_dir.parent.parent))
     sink = RegistrySink(registry)
     result = agent.run(latents, sink=sink)
-    return result.summary | {"new_rows": dict(sink.new_rows)}
+    new_rows = dict(sink.new_rows)
+    summary = result.summary
+    if exp.ground_key:
+        matched = score_against_masks(registry, exp)
+        new_rows["explanation_scores"] = new_rows.get("explanation_scores", 0) + matched.pop("new_rows")
+        summary = summary | {"mask_match": matched}
+    return summary | {"new_rows": new_rows}
+
+
+def score_against_masks(registry: Registry, exp: ExperimentInputs) -> dict[str, Any]:
+    """``mask_match`` rows for every explanation of the experiment (any explainer), from the registry's
+    ``latent_grounding``; rows that exist are kept. Returns mean and n per kind and ``new_rows``."""
+    if not exp.ground_key:
+        return {"new_rows": 0}
+    grounding = Grounding(exp.ground_key, queries.best_structures(registry, exp.ground_key))
+    explanations = queries.stage_explanations(registry, exp.summarize_key)
+    rows = mask_match_rows(explanations, grounding)
+    new = insert_results(registry, {"explanation_scores": rows}).get("explanation_scores", 0) if rows else 0
+    return mask_match_summary(rows, explanations) | {"new_rows": new}
 
 
 # --------------------------------------------------------------------------- compare / show

@@ -4,7 +4,8 @@ An explanation's id hashes (latent, SAE key, explainer model, API base, template
 params, example set, request hash); a score's id hashes (explanation id, method, the scorer's
 identity, the example set, the scorer's request hashes, bootstrap and permutation counts). So a
 rerun yields the same ids (inserted with INSERT OR IGNORE: nothing new), and a new explainer or
-scorer adds rows beside the old ones. Every explanation and score row is built here, nowhere else.
+scorer adds rows beside the old ones. Every explanation and score row is built here, nowhere else
+(the ``mask_match`` rule's too: its id hashes the explanation and the structure it was checked against).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ EXPLANATION, SHUFFLED, BEST_ATTRIBUTE = "explanation", "shuffled", "best_attribu
 #: Explainer (and scorer) name and template of the best-attribute rule (:mod:`medsae.interp.baselines.best_attribute`).
 RULE_MODEL = "rule"
 RULE_TEMPLATE = "rule:best_attribute/v1"
+#: Score method and scorer identity of the check against the masks (no LLM: mode ``rule``).
+MASK_MATCH = "mask_match"
+MASK_MATCH_SCORER = {"model": RULE_MODEL, "mode": "rule", "rule": "mask_match/v1"}
 
 
 def as_json(obj: Any) -> str:
@@ -138,8 +142,34 @@ def score_row(
         "permutations": int(spec.permutations),
     }
     extra = score.extra | (extra or {})
+    return _score_fields(sha256_json(ident), expl_id, set_id, score, scorer, extra, n_repaired, degenerate)
+
+
+def mask_match_row(explanation: dict, value: float, structure: str, phrase: str | None, ground_key: str) -> dict:
+    """The ``mask_match`` row of one explanation (:mod:`medsae.interp.mask_match`): a rule, no LLM.
+
+    Its id hashes the explanation, the method, the rule and the structure checked, so a new best
+    structure adds a row and the same one adds nothing.
+    """
+    expl_id = explanation["explanation_id"]
+    ident = {"explanation_id": expl_id, "method": MASK_MATCH, "scorer": MASK_MATCH_SCORER, "structure": structure}
+    extra = {"structure": structure, "phrase": phrase, "ground_key": ground_key}
+    score = Score(MASK_MATCH, value, n=1)
+    return _score_fields(sha256_json(ident), expl_id, explanation["example_set_id"], score, MASK_MATCH_SCORER, extra)
+
+
+def _score_fields(
+    score_id: str,
+    expl_id: str,
+    set_id: str,
+    score: Score,
+    scorer: dict,
+    extra: dict,
+    n_repaired: int | None = None,
+    degenerate: bool | None = None,
+) -> dict:
     return {
-        "score_id": sha256_json(ident),
+        "score_id": score_id,
         "explanation_id": expl_id,
         "method": score.method,
         "scorer_model": scorer["model"],
@@ -156,4 +186,3 @@ def score_row(
         "n_repaired": n_repaired,
         "degenerate": degenerate,
     }
-

@@ -6,10 +6,11 @@ the registry tables ``latents`` and ``example_sets``. No LLM. Under ``interpret.
 the study's selection and sample sets (:mod:`medsae.interp.study.summarize`), from the evaluate stage's
 monosemanticity and coefficient tables.
 
-``interpret`` (inputs: summarize, slices, encode): the agent of the spec's protocol
+``interpret`` (inputs: summarize, slices, encode; ground when the experiment has one): the agent of the spec's protocol
 (:func:`medsae.interp.agent.make_agent`: medsae's, or the study's :mod:`medsae.interp.study.agent`) with
 the spec's explainer and reference scorer -> ``explanations.parquet``, ``scores.parquet``,
 ``summary.json`` and rows for ``explanations``, ``explanation_scores``, ``llm_calls``, ``prompts``.
+With a ground stage, every explanation also gets its ``mask_match`` score (:mod:`medsae.interp.mask_match`).
 Finished latents are journalled in the stage's ``work_dir`` as they finish, so a killed stage
 resumes with the latents it had not finished (the planner still writes every row at the end).
 LLM answers are cached in ``$MEDSAE_LLM_CACHE`` if set, else ``<artifacts root>/llm_cache``
@@ -23,7 +24,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -35,6 +36,10 @@ from medsae.interp.metadata import attribute_matrix, slice_attributes
 from medsae.interp.sampling import ExampleSet, Pool, build_pool, sample_all
 from medsae.interp.summary import latent_table, positive_csc
 from medsae.stage import Metric, StageContext, StageResult
+
+if TYPE_CHECKING:
+    from medsae.interp.agent import AgentResult
+    from medsae.interp.mask_match import Grounding
 
 CODE_VERSION = "1"
 log = logging.getLogger("medsae")
@@ -207,6 +212,9 @@ def run_interpret(ctx: StageContext) -> StageResult:
     spec = ctx.section(InterpretSpec)
     agent = make_agent(inputs, spec, cache_dir_for(summarize_dir.parent.parent), progress=ctx.progress)
     result = agent.run(sink=WorkDirJournal(Path(ctx.work_dir) / "finished"))
+    grounding = _grounding(ctx)
+    if grounding is not None:
+        add_mask_match(result, grounding, int(spec.seed))
     s = result.summary
     if s["parse_failed"] + s["too_long"] + s["repetitive"] + s["failed_calls"] + s["degenerate_scores"]:
         log.warning("interpret: %s", summary_line(s))  # say it during `exp run`, not only in exp show
@@ -217,6 +225,32 @@ def run_interpret(ctx: StageContext) -> StageResult:
         )
     write_outputs(ctx.out_dir, result.tables, result.summary, result.files)
     return StageResult(metrics=result.metrics, tables=result.tables, summary=result.summary)
+
+
+def _grounding(ctx: StageContext) -> Grounding | None:
+    """The ground stage's best structure per latent, when the experiment has a ground stage (else None)."""
+    from medsae.errors import MissingInputError
+    from medsae.interp.mask_match import Grounding
+    from medsae.registry.queries import folder_best_structures
+
+    if "ground" not in ctx.inputs:
+        return None
+    folder = Path(ctx.inputs["ground"])
+    if not folder.is_dir():
+        raise MissingInputError(f"interpret stage {ctx.key[:12]}: the ground stage is not built ({folder})")
+    return Grounding(ctx.input_keys["ground"], folder_best_structures(folder))
+
+
+def add_mask_match(result: AgentResult, grounding: Grounding, seed: int) -> None:
+    """Score every explanation of an agent run against the masks: rows, metrics and summary join ``result``."""
+    from medsae.interp.mask_match import mask_match_rows, mask_match_summary
+    from medsae.interp.run_stats import run_metrics
+
+    explanations = result.tables.get("explanations", [])
+    rows = mask_match_rows(explanations, grounding)
+    result.tables.setdefault("explanation_scores", []).extend(rows)
+    result.metrics.extend(run_metrics({"explanations": explanations, "explanation_scores": rows}, seed))
+    result.summary["mask_match"] = mask_match_summary(rows, explanations) | {"ground_key": grounding.ground_key}
 
 
 def _sae_key(summarize_dir: Path, ctx: StageContext) -> str:

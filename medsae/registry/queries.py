@@ -264,6 +264,16 @@ def explainer_summary(source: Source, experiment_id: str, method: str = "pearson
     )
 
 
+def stage_explanations(source: Source, summarize_key: str) -> list[dict[str, Any]]:
+    """Every explanation row (LLM explanations and baselines, any status) made on one summarize stage's sets."""
+    return rows(
+        source,
+        """SELECT explanation_id, latent, sae_key, explainer_model, kind, status, text, example_set_id
+           FROM explanations WHERE stage_key = ? ORDER BY latent, explanation_id""",
+        [summarize_key],
+    )
+
+
 # -- the study's tables (`medsae study-table`) ---------------------------------------------------
 
 
@@ -353,6 +363,28 @@ def ranking_outcomes(source: Source, summarize_keys: Sequence[str]) -> list[dict
 
 #: The ground stage's token-grid activation maps (written by ``medsae.ground.stage``).
 GROUND_MAPS_FILE = "activation_maps.npz"
+#: The ground stage's latent x structure scores; ``best`` marks each latent's ``latent_grounding`` row.
+GROUNDING_FILE = "grounding.parquet"
+
+
+def best_structures(source: Source, ground_key: str) -> dict[int, str]:
+    """latent -> best-grounded structure of one ground stage (its ``latent_grounding`` rows)."""
+    return {int(r["latent"]): str(r["structure"]) for r in latent_grounding(source, ground_key)}
+
+
+def folder_best_structures(folder: Path) -> dict[int, str]:
+    """latent -> best-grounded structure, read from a finished ground stage's folder (no registry).
+
+    The same pairs as :func:`best_structures` for that stage; a folder without the scores file (no
+    latent grounded) gives an empty dict.
+    """
+    import pyarrow.parquet as pq
+
+    path = Path(folder) / GROUNDING_FILE
+    if not path.is_file():
+        return {}
+    table = pq.read_table(path, columns=["latent", "structure", "best"]).to_pylist()
+    return {int(r["latent"]): str(r["structure"]) for r in table if r["best"]}
 
 
 def latent_grounding(source: Source, ground_key: str, latents: Sequence[int] | None = None) -> list[dict[str, Any]]:

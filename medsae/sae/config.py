@@ -184,6 +184,12 @@ class SAESpec(Section):
         pattern=r"^[0-9a-f]{64}$",
         description="sha256 of sae.checkpoint (lower-case hex): the file's identity in the train key.",
     )
+    input: Literal["pooled", "tokens"] = added_field(
+        "pooled",
+        description="What the SAE is trained on: the pooled vector of each slice, or the spatial tokens the "
+        "embed stage stored (embed.tokens_per_slice > 0; every token of a train slice is one sample). A token "
+        "SAE's slice code is the maximum of its stored tokens' codes (docs/method.md#token-sae).",
+    )
     checkpoint_every: int = execution_only(200, "Save a resumable checkpoint every N steps.", ge=1, le=10**9)
     checkpoint_minutes: float = execution_only(
         0.0, "...but at most once per this many minutes (checkpoints of big sweeps are large).", ge=0, le=100_000
@@ -227,6 +233,8 @@ class SAESpec(Section):
                     raise ValueError(f"level budget k={k} exceeds level size {size}")
         if self.tied_detached and not self.tied:
             raise ValueError("'tied_detached' needs 'tied: true'")
+        if self.checkpoint is not None and self.input != "pooled":
+            raise ValueError("'checkpoint' holds a study SAE trained on pooled vectors: 'input' must be 'pooled'")
         if (self.checkpoint is None) != (self.checkpoint_sha256 is None):
             raise ValueError("'checkpoint' and 'checkpoint_sha256' go together (`medsae import sail` writes both)")
         if self.checkpoint is not None:

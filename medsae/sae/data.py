@@ -19,7 +19,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from medsae.errors import MedsaeError
+from medsae.embed.token_store import TokenStore, from_bf16_bits
+from medsae.errors import MedsaeError, MissingInputError
 
 
 class Store(Protocol):
@@ -46,6 +47,47 @@ class ArrayStore:
     def iter_chunks(self, chunk_rows: int) -> Iterator[tuple[int, np.ndarray]]:
         for start in range(0, self.n, chunk_rows):
             yield start, self.x[start : start + chunk_rows]
+
+
+class TokenSamples:
+    """The embed stage's stored tokens as a store of samples: row ``r·k + j`` is token ``j`` of slice row ``r``.
+
+    ``slice_ids`` repeats each slice's id ``k`` times, so :func:`train_rows` picks every token of the
+    train slices. Reads only the rows asked from the memory-mapped bf16 token shards (float32 out).
+    """
+
+    def __init__(self, tokens: TokenStore, pooled: Store):
+        self.tokens = tokens
+        self.k = tokens.per_slice
+        self.d = int(pooled.d)
+        self.n = int(pooled.n) * self.k
+        self.slice_ids = np.repeat(np.asarray(pooled.slice_ids, dtype=np.int64), self.k)
+        rows = np.array([int(e["rows"]) for e in tokens.meta["shards"]], dtype=np.int64)
+        if rows.sum() != pooled.n:
+            raise MedsaeError(f"train: token shards of {tokens.folder} hold {rows.sum()} slices, embeddings {pooled.n}")
+        self._starts = np.concatenate([[0], np.cumsum(rows)])
+        self._maps: dict[int, np.ndarray] = {}
+
+    def load(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """float32 ``[len(rows), d]`` (every token when ``rows`` is None), in the order asked."""
+        flat = np.arange(self.n, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
+        slice_row, token = np.divmod(flat, self.k)
+        shard_of = np.searchsorted(self._starts, slice_row, side="right") - 1
+        out = np.empty((flat.size, self.d), dtype=np.float32)
+        for s in np.unique(shard_of):
+            pick = np.flatnonzero(shard_of == s)
+            bits = self._bits(int(s))
+            out[pick] = from_bf16_bits(bits[slice_row[pick] - self._starts[s], token[pick]])
+        return out
+
+    def _bits(self, index: int) -> np.ndarray:
+        """Memory-mapped uint16 bf16 bits ``[rows, k, d]`` of token shard ``index``."""
+        if index not in self._maps:
+            path = self.tokens.folder / self.tokens.meta["shards"][index]["tokens_file"]
+            if not path.is_file():
+                raise MissingInputError(f"train: token shard {path} is missing")
+            self._maps[index] = np.load(path, mmap_mode="r")
+        return self._maps[index]
 
 
 def train_rows(store: Store, slices_dir: str | Path) -> np.ndarray:

@@ -22,12 +22,14 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from medsae.embed.store import open_embeddings
-from medsae.sae.checkpoint import WEIGHTS, load_sae, save_sae
+from medsae.embed.store import EmbeddingStore, open_embeddings
+from medsae.embed.token_store import open_tokens
+from medsae.errors import MedsaeError
+from medsae.sae.checkpoint import WEIGHTS, load_sae, read_config, save_sae
 from medsae.sae.codes import write_codes
 from medsae.sae.codes_table import write_codes_table
 from medsae.sae.config import SAESpec
-from medsae.sae.data import TrainData, train_rows
+from medsae.sae.data import Store, TokenSamples, TrainData, train_rows
 from medsae.sae.train import TrainJob, TrainResult, resolve_device, shared_settings, train_many
 from medsae.stage import Metric, StageContext, StageResult, make_shareable
 
@@ -43,7 +45,24 @@ def run_train(ctx: StageContext) -> StageResult:
 
 def _group_key(ctx: StageContext) -> tuple[Any, ...]:
     spec = ctx.section(SAESpec)
-    return (str(ctx.inputs["embed"]), str(ctx.inputs["slices"]), ctx.seed, spec.device, shared_settings(spec))
+    inputs = (str(ctx.inputs["embed"]), str(ctx.inputs["slices"]), spec.input)
+    return (*inputs, ctx.seed, spec.device, shared_settings(spec))
+
+
+def train_store(embed_dir: str | Path, sae_input: str) -> Store:
+    """The samples an SAE trains on: the pooled embeddings, or (``sae.input: tokens``) the stored tokens."""
+    store = open_embeddings(embed_dir)
+    return store if sae_input == "pooled" else token_samples(embed_dir, store)
+
+
+def token_samples(embed_dir: str | Path, store: EmbeddingStore) -> TokenSamples:
+    """The stored tokens of an embed folder as samples; one line when the embed stage stored none."""
+    if not store.manifest.get("tokens"):
+        raise MedsaeError(
+            f"sae.input: 'tokens' needs the tokens the embed stage stores, and {embed_dir} has none "
+            "(set embed.tokens_per_slice > 0)"
+        )
+    return TokenSamples(open_tokens(embed_dir), store)
 
 
 def run_train_many(ctxs: list[StageContext]) -> list[StageResult]:
@@ -66,7 +85,7 @@ def run_train_many(ctxs: list[StageContext]) -> list[StageResult]:
         first = ctxs[members[0]]
         first_spec = first.section(SAESpec)
         device = resolve_device(first_spec.device)
-        store = open_embeddings(first.inputs["embed"])
+        store = train_store(first.inputs["embed"], first_spec.input)
         rows = train_rows(store, first.inputs["slices"])
         data = TrainData(store, rows, device, first_spec.resident_max_gb * 2**30)
         jobs = [
@@ -87,7 +106,7 @@ def run_train_many(ctxs: list[StageContext]) -> list[StageResult]:
 
 
 def _write_train(ctx: StageContext, result: TrainResult, wall: float) -> StageResult:
-    info = {**result.info, "wall_seconds": wall}
+    info = {**result.info, "wall_seconds": wall, "input": ctx.section(SAESpec).input}
     save_sae(result.sae, ctx.out_dir, extra={"train": info})
     make_shareable(Path(ctx.out_dir) / WEIGHTS)  # safetensors writes 0600; colleagues must read it
     params = ctx.section(SAESpec).model_dump(mode="json")
@@ -126,15 +145,52 @@ def encode_store(sae: torch.nn.Module, chunks, device: torch.device) -> sp.csr_m
     return sp.csr_matrix((values, indices, indptr), shape=(len(indptr) - 1, sae.d_sae))
 
 
+def trained_on(train_dir: str | Path) -> str:
+    """``sae.input`` of a trained SAE ('pooled' or 'tokens'), from its ``cfg.json``."""
+    return str(read_config(train_dir)["medsae"].get("train", {}).get("input", "pooled"))
+
+
+class _MaxOverTokens(torch.nn.Module):
+    """A token SAE seen from the slice: ``encode`` of a slice's ``k`` stored tokens = their codes' maximum."""
+
+    def __init__(self, sae: torch.nn.Module, k: int):
+        super().__init__()
+        self.sae, self.k, self.d_sae = sae, k, sae.d_sae
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sae.normalize(x)  # per token: each token is one of the SAE's samples
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sae.encode(x).reshape(-1, self.k, self.d_sae).amax(dim=1)
+
+
+def _token_chunks(samples: TokenSamples, slices_per_chunk: int):
+    """``(first slice row, float32 [slices·k, d])``: every stored token, slice by slice, in store order."""
+    n_slices = samples.n // samples.k
+    for start in range(0, n_slices, slices_per_chunk):
+        stop = min(start + slices_per_chunk, n_slices)
+        yield start, samples.load(np.arange(start * samples.k, stop * samples.k))
+
+
 def run_encode(ctx: StageContext) -> StageResult:
-    """Codes of every embedded slice (train, val and test) with the trained SAE."""
+    """Codes of every embedded slice (train, val and test) with the trained SAE.
+
+    A token SAE (``sae.input: tokens``) codes a slice as the maximum, per latent, of the codes of the
+    slice's stored tokens (docs/method.md#token-sae).
+    """
     device = resolve_device("auto")  # encode has no spec section: the best device present
     sae = load_sae(ctx.inputs["train"], device)
     store = open_embeddings(ctx.inputs["embed"])
     t0 = time.perf_counter()
-    n_chunks = -(-store.n // ENCODE_CHUNK_ROWS)
-    chunks = ctx.progress(store.iter_chunks(ENCODE_CHUNK_ROWS), n_chunks, "encode")
-    csr = encode_store(sae, chunks, device)
+    if trained_on(ctx.inputs["train"]) == "tokens":
+        samples = token_samples(ctx.inputs["embed"], store)
+        per_chunk = max(1, ENCODE_CHUNK_ROWS // samples.k)
+        chunks = ctx.progress(_token_chunks(samples, per_chunk), -(-store.n // per_chunk), "encode (tokens)")
+        csr = encode_store(_MaxOverTokens(sae, samples.k), chunks, device)
+    else:
+        n_chunks = -(-store.n // ENCODE_CHUNK_ROWS)
+        chunks = ctx.progress(store.iter_chunks(ENCODE_CHUNK_ROWS), n_chunks, "encode")
+        csr = encode_store(sae, chunks, device)
     seconds = time.perf_counter() - t0
     write_codes(ctx.out_dir, csr, store.slice_ids)
     write_codes_table(ctx.out_dir, csr, store.slice_ids)
@@ -144,5 +200,6 @@ def run_encode(ctx: StageContext) -> StageResult:
         "nnz": int(csr.nnz),
         "l0_mean": csr.nnz / max(csr.shape[0], 1),
         "rows_per_s": csr.shape[0] / seconds if seconds > 0 else None,
+        "input": trained_on(ctx.inputs["train"]),
     }
     return StageResult(summary=summary, device=str(device))
