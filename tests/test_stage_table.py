@@ -129,3 +129,14 @@ def test_train_stages_on_one_embedding_are_built_in_one_pass(tmp_path):
             and Path(node.final_dir).parent == tmp_path / "artifacts" / "train"
         )
     assert stage_def("train").batch_by == "embed"
+
+
+def test_registry_maintenance_knows_every_stage_and_stage_table():
+    """gc and `exp rm` keep their own (import-light) lists: they must name every stage and stage-owned table."""
+    from medsae.plan import _KEY_COLUMN
+    from medsae.registry.maintenance import STAGE_KINDS, STAGE_TABLES
+
+    assert STAGE_KINDS == tuple(STAGES)
+    # explanations and their scores are removed together by a query of their own
+    owned = {table for table, column in _KEY_COLUMN.items() if column and table != "explanations"}
+    assert owned <= set(STAGE_TABLES)
