@@ -106,15 +106,7 @@ class Agent:
         self.explainer_api_base = spec.explainer_api_base or None
         self.scorer_api_base = spec.scorer_api_base or None
         self.concurrency = int(spec.concurrency)
-        self.gateway = LLMGateway(
-            cache_dir,
-            mode=spec.llm_mode,
-            concurrency=self.concurrency,
-            max_retries=int(spec.max_retries),
-            timeout_s=float(spec.timeout_s),
-            max_cost_usd=spec.max_cost_usd,
-            backoff_s=float(spec.retry_backoff_s),
-        )
+        self.gateway = LLMGateway.for_spec(cache_dir, spec)
         self.progress = progress
         self.templates: dict[str, Template] = {}
         self._tables: Tables = empty_tables()

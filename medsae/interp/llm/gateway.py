@@ -38,7 +38,7 @@ import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from medsae.errors import MedsaeError
 from medsae.interp.llm.cache import ResponseCache
@@ -56,6 +56,9 @@ from medsae.interp.llm.messages import (
     token_count,
 )
 from medsae.interp.llm.offline import OFFLINE_PREFIX, ensure_offline_provider, offline_model_names
+
+if TYPE_CHECKING:
+    from medsae.interp.config import InterpretSpec
 
 T = TypeVar("T")
 
@@ -197,6 +200,19 @@ class LLMGateway:
         self._loops: dict[int, _LoopState] = {}
         self._checked_models: set[tuple[str, str | None]] = set()
         self._jitter = random.Random()
+
+    @classmethod
+    def for_spec(cls, cache_dir: Path, spec: InterpretSpec) -> LLMGateway:
+        """A gateway with the ``interpret:`` section's mode, concurrency, retries, timeout and budget."""
+        return cls(
+            cache_dir,
+            mode=spec.llm_mode,
+            concurrency=int(spec.concurrency),
+            max_retries=int(spec.max_retries),
+            timeout_s=float(spec.timeout_s),
+            max_cost_usd=spec.max_cost_usd,
+            backoff_s=float(spec.retry_backoff_s),
+        )
 
     @property
     def n_retries(self) -> int:

@@ -68,15 +68,7 @@ class StudyAgent:
     def __init__(self, inputs: AgentInputs, spec: InterpretSpec, cache_dir: Path, progress: Callable | None = None):
         self.inputs, self.spec = inputs, spec
         self.sae_key = inputs.sae_key
-        self.gateway = LLMGateway(
-            cache_dir,
-            mode=spec.llm_mode,
-            concurrency=int(spec.concurrency),
-            max_retries=int(spec.max_retries),
-            timeout_s=float(spec.timeout_s),
-            max_cost_usd=spec.max_cost_usd,
-            backoff_s=float(spec.retry_backoff_s),
-        )
+        self.gateway = LLMGateway.for_spec(cache_dir, spec)
         self.progress = progress
         self.templates: dict[str, Template] = {}
         self.concepts: dict[int, str] = {}  # latent -> its description (targets and distractors)
