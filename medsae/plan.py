@@ -69,6 +69,7 @@ from medsae.stage import (
     metric_rows,
 )
 from medsae.stages import STAGE_TABLE, STAGES, StageDef, stage_def
+from medsae.threads import apply_thread_limits, thread_count
 
 #: Registry tables a stage may return, and the column holding the producing stage's key.
 _KEY_COLUMN: dict[str, str] = {
@@ -293,6 +294,7 @@ def _host() -> dict[str, Any]:
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
+        "threads": thread_count(),  # what medsae sized its pools to (affinity, cgroup quota, MEDSAE_THREADS)
     }
     if "torch" in sys.modules:
         import torch
@@ -592,8 +594,9 @@ def _build(
         started = time.time()
         t0 = time.perf_counter()
         ctxs = [_context(node, quiet, registry) for node in batch]
-        run_many = d.load_many()
-        results = run_many(ctxs) if len(ctxs) > 1 and run_many is not None else [d.load()(ctxs[0])]
+        run_one, run_many = d.load(), d.load_many()
+        apply_thread_limits()  # the stage's module (and torch, if it uses it) is loaded: size its pools
+        results = run_many(ctxs) if len(ctxs) > 1 and run_many is not None else [run_one(ctxs[0])]
         seconds = (time.perf_counter() - t0) / len(batch)
         for node, result in zip(batch, results, strict=False):
             _save_result(node, result, seconds, started)

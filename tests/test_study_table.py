@@ -216,3 +216,32 @@ def test_study_table_reads_the_five_way_ranking(two_protocols, tmp_path):
     ranked = [r for r in ranks if r is not None]
     assert row["top1"] == pytest.approx(sum(r == 1 for r in ranked) / len(ranked))
     assert row["top2"] == pytest.approx(sum(r <= 2 for r in ranked) / len(ranked))
+
+
+def test_two_protocols_on_one_sae_keep_their_own_rankings(tmp_path):
+    """Explanations of one SAE's latent from two summarize stages (e.g. both protocols) count per stage."""
+    from medsae.registry import queries
+
+    reg = Registry(tmp_path / "registry.duckdb")
+    ranks = {"stage_a": [1, 4], "stage_b": [2, 3]}  # latents 0 and 1 in each stage, same SAE and model
+    reg.insert(
+        "explanations",
+        [
+            {"explanation_id": f"{k}{i}", "stage_key": k, "sae_key": "sae", "latent": i, "explainer_model": "m",
+             "template_hash": "t", "status": "ok", "kind": "explanation", "text": "e"}
+            for k, rs in ranks.items() for i in range(len(rs))
+        ],
+    )  # fmt: skip
+    reg.insert(
+        "explanation_scores",
+        [
+            {"score_id": f"s{k}{i}", "explanation_id": f"{k}{i}", "method": "ranking_study_top2", "scorer_model": "m",
+             "value": float(r <= 2), "extra_json": json.dumps({"rank": r})}
+            for k, rs in ranks.items() for i, r in enumerate(rs)
+        ],
+    )  # fmt: skip
+    got = {r["summarize_key"]: r for r in queries.ranking_outcomes(reg, list(ranks))}
+    for key, rs in ranks.items():
+        assert got[key]["n_ranked"] == len(rs)
+        assert got[key]["top1"] == pytest.approx(sum(r == 1 for r in rs) / len(rs))
+        assert got[key]["top2"] == pytest.approx(sum(r <= 2 for r in rs) / len(rs))

@@ -11,6 +11,7 @@ import typer
 from medsae.cli import exp
 from medsae.cli.sql import sql_command
 from medsae.errors import MedsaeError, SpecError
+from medsae.threads import apply_thread_limits
 
 # litellm would otherwise try to download its price table at import (slow, and offline it retries).
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -83,6 +84,7 @@ _mount_optional()
 def main() -> None:
     """Entry point: run the app; a MedsaeError becomes `error: <one line>` and its exit code."""
     try:
+        apply_thread_limits()  # env only (torch not imported yet): torch, BLAS and workers read it
         app()
     except MedsaeError as exc:
         lines = str(exc).strip().splitlines() or ["error"]

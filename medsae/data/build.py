@@ -41,6 +41,7 @@ from medsae.data.totalsegmentator import DATASETS
 from medsae.data.volume import SliceOptions
 from medsae.errors import MedsaeError
 from medsae.stage import as_section
+from medsae.threads import worker_count
 
 Progress = Callable[..., Iterator[Any]]
 
@@ -94,6 +95,7 @@ def _run_pool(
 ) -> tuple[int, int]:
     """Index ``todo``; returns (volumes, slices) done in this run."""
     n_slices = 0
+    workers = worker_count(workers)  # no more processes than the CPUs this process may use
     if workers <= 1 or len(todo) <= 1:
         for task in progress(todo, total=len(todo), description="ingest volumes"):
             n_slices += process_task(task, opts, str(parts_dir))[2]

@@ -34,6 +34,7 @@ from medsae.embed.token_store import sample_tokens, write_token_shard
 from medsae.errors import MedsaeError
 from medsae.progress import task
 from medsae.stage import Metric, StageContext, StageResult
+from medsae.threads import worker_count
 
 CODE_VERSION = "1"
 
@@ -70,7 +71,8 @@ def embed_stage(
     todo = [(start, stop) for start, stop in items if start // spec.shard_size not in done]
     n_todo = int(sum(stop - start for start, stop in todo))
     runner = _ShardRunner(backbone, work, spec, slice_ids, done)
-    loader = _loader(slices_dir, slice_ids, todo, render, spec.num_workers, backbone.device)
+    workers = worker_count(spec.num_workers) if spec.num_workers else 0  # at most the CPUs we may use
+    loader = _loader(slices_dir, slice_ids, todo, render, workers, backbone.device)
     with task(f"embed {backbone.name}", total=n_todo, unit="img", quiet=ctx.quiet) as advance:
         for n_images in runner.run(loader):
             advance(n_images)

@@ -342,14 +342,19 @@ def stage_metric_rows(
 def ranking_outcomes(source: Source, summarize_keys: Sequence[str]) -> list[dict[str, Any]]:
     """The 5-way ranking of each summarize stage's latest LLM explanations: summarize_key, n (ranking
     scores), n_ranked (with a rank), top1 / top2 (share of ranked explanations placed first / in the
-    first two). Stages without ranking scores are absent."""
+    first two). Stages without ranking scores are absent. "Latest" is per stage, so two protocols
+    run on one SAE (two summarize stages) never hide each other's explanations."""
     if not summarize_keys:
         return []
     return rows(
         source,
-        """WITH ranked AS (
+        """WITH latest AS (
+             SELECT * FROM explanations
+             QUALIFY row_number() OVER (PARTITION BY stage_key, latent, explainer_model, kind
+                                        ORDER BY created_at DESC, explanation_id) = 1),
+           ranked AS (
              SELECT e.stage_key, TRY_CAST(json_extract_string(s.extra_json, '$.rank') AS INTEGER) AS rank
-             FROM latest_explanations e JOIN explanation_scores s USING (explanation_id)
+             FROM latest e JOIN explanation_scores s USING (explanation_id)
              WHERE e.kind = 'explanation' AND s.method LIKE 'ranking%' AND list_contains(?, e.stage_key))
            SELECT stage_key AS summarize_key, count(*) AS n, count(rank) AS n_ranked,
                   avg(CASE WHEN rank = 1 THEN 1.0 ELSE 0.0 END) FILTER (WHERE rank IS NOT NULL) AS top1,
