@@ -211,3 +211,19 @@ def test_latent_map_of_a_token_sae_is_the_ground_stage_map(token_run):
     m = latent_map(registry, plan.spec.name, latent, sid)
     assert stored.max() > 0
     np.testing.assert_allclose(m.token_map, stored, rtol=2e-3, atol=2e-3 * float(stored.max()))
+
+
+def test_evaluate_leaves_out_reconstruction_of_a_token_sae(token_run):
+    """A token SAE's slice code (max over tokens) does not rebuild the pooled vector: no fvu/R² rows, a note why."""
+    plan, registry = token_run
+    run_plans([plan], registry, only={"evaluate"}, quiet=True)
+    key = plan.nodes["evaluate"].key
+    con = duckdb.connect(str(registry.path), read_only=True)
+    try:
+        names = {n for (n,) in con.execute("SELECT DISTINCT name FROM metrics WHERE stage_key = ?", [key]).fetchall()}
+        (summary,) = con.execute("SELECT summary_json FROM stages WHERE stage_key = ?", [key]).fetchone()
+    finally:
+        con.close()
+    assert "l0_mean" in names and "dead_fraction" in names  # the codes are evaluated
+    assert not names & {"fvu", "r2_scalar_mean", "r2_scalar_mean_study", "cosine_sim"}
+    assert "token SAE" in json.loads(summary)["reconstruction"]

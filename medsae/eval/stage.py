@@ -42,6 +42,7 @@ from medsae.eval.logreg import resolve_device
 from medsae.eval.targets import Skip, medsae_targets, skip_line, study_groups, study_order
 from medsae.sae.checkpoint import load_sae
 from medsae.sae.codes import load_codes
+from medsae.sae.stage import trained_on
 from medsae.sparse import torch_csr
 from medsae.stage import Metric, StageContext, StageResult
 
@@ -186,12 +187,17 @@ def run_evaluate(ctx: StageContext) -> StageResult:
         split_rows = {s: study_order(data.slices, r) for s, r in split_rows.items()}
         train_rows = study_order(data.slices, train_rows)
     notes: dict[str, Any] = {"protocol": "study"} if study else {}
+    # a token SAE rebuilds tokens, not the pooled vector: its reconstruction is the train stage's token FVU
+    token_sae = trained_on(ctx.inputs["train"]) == "tokens"
+    if token_sae:
+        notes["reconstruction"] = "skipped: a token SAE (sae.input tokens); see the train stage's token fvu"
     metrics: list[Metric] = [Metric("n_slices", float(len(split_rows.get(s, []))), split=s) for s in spec.splits]
     d_sae = data.codes.shape[1]
 
     for split, srows in ctx.progress(split_rows.items(), total=len(split_rows), description="evaluate: reconstruction"):
-        with timer.part("reconstruction"):
-            metrics += rows.scalar_rows(split, _reconstruction(data, srows, spec, device), n=len(srows))
+        if not token_sae:
+            with timer.part("reconstruction"):
+                metrics += rows.scalar_rows(split, _reconstruction(data, srows, spec, device), n=len(srows))
         with timer.part("sparsity"):
             codes = data.codes[srows]
             counts = M.latent_fire_counts(codes)
