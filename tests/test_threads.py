@@ -78,7 +78,7 @@ def test_quota_rounds_down_capped_by_affinity(tmp_path: Path, quota: int, expect
 def test_affinity_smaller_than_core_count(monkeypatch: pytest.MonkeyPatch) -> None:
     if not hasattr(os, "sched_getaffinity"):
         pytest.skip("no CPU affinity on this OS")
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0})
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     monkeypatch.delenv(threads.THREADS_ENV, raising=False)
     assert threads.affinity_cpus() == 1

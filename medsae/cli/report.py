@@ -12,7 +12,13 @@ from medsae.cli.output import Column, Listing, render
 
 def report_command(
     exp: str = typer.Argument(..., help=name_help()),
-    output: Path = typer.Option(Path("report.html"), "--output", "-o", help="HTML file to write."),
+    output: Path = typer.Option(
+        Path("report.html"),
+        "--output",
+        "-o",
+        help="A .html file: the one-file report; any other path: a folder holding the latent explorer "
+        "(index page, one page per latent, thumbnails; works from file:// and any static host).",
+    ),
     latents: int = typer.Option(50, "--latents", "-n", help="Number of latent cards."),
     sort_by: str = typer.Option(
         "frequency",
@@ -22,7 +28,18 @@ def report_command(
     ),
     registry: RegistryOption = None,
 ) -> None:
-    """Write one self-contained HTML report: spec, provenance, metrics, plots and latent cards."""
+    """Write one self-contained HTML report (-o X.html) or the latent explorer folder (-o FOLDER/)."""
+    if output.suffix.lower() not in (".html", ".htm"):
+        from medsae.report.site.build import build_site
+
+        site = build_site(open_registry(registry), exp, output)
+        console().print(
+            f"wrote {site.path}/ ({site.n_pages} latent pages, {site.n_images} images, {site.n_bytes / 1e6:.1f} MB, "
+            f"{site.seconds:.1f} s); open {site.path / 'index.html'} in any browser, it needs no network"
+        )
+        for note in site.notes:
+            console().print(f"note: {note}")
+        return
     from medsae.report.build import build_report
     from medsae.stage import check_writable_file
 
