@@ -46,7 +46,7 @@ from medsae.sae.codes import load_codes
 from medsae.sae.stage import trained_on
 from medsae.stage import Metric, StageContext, StageResult
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: masks rendered by the data stage (in the display orientation of the images)
 GROUNDING_FILE = "grounding.parquet"
 MAPS_FILE = GROUND_MAPS_FILE  # read back by medsae.registry.queries.ground_maps
 #: How the maps were made, by what the SAE was trained on (``sae.input``): the ``route`` column.
