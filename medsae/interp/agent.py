@@ -36,14 +36,15 @@ import numpy as np
 
 from medsae.errors import MedsaeError
 from medsae.interp import explainer, hygiene
+from medsae.interp.agent_base import AgentBase
 from medsae.interp.baselines.best_attribute import best_attribute_tables
 from medsae.interp.baselines.shuffled import shuffled_donor, shuffled_targets
 from medsae.interp.config import InterpretSpec
 from medsae.interp.inputs import AgentData, AgentInputs, load_agent_data, pool_note, read_summary, select_latents
 from medsae.interp.journal import RowSink, Tables, deduplicated, empty_tables
-from medsae.interp.llm import LLMGateway, LLMResponse, budget
+from medsae.interp.llm import LLMResponse, budget
 from medsae.interp.pipeline import LatentWork, run_latents
-from medsae.interp.prompts import Template, load_template
+from medsae.interp.prompts import Template
 from medsae.interp.rows import EXPLANATION, explanation_row, score_row, shuffled_row
 from medsae.interp.run_stats import run_metrics, run_summary
 from medsae.interp.sampling import DETECT, EXPLAIN, SIMULATE, ExampleSet, purpose_seed, sha256_json
@@ -88,7 +89,7 @@ class _LatentPlan:
     ranking: RankingQuestion | None = None
 
 
-class Agent:
+class Agent(AgentBase):
     """One run: an explainer model, the reference scorer, the sets of the summarize stage."""
 
     def __init__(
@@ -98,52 +99,20 @@ class Agent:
         cache_dir: Path,
         progress: Callable | None = None,
     ):
-        self.inputs, self.spec = inputs, spec
+        super().__init__(inputs, spec, cache_dir, progress)
         self.seed = int(spec.seed)
-        self.sae_key = inputs.sae_key
         self.explainer_model = str(spec.explainer_model)
         self.scorer_model = str(spec.scorer_model)
         self.explainer_api_base = spec.explainer_api_base or None
         self.scorer_api_base = spec.scorer_api_base or None
         self.concurrency = int(spec.concurrency)
-        self.gateway = LLMGateway.for_spec(cache_dir, spec)
-        self.progress = progress
-        self.templates: dict[str, Template] = {}
-        self._tables: Tables = empty_tables()
-        self._sink = RowSink()
-        self._finished: set[int] = set()
         self._n_repairs = 0
 
     # ---------------------------------------------------------------- helpers
 
-    def _template(self, name: str) -> Template:
-        if name not in self.templates:
-            self.templates[name] = load_template(name)
-        return self.templates[name]
-
     def _describe(self, text: str) -> str | None:
         quiet = os.environ.get("MEDSAE_QUIET", "") not in ("", "0")
         return None if quiet else text
-
-    def _emit(self, tables: Tables, latent: int | None = None) -> None:
-        """Keep ``tables`` (plus the calls made since the last emit) and hand them to the sink.
-
-        ``latent``: the latent these rows finish (it is then skipped by a resumed stage).
-        """
-        calls = [r for r in self.gateway.drain_call_rows() if not r.get("cached")]
-        tables = {**tables, "llm_calls": list(tables.get("llm_calls", [])) + calls}
-        for table, rows in tables.items():
-            self._tables.setdefault(table, []).extend(rows)
-        if latent is not None:
-            self._finished.add(int(latent))
-        self._sink.add(tables, latent)
-
-    def _emit_prompts(self) -> None:
-        """The templates used so far that were not emitted yet (registry table ``prompts``)."""
-        emitted = {r["template_hash"] for r in self._tables.get("prompts", [])}
-        new = [t.prompt_row() for t in self.templates.values() if t.hash not in emitted]
-        if new:
-            self._emit({"prompts": new})
 
     def _check_models(self) -> None:
         """Fail fast: unknown provider, unregistered offline model or missing key, before any work."""

@@ -33,13 +33,13 @@ import numpy as np
 
 from medsae.errors import MedsaeError
 from medsae.interp import hygiene
+from medsae.interp.agent_base import AgentBase
 from medsae.interp.config import InterpretSpec
 from medsae.interp.explainer import supports_vision
 from medsae.interp.inputs import AgentInputs, Sets, load_slice_tables, read_summary
 from medsae.interp.journal import RowSink, Tables, deduplicated, empty_tables
-from medsae.interp.llm import LLMGateway, LLMRequest, LLMResponse
+from medsae.interp.llm import LLMRequest, LLMResponse
 from medsae.interp.llm.offline import OFFLINE_PREFIX
-from medsae.interp.prompts import Template, load_template
 from medsae.interp.rows import EXPLANATION, explanation_row, score_row
 from medsae.interp.run_stats import run_metrics, run_summary
 from medsae.interp.study import judge
@@ -62,27 +62,15 @@ BATCH_PER_CALL_SLOT = 4
 CONCEPTS_FILE = "study_concepts.json"
 
 
-class StudyAgent:
+class StudyAgent(AgentBase):
     """One run of the study's auto-interpretation (same interface as :class:`medsae.interp.agent.Agent`)."""
 
     def __init__(self, inputs: AgentInputs, spec: InterpretSpec, cache_dir: Path, progress: Callable | None = None):
-        self.inputs, self.spec = inputs, spec
-        self.sae_key = inputs.sae_key
-        self.gateway = LLMGateway.for_spec(cache_dir, spec)
-        self.progress = progress
-        self.templates: dict[str, Template] = {}
+        super().__init__(inputs, spec, cache_dir, progress)
         self.concepts: dict[int, str] = {}  # latent -> its description (targets and distractors)
         self._responses: dict[int, LLMResponse] = {}  # latent -> its explainer answer
-        self._tables: Tables = empty_tables()
-        self._sink = RowSink()
-        self._finished: set[int] = set()
 
     # ---------------------------------------------------------------- setup
-
-    def _template(self, name: str) -> Template:
-        if name not in self.templates:
-            self.templates[name] = load_template(name)
-        return self.templates[name]
 
     def _prompter(self, model: str, api_base: str | None, template: str, temperature: float, max_tokens: int):
         images = bool(self.spec.study_images) and not model.startswith(OFFLINE_PREFIX)
@@ -101,15 +89,6 @@ class StudyAgent:
             slices_dir=self.inputs.slices_dir if images else None,
             image_size=int(self.spec.study_image_size),
         )
-
-    def _emit(self, tables: Tables, latent: int | None = None) -> None:
-        calls = [r for r in self.gateway.drain_call_rows() if not r.get("cached")]
-        tables = {**tables, "llm_calls": list(tables.get("llm_calls", [])) + calls}
-        for table, rows in tables.items():
-            self._tables.setdefault(table, []).extend(rows)
-        if latent is not None:
-            self._finished.add(int(latent))
-        self._sink.add(tables, latent)
 
     # ---------------------------------------------------------------- main
 
@@ -182,13 +161,6 @@ class StudyAgent:
             self._describe(sorted({x for lat in batch for x in (lat, *distractors[lat])}), describer, sets, samples)
             self._rank(batch, distractors, judge_prompter, sets, samples)
             self._emit_prompts()
-
-    def _emit_prompts(self) -> None:
-        """The templates used so far that were not emitted yet (registry table ``prompts``)."""
-        emitted = {r["template_hash"] for r in self._tables.get("prompts", [])}
-        new = [t.prompt_row() for t in self.templates.values() if t.hash not in emitted]
-        if new:
-            self._emit({"prompts": new})
 
     def _recall_concepts(self, earlier: Tables) -> None:
         """Descriptions of an interrupted run's finished latents and their distractors (for the concepts file)."""
