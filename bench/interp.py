@@ -98,9 +98,7 @@ def serve(latency: float) -> None:
     """Child process: run the test server with the baseline's answers; print its URL, wait for stdin EOF."""
     from llm_server import ScriptedLLMServer
 
-    with ScriptedLLMServer(
-        server_handler(), latency_s=latency, max_requests=10**7, lifetime_s=7200
-    ) as server:
+    with ScriptedLLMServer(server_handler(), latency_s=latency, max_requests=10**7, lifetime_s=7200) as server:
         print(server.url, flush=True)
         sys.stdin.read()
 
@@ -201,9 +199,7 @@ def demo_table(registry_path: Path, name: str, run_demo: bool) -> pd.DataFrame:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--latents", type=int, default=1000)
     parser.add_argument("--latency", type=float, default=0.2, help="server latency per call (s)")
     parser.add_argument("--concurrency", type=int, default=64)

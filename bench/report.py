@@ -170,9 +170,7 @@ def main() -> None:
         for n in (50, 200):
             t0 = time.perf_counter()
             out = build_report(reg, "bench@k=8", Path(tmp) / f"r{n}.html", n_latents=n)
-            rows.append(
-                (f"build_report, {n} cards", time.perf_counter() - t0, f"{out.stat().st_size / 1e6:.2f} MB")
-            )
+            rows.append((f"build_report, {n} cards", time.perf_counter() - t0, f"{out.stat().st_size / 1e6:.2f} MB"))
         t0 = time.perf_counter()
         _, result = compare_experiments(reg, [f"bench@k={k}" for k in (8, 16, 32, 64, 96, 128, 160, 192)])
         rows.append(("compare_experiments, 8 experiments", time.perf_counter() - t0, f"{len(result)} rows"))

@@ -3,6 +3,19 @@
     .venv/bin/python bench/sae.py                    # d=1024, 8192 latents, k=10, batch 4096, CPU
     .venv/bin/python bench/sae.py --device cuda      # on a GPU (bf16 encoder matmul, as the study)
     .venv/bin/python bench/sae.py --quick            # smaller shapes, a few seconds
+    /tmp/benchvenv/bin/python bench/sae.py --peers   # medsae fp32 / bf16-mixed beside sparsify and SAELens
+
+``--peers`` needs EleutherAI's sparsify and SAELens, optional extras of this bench (not of medsae),
+installed into a SEPARATE environment, never into the project's .venv::
+
+    python3 -m venv /tmp/benchvenv && /tmp/benchvenv/bin/pip install -e . -r bench/requirements-peers.txt
+
+A peer that is not installed is left out of the table (and said so). Peer rows: every trainer
+starts from medsae's initial weights (copied into the peer's modules), trains the same steps on
+the same planted data (each sample a sum of k of ``latents`` random unit atoms), and the trainers
+take turns in interleaved rounds; "ratio" is the median over rounds of medsae's samples/s over the
+fastest peer's in the same round (a loaded machine slows every trainer of a round alike), and FVU
+is each trainer's own reconstruction of held-out planted samples after those steps.
 
 Rows of the table:
 
@@ -30,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import numpy as np
@@ -37,8 +51,11 @@ import torch
 
 os.environ.setdefault("MEDSAE_QUIET", "1")
 
+from typing import Any
+
 from medsae.sae.config import SAESpec
 from medsae.sae.data import ArrayStore, TrainData
+from medsae.sae.models import SAE, SAEConfig
 from medsae.sae.train import TrainJob, compute_dtype, resolve_device, train_many
 
 
@@ -103,7 +120,9 @@ def study_loop(x: torch.Tensor, n_lat: int, k: int, batch: int, steps: int, dtyp
     return pairs
 
 
-def medsae_pass(x: np.ndarray, device: torch.device, specs: list[SAESpec], clock=None, warmup: int = 1) -> dict:
+def medsae_pass(
+    x: np.ndarray, device: torch.device, specs: list[SAESpec], clock=None, warmup: int = 1, batched: bool | None = None
+) -> dict:
     """One train_many pass. With ``clock``, a matmul is timed after every step (outside the step's time)."""
     wall0 = time.perf_counter()
     data = TrainData(ArrayStore(x), np.arange(len(x)), device, 1e12)
@@ -114,7 +133,8 @@ def medsae_pass(x: np.ndarray, device: torch.device, specs: list[SAESpec], clock
         end = time.perf_counter()
         marks.append((end, clock() if clock else 0.0))
 
-    results = train_many([TrainJob(s.model_dump(mode="json")) for s in specs], data, device, on_step=on_step)
+    jobs = [TrainJob(s.model_dump(mode="json")) for s in specs]
+    results = train_many(jobs, data, device, on_step=on_step, batched=batched)
     _sync(device)
     # a step's time = from the end of the previous callback (its matmul included) to its own end
     pairs = [(marks[i][0] - marks[i - 1][0] - marks[i - 1][1], marks[i][1]) for i in range(warmup, len(marks))]
@@ -127,6 +147,166 @@ def medsae_pass(x: np.ndarray, device: torch.device, specs: list[SAESpec], clock
     }
 
 
+def planted(n: int, d: int, n_atoms: int, k: int, seed: int = 0) -> np.ndarray:
+    """n samples, each a sum of k of ``n_atoms`` random unit atoms with coefficients in [0.5, 1.5]."""
+    rng = np.random.default_rng(seed)
+    atoms = rng.normal(size=(n_atoms, d)).astype(np.float32)
+    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
+    idx = rng.integers(0, n_atoms, size=(n, k))
+    coef = rng.uniform(0.5, 1.5, size=(n, k, 1)).astype(np.float32)
+    return (coef * atoms[idx]).sum(1)
+
+
+def _fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    return float(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+
+
+def _peer_loop(step, x: torch.Tensor, batch: int, steps: int, device: torch.device) -> float:
+    """Seconds of ``steps`` calls of ``step(batch)`` after one warm-up step (not timed)."""
+    step(x[:batch])
+    _sync(device)
+    t0 = time.perf_counter()
+    for s in range(steps):
+        step(x[(s + 1) * batch : (s + 2) * batch])
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def run_sparsify(init: dict, x: torch.Tensor, held: torch.Tensor, k: int, batch: int, steps: int, lr: float):
+    """EleutherAI sparsify's SparseCoder (its fused TopK encoder), Adam, unit-norm decoder as its trainer does.
+
+    Off CUDA, sparsify's own eager decoder (its Triton kernel needs a GPU): set SPARSIFY_DISABLE_TRITON=1.
+    """
+    if x.device.type != "cuda":
+        os.environ["SPARSIFY_DISABLE_TRITON"] = "1"  # read when sparsify is first imported
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    device = x.device
+    sae = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=init["W_enc"].shape[0], k=k), device=device)
+    with torch.no_grad():
+        sae.encoder.weight.copy_(init["W_enc"])
+        sae.encoder.bias.copy_(init["b_enc"])
+        sae.W_dec.copy_(init["W_dec"])
+        sae.b_dec.copy_(init["b_dec"])
+    opt = torch.optim.Adam(sae.parameters(), lr=lr, fused=True)
+
+    def step(xb: torch.Tensor) -> None:
+        out = sae(xb)
+        opt.zero_grad(set_to_none=True)
+        out.fvu.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        sae.set_decoder_norm_to_unit_norm()
+
+    seconds = _peer_loop(step, x, batch, steps, device)
+    with torch.no_grad():
+        acts, idx, _ = sae.encode(held)
+        return seconds, _fvu(held, sae.decode(acts, idx))
+
+
+def run_saelens(init: dict, x: torch.Tensor, held: torch.Tensor, k: int, batch: int, steps: int, lr: float):
+    """SAELens's TopKTrainingSAE through its training_forward_pass, Adam (no AuxK, as the other rows)."""
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.saes.sae import TrainStepInput
+
+    device = x.device
+    d, n_lat = x.shape[1], init["W_enc"].shape[0]
+    cfg = TopKTrainingSAEConfig(d_in=d, d_sae=n_lat, k=k, device=str(device), aux_loss_coefficient=0.0,
+                                rescale_acts_by_decoder_norm=False)  # fmt: skip
+    sae = TopKTrainingSAE(cfg)
+    with torch.no_grad():
+        sae.W_enc.copy_(init["W_enc"].t())
+        sae.b_enc.copy_(init["b_enc"])
+        sae.W_dec.copy_(init["W_dec"])
+        sae.b_dec.copy_(init["b_dec"])
+    opt = torch.optim.Adam(sae.parameters(), lr=lr, fused=True)
+    count = [0]
+
+    def step(xb: torch.Tensor) -> None:
+        out = sae.training_forward_pass(TrainStepInput(xb, {}, None, count[0], False))
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        count[0] += 1
+
+    seconds = _peer_loop(step, x, batch, steps, device)
+    with torch.no_grad():
+        return seconds, _fvu(held, sae.decode(sae.encode(held)))
+
+
+def run_medsae(spec: SAESpec, x: torch.Tensor, held: torch.Tensor, steps: int) -> tuple[float, float]:
+    """medsae's train_many over exactly steps + 1 batches; the first (warm-up) step is not timed."""
+    device = x.device
+    x_np = x[: spec.batch_size * (steps + 1)].cpu().numpy()
+    data = TrainData(ArrayStore(x_np), np.arange(len(x_np)), device, 1e12)
+    marks: list[float] = []
+
+    def on_step(step: int) -> None:
+        _sync(device)
+        marks.append(time.perf_counter())
+
+    result = train_many([TrainJob(spec)], data, device, on_step=on_step)[0]
+    with torch.no_grad():
+        return marks[-1] - marks[0], _fvu(held, result.sae.decode(result.sae.encode(held)))
+
+
+def peer_table(args: argparse.Namespace, device: torch.device) -> None:
+    """medsae (fp32, bf16-mixed) beside sparsify and SAELens: interleaved rounds, same data and init."""
+    import importlib.util
+
+    d, n_lat, k, batch, steps = args.d, args.latents, args.k, args.batch, args.steps
+    peers = {"sparsify": run_sparsify, "SAELens": run_saelens}
+    modules = {"sparsify": "sparsify", "SAELens": "sae_lens"}
+    missing = [name for name, mod in modules.items() if importlib.util.find_spec(mod) is None]
+    peers = {name: fn for name, fn in peers.items() if name not in missing}
+    x = torch.from_numpy(planted(batch * (steps + 2), d, n_lat, k, seed=0)).to(device)
+    held = torch.from_numpy(planted(min(8192, 2 * batch), d, n_lat, k, seed=1)).to(device)
+    common = dict(arch="topk", d_sae=n_lat, k=k, batch_size=batch, epochs=1, auxk=False, b_dec_init="zeros",
+                  normalize="none", lr=args.lr, lr_end=args.lr, warmup_steps=0, log_every=10**6)  # fmt: skip
+    # the data order of train_many is a seeded permutation: hand every trainer the rows in that order
+    from medsae.sae.data import epoch_order
+    from medsae.sae.train import combined_seed
+
+    order = epoch_order(batch * (steps + 1), combined_seed(0, 0), 0)
+    x = torch.cat([x[torch.as_tensor(np.asarray(order))], x[batch * (steps + 1) :]])
+    init_sae = SAE(SAEConfig.from_spec(SAESpec(**common), d), torch.Generator().manual_seed(combined_seed(0, 0)))
+    init = {name: getattr(init_sae, name).detach().to(device) for name in ("W_enc", "W_dec", "b_enc", "b_dec")}
+    trainers: dict[str, Any] = {
+        "medsae fp32": lambda: run_medsae(SAESpec(**common, precision="fp32"), x, held, steps),
+        "medsae bf16-mixed": lambda: run_medsae(SAESpec(**common, precision="bf16-mixed"), x, held, steps),
+    }
+    for name, fn in peers.items():
+        trainers[name] = lambda fn=fn: fn(init, x, held, k, batch, steps, args.lr)
+    rates: dict[str, list[float]] = {name: [] for name in trainers}
+    fvus: dict[str, float] = {}
+    loads = []
+    names = list(trainers)
+    for r in range(args.rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # a new order every round
+            seconds, fvu = trainers[name]()
+            rates[name].append(batch * steps / seconds)
+            fvus[name] = fvu
+            print(f"round {r + 1}: {name} {rates[name][-1]:,.0f} samples/s, FVU {fvu:.4f}", file=sys.stderr, flush=True)
+        loads.append(os.getloadavg()[0])
+    print(
+        f"\nmedsae beside peers on {device}: planted data (d={d}, {n_lat} atoms, {k} per sample), TopK latents="
+        f"{n_lat}, k={k}, batch={batch}, {steps} timed steps per run, {args.rounds} interleaved rounds, same init, "
+        f"Adam lr {args.lr}, no AuxK; threads={torch.get_num_threads()}, load average during rounds "
+        f"{min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} CPUs"
+    )
+    if missing:
+        print(f"(not installed, left out: {', '.join(missing)}; see the module docstring)")
+    fastest = None
+    if peers:
+        fastest = max(peers, key=lambda n: float(np.median(rates[n])))
+    print(f"{'trainer':22s} {'samples/s':>10s} {'ratio vs ' + (fastest or 'peer'):>20s} {'final FVU':>10s}")
+    for name in trainers:
+        ratio = "-"
+        if fastest is not None:
+            ratio = f"{float(np.median([a / b for a, b in zip(rates[name], rates[fastest], strict=True)])):.2f}x"
+        print(f"{name:22s} {float(np.median(rates[name])):10,.0f} {ratio:>20s} {fvus[name]:10.4f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto")
@@ -137,12 +317,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed steps per measurement")
     parser.add_argument("--quick", action="store_true", help="d=256, 2048 latents, batch 1024")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--peers", action="store_true", help="only the table beside sparsify and SAELens")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the peer table")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the peer table")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.d, args.latents, args.batch = 256, 2048, 1024
     device = resolve_device(args.device)
+    if args.peers:
+        peer_table(args, device)
+        return
     dtype = compute_dtype("auto", device)
     d, n_lat, k, batch, steps = args.d, args.latents, args.k, args.batch, args.steps
     if device.type == "cuda":
@@ -207,18 +393,22 @@ def main() -> None:
     ks = [4, 6, 8, 10, 12, 16, 24, 32]
     multi_steps = max(2, steps // 2)
     x_small = x_np[: batch * (multi_steps + 1)]
-    one = medsae_pass(x_small, device, [spec(k_) for k_ in ks])
+    one = medsae_pass(x_small, device, [spec(k_) for k_ in ks], batched=False)
+    grouped = medsae_pass(x_small, device, [spec(k_) for k_ in ks], batched=True)
     seq = [medsae_pass(x_small, device, [spec(k_)]) for k_ in ks]
     t_seq, wall_seq = sum(r["seconds"] for r in seq), sum(r["wall"] for r in seq)
     print(
         f"\n8 TopK configs (k = {ks}), {one['steps']} timed steps each; wall includes data setup and the "
-        "final statistics pass"
+        "final statistics pass; batched GEMM = the 8 encoder matmuls as one baddbmm per step"
     )
-    print(f"{'':24s} {'timed steps':>12s} {'wall':>9s}")
-    print(f"{'one pass, 8 configs':24s} {one['seconds']:11.2f}s {one['wall']:8.2f}s")
-    print(f"{'8 sequential runs':24s} {t_seq:11.2f}s {wall_seq:8.2f}s")
+    print(f"{'':34s} {'timed steps':>12s} {'wall':>9s}")
+    print(f"{'one pass, 8 configs':34s} {one['seconds']:11.2f}s {one['wall']:8.2f}s")
+    print(f"{'one pass, 8 configs, batched GEMM':34s} {grouped['seconds']:11.2f}s {grouped['wall']:8.2f}s")
+    print(f"{'8 sequential runs':34s} {t_seq:11.2f}s {wall_seq:8.2f}s")
     ratio, wall_ratio = 100 * one["seconds"] / t_seq, 100 * one["wall"] / wall_seq
-    print(f"{'one pass / sequential':24s} {ratio:11.0f}% {wall_ratio:8.0f}%")
+    print(f"{'one pass / sequential':34s} {ratio:11.0f}% {wall_ratio:8.0f}%")
+    ratio, wall_ratio = 100 * grouped["seconds"] / t_seq, 100 * grouped["wall"] / wall_seq
+    print(f"{'batched one pass / sequential':34s} {ratio:11.0f}% {wall_ratio:8.0f}%")
 
 
 if __name__ == "__main__":

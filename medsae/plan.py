@@ -28,6 +28,10 @@ under an OS file lock ``artifacts/<kind>/.locks/<key>.lock`` (released by the ke
 stage is never built twice at the same time nor read half-written. Before any work, every place
 a run writes to (registry, artifacts, generated data) is probed, so a read-only folder is one
 line, not a traceback after an hour.
+
+Stage functions run through an executor (:mod:`medsae.executor`): in this process by default, or as
+tasks on a Ray cluster (``--executor ray``); either way this process alone renames the folders and
+writes the registry, so keys, folders and rows are the same whichever executor built a stage.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from medsae.errors import MedsaeError, MissingInputError
+from medsae.executor.base import Executor
+from medsae.executor.local import LocalExecutor
 from medsae.paths import resolve_stored, to_stored
 from medsae.registry import Registry, insert_rows
 from medsae.registry.db import rows_to_arrow
@@ -69,7 +75,7 @@ from medsae.stage import (
     metric_rows,
 )
 from medsae.stages import STAGE_TABLE, STAGES, StageDef, stage_def
-from medsae.threads import apply_thread_limits, thread_count
+from medsae.threads import thread_count
 
 #: Registry tables a stage may return, and the column holding the producing stage's key.
 _KEY_COLUMN: dict[str, str] = {
@@ -247,9 +253,7 @@ def done_keys(registry: Registry, keys: list[str]) -> set[str]:
         [keys],
     )
     return {
-        r["stage_key"]
-        for r in rows
-        if r["artifact_dir"] and resolve_stored(r["artifact_dir"], registry.path).is_dir()
+        r["stage_key"] for r in rows if r["artifact_dir"] and resolve_stored(r["artifact_dir"], registry.path).is_dir()
     }
 
 
@@ -478,13 +482,17 @@ def run_plans(
     spec_path: str | None = None,
     sweep: str | None = None,
     on_event: Callable[[StageOutcome], None] | None = None,
+    executor: Executor | None = None,
 ) -> list[StageOutcome]:
     """Run every missing stage of the planned experiments, stage kind by stage kind.
 
     ``on_event`` sees every outcome, and a ``waiting`` event (not in the returned list) when
-    another process holds a stage's lock.
+    another process holds a stage's lock. ``executor`` runs the stage functions (default: in this
+    process, :class:`~medsae.executor.local.LocalExecutor`); whichever it is, this process alone
+    renames the folders and writes the registry.
     """
     force = force or set()
+    executor = executor or LocalExecutor()
     unknown = (force | (only or set())) - set(STAGES)
     if unknown:
         raise MedsaeError(f"unknown stage '{sorted(unknown)[0]}' (stages: {', '.join(STAGES)})")
@@ -520,8 +528,12 @@ def run_plans(
 
         forced = {key for key in by_key if d.kind in force and key not in forced_done}
         todo = _settle(list(by_key.values()), registry, forced, users, emit)
-        for batch in _batches(d, todo):
-            built = _build(batch, registry, forced, users, emit, quiet=quiet, forced_rows=d.kind in force)
+        batches = _batches(d, todo)
+        # a concurrent executor gets every batch of the kind at once, the local one a batch at a time
+        for group in [batches] if executor.concurrent and batches else [[b] for b in batches]:
+            built = _build(
+                group, registry, forced, users, emit, quiet=quiet, forced_rows=d.kind in force, executor=executor
+            )
             forced_done.update(built)
     return outcomes
 
@@ -555,7 +567,7 @@ def run_stage(
     forced = {node.key} if force else set()
     todo = _settle([node], registry, forced, users, emit)
     if todo:
-        _build(todo, registry, forced, users, emit, quiet=quiet, forced_rows=force)
+        _build([todo], registry, forced, users, emit, quiet=quiet, forced_rows=force, executor=LocalExecutor())
     return outcomes[-1]
 
 
@@ -576,7 +588,7 @@ def _batches(d: StageDef, todo: list[StageNode]) -> list[list[StageNode]]:
 
 
 def _build(
-    batch: list[StageNode],
+    batches: list[list[StageNode]],
     registry: Registry,
     forced: set[str],
     users: dict[str, list[str]],
@@ -584,25 +596,27 @@ def _build(
     *,
     quiet: bool,
     forced_rows: bool,
+    executor: Executor,
 ) -> list[str]:
-    """Build stages of one kind under their locks (one ``run_many`` call when several); their keys."""
-    with _stage_locks(batch, users, emit):
-        batch = _settle(batch, registry, forced, users, emit, locked=True)  # built by another process?
-        if not batch:
+    """Build batches of stages of one kind under their locks (a batch: one ``run_many`` call when
+    several stages); each batch is saved, renamed and registered as soon as the executor finishes it.
+    Returns the keys built."""
+    with _stage_locks([node for batch in batches for node in batch], users, emit):
+        left = {n.key for batch in batches for n in _settle(batch, registry, forced, users, emit, locked=True)}
+        batches = [kept for batch in batches if (kept := [n for n in batch if n.key in left])]  # built elsewhere?
+        if not batches:
             return []
-        d = stage_def(batch[0].kind)
+        d = stage_def(batches[0][0].kind)
         started = time.time()
-        t0 = time.perf_counter()
-        ctxs = [_context(node, quiet, registry) for node in batch]
-        run_one, run_many = d.load(), d.load_many()
-        apply_thread_limits()  # the stage's module (and torch, if it uses it) is loaded: size its pools
-        results = run_many(ctxs) if len(ctxs) > 1 and run_many is not None else [run_one(ctxs[0])]
-        seconds = (time.perf_counter() - t0) / len(batch)
-        for node, result in zip(batch, results, strict=False):
-            _save_result(node, result, seconds, started)
-            _finish(node, registry, forced=forced_rows)
-            emit(StageOutcome(node.kind, node.key, "ran", seconds, users[node.key]))
-    return [node.key for node in batch]
+        ctxs = [[_context(node, quiet, registry) for node in batch] for batch in batches]
+        built: list[str] = []
+        for i, results, seconds in executor.run(d, ctxs):
+            for node, result in zip(batches[i], results, strict=False):
+                _save_result(node, result, seconds, started)
+                _finish(node, registry, forced=forced_rows)
+                emit(StageOutcome(node.kind, node.key, "ran", seconds, users[node.key]))
+            built += [node.key for node in batches[i]]
+    return built
 
 
 def _settle(

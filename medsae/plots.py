@@ -1,16 +1,17 @@
 """Every figure medsae draws, in one place (matplotlib's Agg canvas; no global backend state is touched).
 
 Each figure function takes plain data and returns a matplotlib ``Figure``, or ``None`` when there is
-nothing to draw. Two sinks turn a figure into output and pass ``None`` through: :func:`save_png`
-(the evaluate stage's ``plots/*.png``, ``medsae eval plot-sweep``) and :func:`data_url` (the HTML
-report embeds its figures as ``data:image/png`` URLs).
+nothing to draw. Three sinks turn a figure into output and pass ``None`` through: :func:`save_png`
+(the evaluate stage's ``plots/*.png``, ``medsae eval plot-sweep``), :func:`data_url` (the HTML
+report embeds its figures as ``data:image/png`` URLs) and :func:`png_bytes` (the explorer's files).
 
 * :func:`reconstruction_vs_l0` - FVU and the study's R² against L0, one point per experiment;
 * :func:`recovery_curves` - performance recovery against the number of latents N, from the
   evaluate stage's metric rows (registry rows or the stage's own ``Metric`` list);
 * :func:`latent_frequency` - histogram of log10 firing frequency with the dead and dense counts;
 * :func:`probe_aucs` - dense vs sparse probe AUC per target;
-* :func:`score_distributions` - explanation scores per explainer against the baselines.
+* :func:`score_distributions` - explanation scores per explainer against the baselines;
+* :func:`training_curves` - training loss and FVU against samples seen (the train stage's ``history.json``).
 """
 
 from __future__ import annotations
@@ -71,13 +72,19 @@ def png_data_url(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def data_url(fig: Figure | None) -> str | None:
-    """``fig`` as a ``data:image/png;base64,...`` URL; None for no figure."""
+def png_bytes(fig: Figure | None) -> bytes | None:
+    """``fig`` as PNG bytes (the explorer stores them as files); None for no figure."""
     if fig is None:
         return None
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=_DPI)
-    return png_data_url(buf.getvalue())
+    return buf.getvalue()
+
+
+def data_url(fig: Figure | None) -> str | None:
+    """``fig`` as a ``data:image/png;base64,...`` URL; None for no figure."""
+    png = png_bytes(fig)
+    return None if png is None else png_data_url(png)
 
 
 def reconstruction_vs_l0(points: pd.DataFrame) -> Figure | None:
@@ -181,6 +188,17 @@ def recovery_curves(metrics: pd.DataFrame | Iterable[Any], splits: Sequence[str]
     return fig
 
 
+def frequency_bins(alive: np.ndarray) -> np.ndarray:
+    """Bin edges in log10 frequency for the histogram of :func:`latent_frequency` (``alive``: frequencies > 0).
+
+    30 equal bins from just below the rarest to just above the most frequent latent; all equal: 10 bins
+    around that value. Public so a page can print the counts the figure draws.
+    """
+    logs = np.log10(np.asarray(alive, dtype=np.float64))
+    lo, hi = float(logs.min()), float(logs.max())
+    return np.linspace(lo - 0.05, hi + 0.05, 31) if hi > lo else np.histogram_bin_edges(logs, bins=10)
+
+
 def latent_frequency(
     frequency: Sequence[float] | np.ndarray,
     dense_threshold: float | None = None,
@@ -202,9 +220,7 @@ def latent_frequency(
     fig = _figure(6, 3.6)
     ax = fig.subplots()
     if alive.size:
-        lo, hi = np.log10(alive.min()), np.log10(alive.max())
-        bins = np.linspace(lo - 0.05, hi + 0.05, 31) if hi > lo else 10
-        ax.hist(np.log10(alive), bins=bins, color="C0", alpha=0.85)
+        ax.hist(np.log10(alive), bins=frequency_bins(alive), color="C0", alpha=0.85)
     else:
         ax.text(0.5, 0.5, "no latent fires", ha="center", va="center", transform=ax.transAxes)
     if dense_threshold is not None:
@@ -282,4 +298,36 @@ def score_distributions(
             ax.legend(fontsize=7, loc="lower right")
         ax.grid(alpha=0.3, axis="x")
     fig.suptitle("Explanation scores per explainer vs baselines", fontsize=11)
+    return fig
+
+
+def training_curves(rows: Sequence[Mapping[str, Any]], title: str = "") -> Figure | None:
+    """Training loss and FVU against samples seen, one panel each; epoch starts as faint vertical lines.
+
+    ``rows``: the train stage's ``history.json`` rows (keys ``epoch, step, samples, loss, fvu``), in
+    training order. Rows without a finite value are left out of that panel.
+    """
+    frame = pd.DataFrame(list(rows), columns=["epoch", "step", "samples", "loss", "fvu"])
+    frame = frame.apply(pd.to_numeric, errors="coerce").dropna(subset=["samples"]).sort_values("samples")
+    panels = [
+        (c, label) for c, label in (("loss", "training loss"), ("fvu", "FVU (train batches)")) if frame[c].notna().any()
+    ]
+    if not panels:
+        return None
+    fig = _figure(4.5 * len(panels), 3.4)
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    starts = frame.groupby("epoch")["samples"].min().iloc[1:] if frame["epoch"].notna().any() else []
+    for ax, (column, label) in zip(axes, panels, strict=True):
+        sel = frame.dropna(subset=[column])
+        ax.plot(sel["samples"], sel[column], "-", color="C0", lw=1.2, marker="o" if len(sel) < 30 else None, ms=3)
+        for x in starts:
+            ax.axvline(x, color="0.85", lw=0.8, zorder=0)
+        values = sel[column].to_numpy(dtype=float)
+        if (values > 0).all() and values.max() / values.min() > 20:
+            ax.set_yscale("log")
+        ax.set_xlabel("samples seen")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    n_epochs = frame["epoch"].nunique()
+    fig.suptitle(f"{title} training: {len(frame)} points over {n_epochs} epoch(s)".strip(), fontsize=11)
     return fig

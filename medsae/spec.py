@@ -40,7 +40,7 @@ import math
 import stat
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -56,7 +56,7 @@ from medsae.ground.config import GroundSpec
 from medsae.interp.config import InterpretSpec
 from medsae.paths import resolve_spec_path
 from medsae.sae.config import SAESpec
-from medsae.specbase import PathStr, Section, added_field, seed_field
+from medsae.specbase import PathStr, Section, added_field, execution_only, key_params, seed_field
 
 #: Largest spec file read (real specs are a few kB).
 MAX_SPEC_BYTES = 1_000_000
@@ -109,6 +109,19 @@ class ExperimentSpec(Section):
         default_factory=GroundSpec, description="Grounding of latents in the structure masks (opt-in stage)."
     )
     sweep: SweepSpec | None = Field(None, description="Expand into a grid of experiments.")
+    executor: Literal["local", "ray"] = execution_only(
+        "local",
+        "Where stage functions run: local (this process) or ray (a Ray cluster; `pip install medsae[ray]`; "
+        "every worker must see the artifacts folder). Overridden by `exp run --executor`.",
+        added=True,
+    )
+    ray_address: str | None = execution_only(
+        None,
+        "The Ray cluster of the ray executor: 'auto' (the one started on this machine by `ray start`), "
+        "HOST:PORT, or none (RAY_ADDRESS, else a new local cluster). Overridden by `exp run --address`.",
+        added=True,
+        max_length=1024,
+    )
 
     #: Folder of the spec file relative paths are taken from (None: not read from a file -> the cwd).
     _spec_folder: Path | None = PrivateAttr(None)
@@ -135,8 +148,9 @@ class ExperimentSpec(Section):
 
     def canonical_json(self) -> str:
         """Canonical JSON of the resolved spec (sorted keys, compact, defaults included except those
-        of fields added later, see ``specbase.added_field``)."""
-        return canonical_json(self.model_dump(mode="json"))
+        of fields added later, see ``specbase.added_field``). The experiment-wide execution-only fields
+        (``executor``, ``ray_address``) are left out: where an experiment runs does not make it another."""
+        return canonical_json(key_params(self))
 
     def spec_hash(self) -> str:
         return sha256_text(self.canonical_json())

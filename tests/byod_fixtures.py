@@ -127,13 +127,27 @@ def write_series(
         if k in skip:
             continue
         header = {
-            "Modality": "CT", "PatientID": patient_id, "PatientName": "Doe^Jane", "StudyInstanceUID": study_uid,
-            "SeriesInstanceUID": series_uid, "Rows": stored.shape[1], "Columns": stored.shape[2],
-            "BitsAllocated": 16, "BitsStored": 16, "HighBit": 15, "PixelRepresentation": 1, "SamplesPerPixel": 1,
-            "PhotometricInterpretation": "MONOCHROME2", "PixelSpacing": [spacing[1], spacing[0]],
-            "SliceThickness": spacing[2], "ImageOrientationPatient": list(orientation),
+            "Modality": "CT",
+            "PatientID": patient_id,
+            "PatientName": "Doe^Jane",
+            "StudyInstanceUID": study_uid,
+            "SeriesInstanceUID": series_uid,
+            "Rows": stored.shape[1],
+            "Columns": stored.shape[2],
+            "BitsAllocated": 16,
+            "BitsStored": 16,
+            "HighBit": 15,
+            "PixelRepresentation": 1,
+            "SamplesPerPixel": 1,
+            "PhotometricInterpretation": "MONOCHROME2",
+            "PixelSpacing": [spacing[1], spacing[0]],
+            "SliceThickness": spacing[2],
+            "ImageOrientationPatient": list(orientation),
             "ImagePositionPatient": [float(v) for v in np.asarray(origin) + k * spacing[2] * normal],
-            "RescaleSlope": slope, "RescaleIntercept": intercept, "InstanceNumber": k + 1, **(tags or {}),
+            "RescaleSlope": slope,
+            "RescaleIntercept": intercept,
+            "InstanceNumber": k + 1,
+            **(tags or {}),
             "PixelData": np.ascontiguousarray(stored[k], dtype="<i2").tobytes(),
         }  # fmt: skip  (row spacing first in PixelSpacing)
         ds = _dataset(CT_UID, syntax, header)

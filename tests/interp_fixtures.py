@@ -57,9 +57,7 @@ def make_slices(
     rows["pathology_location"] = None
     rows["scanner_model"] = None
     rows["slice_id"] = np.arange(n, dtype=np.int64)
-    rows["slice_uid"] = (
-        rows["modality"] + "/" + rows["image_id"] + "/" + rows["plane"] + "/" + rows["idx"].astype(str)
-    )
+    rows["slice_uid"] = rows["modality"] + "/" + rows["image_id"] + "/" + rows["plane"] + "/" + rows["idx"].astype(str)
     present = rng.random((n, len(VOCAB))) < 0.3
     pixels = rng.integers(50, 2000, size=(n, len(VOCAB)))
     sid, col = np.nonzero(present)

@@ -388,9 +388,7 @@ class ScriptedLLMServer:
             request_queue_size = 256
 
         self._httpd = Server(("127.0.0.1", 0), RequestHandler)
-        threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        ).start()
+        threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         self._timer = threading.Timer(self.lifetime_s, self.stop)
         self._timer.daemon = True
         self._timer.start()

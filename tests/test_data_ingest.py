@@ -65,9 +65,7 @@ def test_index_layout_and_order(index):
     assert s["slice_id"].tolist() == list(range(len(s)))
     key = s[["modality", "image_id", "plane", "idx"]]
     assert key.equals(key.sort_values(["modality", "image_id", "plane", "idx"]).reset_index(drop=True))
-    assert (
-        s["slice_uid"] == s["modality"] + "/" + s["image_id"] + "/" + s["plane"] + "/" + s["idx"].astype(str)
-    ).all()
+    assert (s["slice_uid"] == s["modality"] + "/" + s["image_id"] + "/" + s["plane"] + "/" + s["idx"].astype(str)).all()
     assert set(s["modality"]) == {"ct", "mri"}
     ct_planes = s[s["modality"] == "ct"].groupby("image_id")["plane"].nunique()
     assert (ct_planes == 3).all()
@@ -160,9 +158,7 @@ def test_presence_matrix_and_body_regions(index):
     only_brain_or_skull = st.groupby("slice_id")["structure"].agg(set).map(lambda x: x <= {"brain", "skull"})
     head = [sid for sid, flag in only_brain_or_skull.items() if flag and sid in with_brain]
     assert head and (s.loc[head, "body_region"] == "head").all()
-    femur_only = (
-        st.groupby("slice_id")["structure"].agg(set).map(lambda x: x <= {"femur_left", "femur_right"})
-    )
+    femur_only = st.groupby("slice_id")["structure"].agg(set).map(lambda x: x <= {"femur_left", "femur_right"})
     assert (s.loc[femur_only[femur_only].index, "body_region"] == "extremities").all()
 
 
@@ -214,6 +210,12 @@ def test_split_ratios_strata_and_reuse(tmp_path):
     grown = load_or_create_splits(path, scans, ["A", "D", "E"], 0.2, 42)
     pd.testing.assert_frame_equal(first, grown.iloc[:1500].reset_index(drop=True), check_dtype=False)
     assert len(pd.read_parquet(path)) == n
+    # The run that creates the table and a run that reads it back return the same column types, so
+    # the slices stage writes byte-identical split files on a first and a later run.
+    fresh = load_or_create_splits(tmp_path / "other.parquet", scans, ["A", "D", "E"], 0.2, 42)
+    again = load_or_create_splits(tmp_path / "other.parquet", scans, ["A", "D", "E"], 0.2, 42)
+    assert fresh.dtypes.to_dict() == again.dtypes.to_dict()
+    pd.testing.assert_frame_equal(fresh, again)
 
 
 def test_rendering_matches_direct_windowing(dataset, index):
@@ -223,9 +225,7 @@ def test_rendering_matches_direct_windowing(dataset, index):
     img = nib.load(dataset / "CT_Dataset_v201" / row["image_id"] / "ct.nii.gz")
     meta = pd.read_csv(dataset / "CT_Dataset_v201" / "meta.csv", sep=";", dtype=str).set_index("image_id")
     windows = {"ct thorax": (-200, 1400), "ct abdomen": (50, 1000), "ct head": (40, 400)}
-    windows.update(
-        {"ct pelvis": (80, 1400), "ct thorax-abdomen": (-100, 1400), "ct abdomen-pelvis": (50, 1000)}
-    )
+    windows.update({"ct pelvis": (80, 1400), "ct thorax-abdomen": (-100, 1400), "ct abdomen-pelvis": (50, 1000)})
     windows["ct thorax-abdomen-pelvis"] = (-100, 1400)
     study = " ".join(meta.loc[row["image_id"], "study_type"].lower().split())
     c, w = windows.get(study, (40, 400))

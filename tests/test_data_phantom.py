@@ -14,8 +14,7 @@ from medsae.data.phantom import ORGANS, write_phantom
 from medsae.errors import MedsaeError
 
 CT_COLUMNS = (
-    "image_id;age;gender;institute;study_type;split;manufacturer;scanner_model;"
-    "kvp;pathology;pathology_location"
+    "image_id;age;gender;institute;study_type;split;manufacturer;scanner_model;kvp;pathology;pathology_location"
 )
 MRI_COLUMNS = (
     "image_id;age;gender;institute;study_type;split;manufacturer;scanner_model;magnetic_field_strength;"

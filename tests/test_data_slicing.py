@@ -152,9 +152,7 @@ def test_crop_and_display_orientation():
     assert crop_bounds(10, 6) == (slice(2, 8), slice(0, 6))
     assert crop_bounds(5, 9) == (slice(0, 5), slice(2, 7))
     vol = np.arange(3 * 4 * 5).reshape(3, 4, 5)
-    cropped = take_slices(
-        vol, 0, np.array([1]), "center_square"
-    )  # rows = axis 1 (4), cols = axis 2 (5) -> 4x4
+    cropped = take_slices(vol, 0, np.array([1]), "center_square")  # rows = axis 1 (4), cols = axis 2 (5) -> 4x4
     np.testing.assert_array_equal(cropped[0], vol[1, :, 0:4])
     img = np.array([[[1, 2], [3, 4]]])
     # study: rotate 90 deg counter-clockwise; slices along axes 0 and 1 are mirrored left-right too

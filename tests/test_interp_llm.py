@@ -194,9 +194,7 @@ def test_call_rows_carry_cost_tokens_and_latency(tmp_path, llm_server):
 
     registry = Registry(tmp_path / "registry.duckdb")  # the rows fit the registry table as they are
     registry.insert("llm_calls", rows, ignore_conflicts=False)  # llm_calls has no key to conflict on
-    stored = registry.query(
-        "SELECT sum(cost_usd) AS cost, sum(tokens_in) AS tin, count(*) AS n FROM llm_calls"
-    )
+    stored = registry.query("SELECT sum(cost_usd) AS cost, sum(tokens_in) AS tin, count(*) AS n FROM llm_calls")
     assert stored[0]["n"] == 3 and stored[0]["tin"] == 1200 * 2 + unpriced.tokens_in
     assert stored[0]["cost"] == pytest.approx(expected)
 
@@ -232,9 +230,7 @@ def test_identical_requests_in_flight_make_one_call(tmp_path, llm_server):
 
 
 def test_budget_exceeded_stops_new_calls(tmp_path, llm_server):
-    llm_server.set_handler(
-        lambda req: (200, completion_json(req, "ok", prompt_tokens=100, completion_tokens=10))
-    )
+    llm_server.set_handler(lambda req: (200, completion_json(req, "ok", prompt_tokens=100, completion_tokens=10)))
     gw = gateway(tmp_path, concurrency=1, max_cost_usd=0.0)
     out = gw.complete_many([ask(llm_server, f"b{i}", model="openai/gpt-4o-mini") for i in range(3)])
     assert out[0].error is None and out[0].cost_usd > 0
@@ -275,7 +271,5 @@ def test_user_errors_raise_one_line(tmp_path, llm_server, monkeypatch):
 
 def test_int_logprobs_builder_marks_only_integer_tokens():
     entries = int_logprobs("X10: 10\nX02: 0", lambda v: {str(v): 1.0})
-    marked = [
-        e["token"] for e in entries if len(e["top_logprobs"]) and e["top_logprobs"][0]["token"].isdigit()
-    ]
+    marked = [e["token"] for e in entries if len(e["top_logprobs"]) and e["top_logprobs"][0]["token"].isdigit()]
     assert marked == ["10", "0"]

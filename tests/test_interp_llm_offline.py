@@ -41,9 +41,7 @@ def test_offline_models_dispatch_through_litellm(tmp_path):
     direct = litellm.completion(model="medsae/echo", messages=[{"role": "user", "content": "ping"}])
     assert direct.choices[0].message.content == "ping"
 
-    out = gw.complete_many(
-        [LLMRequest("medsae/echo", [{"role": "user", "content": f"m{i}"}]) for i in range(20)]
-    )
+    out = gw.complete_many([LLMRequest("medsae/echo", [{"role": "user", "content": f"m{i}"}]) for i in range(20)])
     assert [r.text for r in out] == [f"m{i}" for i in range(20)]
     rows = gw.drain_call_rows()
     assert len(rows) == 21 and {r["model"] for r in rows} == {"medsae/shout", "medsae/echo"}

@@ -132,8 +132,7 @@ def test_rerun_inserts_nothing_and_a_new_model_adds_rows(workspace, tmp_path):
     first = insert_results(registry, workspace["interpret"].tables)
     assert first["explanations"] == len(workspace["interpret"].tables["explanations"]) > 0
     counts = {
-        t: registry.query(f"SELECT count(*) AS n FROM {t}")[0]["n"]
-        for t in ("explanations", "explanation_scores")
+        t: registry.query(f"SELECT count(*) AS n FROM {t}")[0]["n"] for t in ("explanations", "explanation_scores")
     }
 
     inputs = workspace["inputs"]

@@ -24,9 +24,7 @@ def test_template_hash_covers_included_files(tmp_path, monkeypatch):
     before = load_template("explainer_metadata_v1")
     source = (tmp_path / "explainer_metadata_v1.j2").read_text()
     fewshot = (tmp_path / "_explainer_fewshot.j2").read_text()
-    expected = hashlib.sha256(
-        f"=== (template)\n{source}\n=== _explainer_fewshot.j2\n{fewshot}".encode()
-    ).hexdigest()
+    expected = hashlib.sha256(f"=== (template)\n{source}\n=== _explainer_fewshot.j2\n{fewshot}".encode()).hexdigest()
     assert before.hash == expected
     (tmp_path / "_explainer_fewshot.j2").write_text(fewshot.replace("Coronal CT slices", "Coronal CT images"))
     after = load_template("explainer_metadata_v1")
@@ -91,13 +89,11 @@ def test_metadata_lines_round_trip(tiny):
     slices, structures = tiny
     lines = format_lines(slices, structures, [2, 0, 1])
     assert (
-        lines[0]
-        == "CT; axial; abdomen; pos 0.50; female; age 60-80; liver 60%, kidney_left 30%, spleen 10%; "
+        lines[0] == "CT; axial; abdomen; pos 0.50; female; age 60-80; liver 60%, kidney_left 30%, spleen 10%; "
         "scanner: siemens; site: b"
     )
     assert (
-        lines[1]
-        == "MRI; coronal; pos 0.25; male; no structures; study: mri abdomen; pathology: tumor large; site: c"
+        lines[1] == "MRI; coronal; pos 0.25; male; no structures; study: mri abdomen; pathology: tumor large; site: c"
     )
     parsed = parse_line(lines[0])
     assert parsed["terms"] == {
@@ -115,10 +111,7 @@ def test_metadata_lines_round_trip(tiny):
     assert parsed["areas"]["liver"] == pytest.approx(0.6)
     assert "image_id" not in lines[0] and "s0" not in lines[0]  # no patient identifiers
     legend = legend_lines(slice_attributes(slices), ["kidney_left", "liver", "spleen", "urinary_bladder"])
-    assert (
-        legend[0] == "modality: CT, MRI"
-        and "structure: kidney_left, liver, spleen, urinary_bladder" in legend
-    )
+    assert legend[0] == "modality: CT, MRI" and "structure: kidney_left, liver, spleen, urinary_bladder" in legend
 
 
 def test_mentioned_uses_whole_words_and_longest_phrase():

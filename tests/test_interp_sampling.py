@@ -84,10 +84,7 @@ def test_near_duplicate_control_and_roles(data):
         firing_roles = np.char.startswith(roles.astype(str), "decile") | (roles == "top")
         assert (acts[firing_roles] > 0).all()
         assert (
-            acts[
-                np.isin(roles, ["contrast_matched", "contrast_random", "negative_matched", "negative_random"])
-            ]
-            == 0
+            acts[np.isin(roles, ["contrast_matched", "contrast_random", "negative_matched", "negative_random"])] == 0
         ).all()
         if s.purpose == SIMULATE:
             assert (roles == "random").sum() == 20
@@ -134,9 +131,7 @@ def test_matched_contrasts_share_region_and_structures(data):
         return len(a & b) / len(a | b) if a | b else 0.0
 
     rng = np.random.default_rng(0)
-    nonfiring = np.setdiff1d(
-        slices["slice_id"], structures.loc[structures["structure"] == "liver", "slice_id"]
-    )
+    nonfiring = np.setdiff1d(slices["slice_id"], structures.loc[structures["structure"] == "liver", "slice_id"])
     random_ids = rng.choice(nonfiring, 50, replace=False)
     matched_j = np.mean([max(jaccard(m, t) for t in top) for m in matched])
     random_j = np.mean([max(jaccard(m, t) for t in top) for m in random_ids])

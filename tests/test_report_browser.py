@@ -79,9 +79,7 @@ class Page:
         return reply.get("result", {})
 
     async def eval(self, expression: str) -> Any:
-        result = await self.send(
-            "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True
-        )
+        result = await self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
         if "exceptionDetails" in result:
             raise RuntimeError(f"{expression[:60]}: {result['exceptionDetails']}")
         return result["result"].get("value")
@@ -124,11 +122,7 @@ class Page:
         return errors
 
     def requests(self) -> list[str]:
-        return [
-            e["params"]["request"]["url"][:80]
-            for e in self.events
-            if e["method"] == "Network.requestWillBeSent"
-        ]
+        return [e["params"]["request"]["url"][:80] for e in self.events if e["method"] == "Network.requestWillBeSent"]
 
 
 async def _inspect(port: int, html_path: Path, shots: Path, pwned_latent: int) -> dict[str, Any]:

@@ -37,16 +37,11 @@ def registry(tmp_path):
     ]
     reg.insert(
         "experiments",
-        [
-            {"experiment_id": i, "name": n, "spec_json": "{}", "spec_hash": i, "created_at": t}
-            for i, n, t in exps
-        ],
+        [{"experiment_id": i, "name": n, "spec_json": "{}", "spec_hash": i, "created_at": t} for i, n, t in exps],
     )
     stages, metrics, expl, scores = [], [], [], []
     for eid, _, _ in exps:
-        stages += [
-            {"experiment_id": eid, "kind": k, "stage_key": f"{k}-{eid}"} for k in ("evaluate", "train")
-        ]
+        stages += [{"experiment_id": eid, "kind": k, "stage_key": f"{k}-{eid}"} for k in ("evaluate", "train")]
         for k in KEY_METRICS:
             if k.source != "metrics":
                 continue
@@ -117,9 +112,7 @@ def _expected(data: dict, eid: str) -> dict[str, float]:
                 for e in data["explanations"]
                 if e["sae_key"] == f"train-{eid}" and e["kind"] == "explanation"
             }
-            vals = [
-                s["value"] for s in data["scores"] if s["explanation_id"] in llm and s["method"] == k.name
-            ]
+            vals = [s["value"] for s in data["scores"] if s["explanation_id"] in llm and s["method"] == k.name]
         else:
             vals = [
                 m["value"]

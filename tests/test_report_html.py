@@ -68,8 +68,7 @@ def fabricate(root: Path) -> dict:
     reg = Registry(root / "registry.duckdb")
     art = root / "artifacts"
     keys = {
-        k: f"{k}-key-0000000000"
-        for k in ("slices", "embed", "train", "encode", "evaluate", "summarize", "interpret")
+        k: f"{k}-key-0000000000" for k in ("slices", "embed", "train", "encode", "evaluate", "summarize", "interpret")
     }
     dirs = {k: art / k / key for k, key in keys.items()}
     for d in dirs.values():
@@ -355,9 +354,7 @@ def test_cards_sorted_by_best_llm_score(fab, tmp_path):
 
 
 def test_card_shows_every_explanation_version_and_slice_metadata(fab, tmp_path):
-    out = build_report(
-        fab["registry"], "demo@k=8", tmp_path / "r.html", n_latents=N_LATENTS, sort_by="latent"
-    )
+    out = build_report(fab["registry"], "demo@k=8", tmp_path / "r.html", n_latents=N_LATENTS, sort_by="latent")
     text, parsed = _parse(out)
     assert len(parsed.cards) == N_LATENTS - len(DEAD)
     card = text.split('id="latent-5"')[1].split("</article>")[0]

@@ -160,6 +160,23 @@ def test_images_are_content_addressed_files(site):
     assert len(_parse(folder / "latents" / f"{site['pwned_latent']}.html").images) == 8 + 2 + 1
 
 
+def test_slices_beyond_the_shown_ones_are_listed_with_their_activation(site, tmp_path):
+    latent = site["pwned_latent"]
+    (ids, acts, roles), *_ = _sql(
+        site,
+        "SELECT slice_ids, activations, roles FROM example_sets WHERE latent = ? AND purpose = 'explain'",
+        [latent],
+    )
+    top = sorted(((a, i) for i, a, r in zip(ids, acts, roles, strict=True) if r == "top"), reverse=True)
+    folder = build_site(site["registry"], EXP, tmp_path / "few", n_slices=3).path
+    page = (folder / "latents" / f"{latent}.html").read_text()
+    assert f"top examples (3 of {len(top)} shown)" in page
+    listed = re.search(r"not shown \(slice: activation\):(.*?)</p>", page, re.S).group(1)
+    pairs = [(int(i), float(a)) for i, a in re.findall(r"(\d+): ([-\d.e]+)", listed)]
+    assert [i for i, _ in pairs] == [i for _, i in top[3:]]
+    assert [a for _, a in pairs] == pytest.approx([a for a, _ in top[3:]], rel=1e-2)
+
+
 def test_rebuild_replaces_an_explorer_and_refuses_other_folders(site, tmp_path):
     reg = site["registry"]
     target = tmp_path / "out"
@@ -182,6 +199,13 @@ def test_cli_writes_a_folder_for_a_non_html_target(site, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "explorer" / "index.html").is_file() and "latent pages" in result.output
+    # the one-file report's card options are refused for a folder, in one line, before any work
+    refused = CliRunner().invoke(
+        app,
+        ["report", EXP, "-o", str(tmp_path / "other"), "--sort-by", "score", "--registry", str(site["registry"].path)],
+    )
+    assert refused.exit_code != 0 and "--sort-by: applies to the one-file report" in str(refused.exception)
+    assert not (tmp_path / "other").exists()
 
 
 # -- headless Chromium ------------------------------------------------------------------------------------

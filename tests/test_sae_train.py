@@ -90,6 +90,7 @@ def _assert_same(a, b, exact: bool = True):
         else:
             torch.testing.assert_close(ta, tb, rtol=1e-5, atol=1e-7, msg=name)
     assert a.log == b.log
+    assert a.history == b.history  # the training curve (history.json) survives a resume too
     for key in ("fvu", "l0_mean", "dead_fraction", "dense_fraction", "train_loss"):
         assert a.metrics[key] == pytest.approx(b.metrics[key], rel=1e-6, nan_ok=True), key
 

@@ -55,9 +55,7 @@ def rank(
 @app.command("plot-sweep")
 def plot_sweep(
     out: Path = typer.Option(Path("sweep.png"), "--out", "-o", help="PNG file to write."),
-    experiments: list[str] = typer.Argument(
-        None, help="Experiment names (default: all evaluated).", metavar="NAME..."
-    ),
+    experiments: list[str] = typer.Argument(None, help="Experiment names (default: all evaluated).", metavar="NAME..."),
     split: str = typer.Option("val", help="Split whose metrics are plotted."),
     registry: RegistryOption = None,
 ) -> None:

@@ -12,6 +12,7 @@ from rich.table import Table
 from medsae.cli.common import (
     FormatOption,
     RegistryOption,
+    choice,
     console,
     name_help,
     open_registry,
@@ -19,13 +20,12 @@ from medsae.cli.common import (
     stage_help,
 )
 from medsae.cli.output import Column, Listing, cell, columns, render
+from medsae.executor.base import EXECUTORS
 from medsae.registry import Registry, queries
 from medsae.report.names import DEAD_ALIVE_DEFINITIONS, SPLIT_ORDER, listed_metrics, metric_definition
 from medsae.stages import STAGES
 
-app = typer.Typer(
-    help="Experiments: validate, plan and run specs; list and show results.", no_args_is_help=True
-)
+app = typer.Typer(help="Experiments: validate, plan and run specs; list and show results.", no_args_is_help=True)
 
 #: Metrics shown by `exp list` (val split, as `exp compare`): the scalar key metrics.
 KEY_METRICS = listed_metrics()
@@ -110,10 +110,26 @@ def run(
     sets: SetOption = None,
     registry: RegistryOption = None,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    executor: str | None = typer.Option(
+        None,
+        "--executor",
+        help="Where stage functions run: local (this process, the default) or ray (a Ray cluster; "
+        "`pip install medsae[ray]`; every worker must see the artifacts folder). Overrides the spec's executor.",
+        show_default=False,
+        **choice("--executor", "executor", EXECUTORS),
+    ),
+    address: str | None = typer.Option(
+        None,
+        "--address",
+        help="Ray cluster of --executor ray: auto (started by `ray start` on this machine) or HOST:PORT; "
+        "default: the spec's ray_address, else RAY_ADDRESS, else a new local cluster.",
+        show_default=False,
+    ),
 ) -> None:
     """Run every missing stage of the spec's experiments; a rerun resumes where it stopped."""
     import time
 
+    from medsae.executor.base import make_executor
     from medsae.plan import check_write_places, plan_experiment, run_plans
     from medsae.progress import set_quiet
     from medsae.spec import load_specs
@@ -137,21 +153,38 @@ def run(
         else:
             out.print(f"[dim]done[/]  {event.kind:<10} {event.key[:12]}  (already {event.action})  {names}")
 
-    outcomes = run_plans(
-        plans,
-        reg,
-        force=set(force),
-        only=set(only) or None,
-        quiet=quiet,
-        spec_path=str(spec),
-        sweep=sweep,
-        on_event=show,
-    )
+    runner = make_executor(*_executor_choice(specs, executor, address))
+    try:
+        outcomes = run_plans(
+            plans,
+            reg,
+            force=set(force),
+            only=set(only) or None,
+            quiet=quiet,
+            spec_path=str(spec),
+            sweep=sweep,
+            on_event=show,
+            executor=runner,
+        )
+    finally:
+        runner.close()
     ran = sum(o.action == "ran" for o in outcomes)
     out.print(
         f"[bold]{len(specs)} experiment(s), {ran} stage(s) run, {len(outcomes) - ran} already done, "
         f"{time.perf_counter() - t0:.1f}s[/] — registry {reg.path}"
     )
+
+
+def _executor_choice(specs: list, executor: str | None, address: str | None) -> tuple[str, str | None]:
+    """(executor, Ray address): the command line's, else the spec's (the experiments of a sweep must agree)."""
+    from medsae.errors import MedsaeError
+
+    chosen = {(s.executor, s.ray_address) for s in specs}
+    if len(chosen) > 1 and (executor is None or (executor == "ray" and address is None)):
+        raise MedsaeError("exp run: the sweep's experiments name different executors; give --executor (and --address)")
+    spec_executor, spec_address = sorted(chosen, key=str)[0]
+    name = executor or spec_executor
+    return name, address or (spec_address if name == "ray" else None)
 
 
 @app.command("list")

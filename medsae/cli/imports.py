@@ -156,4 +156,6 @@ def sail_command(
         f"θ = {ckpt.theta:.6g}, from {source}",
         markup=False,
     )
-    exp_cli.run(spec=target, force=[], only=only, sets=None, registry=registry, quiet=quiet)
+    exp_cli.run(
+        spec=target, force=[], only=only, sets=None, registry=registry, quiet=quiet, executor=None, address=None
+    )

@@ -8,6 +8,7 @@ import typer
 
 from medsae.cli.common import FormatOption, RegistryOption, console, name_help, open_registry
 from medsae.cli.output import Column, Listing, render
+from medsae.errors import MedsaeError
 
 
 def report_command(
@@ -19,12 +20,21 @@ def report_command(
         help="A .html file: the one-file report; any other path: a folder holding the latent explorer "
         "(index page, one page per latent, thumbnails; works from file:// and any static host).",
     ),
-    latents: int = typer.Option(50, "--latents", "-n", help="Number of latent cards."),
-    sort_by: str = typer.Option(
-        "frequency",
+    latents: int | None = typer.Option(
+        None, "--latents", "-n", help="One-file report only: number of latent cards [default: 50]."
+    ),
+    sort_by: str | None = typer.Option(
+        None,
         "--sort-by",
-        help="Card order: frequency, max_act, mean_act, n_patients, score, "
-        "score:METHOD, latent... (largest first; latent: by id).",
+        help="One-file report only: card order: frequency, max_act, mean_act, n_patients, score, "
+        "score:METHOD, latent... (largest first; latent: by id) [default: frequency].",
+    ),
+    compare: list[str] = typer.Option(
+        [],
+        "--compare",
+        help="Explorer only (repeatable): another experiment whose latents are matched with EXP's by decoder "
+        "cosine, written to compare/<name>.html. Both SAEs must read the same backbone.",
+        metavar="NAME",
     ),
     registry: RegistryOption = None,
 ) -> None:
@@ -32,7 +42,13 @@ def report_command(
     if output.suffix.lower() not in (".html", ".htm"):
         from medsae.report.site.build import build_site
 
-        site = build_site(open_registry(registry), exp, output)
+        for flag, value in (("--latents", latents), ("--sort-by", sort_by)):
+            if value is not None:
+                raise MedsaeError(
+                    f"{flag}: applies to the one-file report (-o X.html); the explorer {output} has a page for "
+                    "every latent and sorts in its index page"
+                )
+        site = build_site(open_registry(registry), exp, output, compare_with=compare)
         console().print(
             f"wrote {site.path}/ ({site.n_pages} latent pages, {site.n_images} images, {site.n_bytes / 1e6:.1f} MB, "
             f"{site.seconds:.1f} s); open {site.path / 'index.html'} in any browser, it needs no network"
@@ -40,11 +56,15 @@ def report_command(
         for note in site.notes:
             console().print(f"note: {note}")
         return
+    if compare:
+        raise MedsaeError(
+            f"--compare {compare[0]}: comparisons are pages of the explorer; -o must be a folder, not {output}"
+        )
     from medsae.report.build import build_report
     from medsae.stage import check_writable_file
 
     check_writable_file(output, "the report")  # before any work: one line naming the path
-    path = build_report(open_registry(registry), exp, output, n_latents=latents, sort_by=sort_by)
+    path = build_report(open_registry(registry), exp, output, n_latents=latents or 50, sort_by=sort_by or "frequency")
     size = path.stat().st_size / 1e6
     console().print(f"wrote {path} ({size:.1f} MB); open it in any browser, it needs no network")
 

@@ -139,4 +139,3 @@ def structure_body_region(structure: str) -> str | None:
         return _BODY_OVERRIDE[structure]
     clinical = CLINICAL_REGION.get(structure)
     return BODY_REGION.get(clinical) if clinical else None
-

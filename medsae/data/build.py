@@ -153,14 +153,10 @@ def run_ingest(
     for part in parts:
         info = part["info"]
         if info["status"] != "ok":
-            skips.append(
-                {"modality": info["modality"], "image_id": info["image_id"], "reason": info["reason"]}
-            )
+            skips.append({"modality": info["modality"], "image_id": info["image_id"], "reason": info["reason"]})
     skips.sort(key=lambda r: (r["modality"], r["image_id"]))
     if slices.empty:
-        first = (
-            f"; first: {skips[0]['modality']}/{skips[0]['image_id']}: {skips[0]['reason']}" if skips else ""
-        )
+        first = f"; first: {skips[0]['modality']}/{skips[0]['image_id']}: {skips[0]['reason']}" if skips else ""
         raise MedsaeError(
             f"{root}: no slices indexed ({len(tasks) + len(source.skips)} scans found, {len(skips)} skipped{first})"
         )
@@ -197,9 +193,7 @@ def _assemble(
     vocab = sorted({str(n) for p in ok for n in p["names"]})
     code_of = {n: i for i, n in enumerate(vocab)}
     splits = {(m, i): s for m, i, s in split_table[["modality", "image_id", "split"]].itertuples(index=False)}
-    cols: dict[str, list[np.ndarray]] = {
-        k: [] for k in ("scan", "axis", "idx", "n_along", "n_structures", "region")
-    }
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("scan", "axis", "idx", "n_along", "n_structures", "region")}
     st_row, st_code, st_pixels = [], [], []
     scan_rows: list[dict[str, Any]] = []
     offset = 0
@@ -247,9 +241,7 @@ def _assemble(
     frame["slice_uid"] = (
         frame["modality"] + "/" + frame["image_id"] + "/" + plane_or_image + "/" + frame["idx"].astype(str)
     )
-    frame["position"] = np.where(
-        frame["n_along"] > 1, frame["idx"] / (frame["n_along"] - 1).clip(lower=1), 0.0
-    )
+    frame["position"] = np.where(frame["n_along"] > 1, frame["idx"] / (frame["n_along"] - 1).clip(lower=1), 0.0)
     regions = np.asarray((*BODY_REGIONS, None), dtype=object)
     frame["body_region"] = regions[frame["region"].to_numpy()]  # -1 -> None
 

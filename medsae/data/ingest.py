@@ -143,9 +143,7 @@ def _task_info(task: ScanTask, opts: SliceOptions) -> dict[str, Any]:
     }
 
 
-def _arrays(
-    axis, idx, n_along, n_structures, region, st_row, st_code, st_pixels, names
-) -> dict[str, np.ndarray]:
+def _arrays(axis, idx, n_along, n_structures, region, st_row, st_code, st_pixels, names) -> dict[str, np.ndarray]:
     return {
         "axis": np.asarray(axis, dtype=np.int8),
         "idx": np.asarray(idx, dtype=np.int32),

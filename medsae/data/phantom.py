@@ -219,9 +219,7 @@ def _write_locked(out: Path, recipe: _Recipe) -> None:
     existing = _read_marker(marker)
     owned = [out / CT_DIR, out / MRI_DIR, out / ".medsae"]
     if existing is None and any(p.exists() for p in owned[:2]):
-        raise MedsaeError(
-            f"{out}: holds a dataset not written by `medsae data phantom`; refusing to overwrite it"
-        )
+        raise MedsaeError(f"{out}: holds a dataset not written by `medsae data phantom`; refusing to overwrite it")
     for stale in out.glob(f"{TMP_PREFIX}*"):  # left by a killed run: nobody else holds the lock
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=out))
@@ -253,11 +251,7 @@ def _write_marker(path: Path, recipe: _Recipe, complete: bool) -> None:
 
 def _modalities(subjects: int, mri_fraction: float) -> list[str]:
     n_mri = int(round(subjects * mri_fraction))
-    mri = (
-        {min(subjects - 1, int(round((k + 0.5) * subjects / n_mri))) for k in range(n_mri)}
-        if n_mri
-        else set()
-    )
+    mri = {min(subjects - 1, int(round((k + 0.5) * subjects / n_mri))) for k in range(n_mri)} if n_mri else set()
     return ["mri" if i in mri else "ct" for i in range(subjects)]
 
 
@@ -319,9 +313,7 @@ def _generate(root: Path, recipe: _Recipe) -> None:
         rows[modality].append(meta)
     for modality, columns, name in (("ct", CT_COLUMNS, CT_DIR), ("mri", MRI_COLUMNS, MRI_DIR)):
         if rows[modality]:
-            pd.DataFrame(rows[modality], columns=columns).to_csv(
-                root / name / "meta.csv", sep=";", index=False
-            )
+            pd.DataFrame(rows[modality], columns=columns).to_csv(root / name / "meta.csv", sep=";", index=False)
 
 
 def _scaled(spacing: tuple[float, ...], shape: tuple[int, ...]) -> tuple[float, float, float]:
@@ -335,9 +327,7 @@ def _axes(shape: tuple[int, ...], spacing: tuple[float, ...], z_centre: float) -
     return [centres[a] + (np.arange(shape[a]) - (shape[a] - 1) / 2.0) * spacing[a] for a in range(3)]
 
 
-def _label_map(
-    coords: list[np.ndarray], names: list[str], organs: list[Organ], rng: np.random.Generator
-) -> np.ndarray:
+def _label_map(coords: list[np.ndarray], names: list[str], organs: list[Organ], rng: np.random.Generator) -> np.ndarray:
     """Paint ellipsoids (jittered per subject) into a uint8 label map; label = index in names + 1."""
     x, y, z = coords
     labels = np.zeros((len(x), len(y), len(z)), dtype=np.uint8)

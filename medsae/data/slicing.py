@@ -149,9 +149,7 @@ def resample_axes(
         shape = [1, 1, 1]
         shape[ax] = m
         w = w.reshape(shape)
-        out = (
-            out.take(i0, axis=ax).astype(np.float32) * (1 - w) + out.take(i1, axis=ax).astype(np.float32) * w
-        )
+        out = out.take(i0, axis=ax).astype(np.float32) * (1 - w) + out.take(i1, axis=ax).astype(np.float32) * w
     return out
 
 

@@ -38,9 +38,7 @@ AGE_BINS = ("<40", "40-60", "60-80", ">=80")
 def age_bin(age: pd.Series) -> pd.Series:
     """Study age bins, right-closed: [0, 40] -> '<40', (40, 60], (60, 80], > 80 -> '>=80'."""
     values = pd.to_numeric(age, errors="coerce")
-    return pd.cut(values, [0, 40, 60, 80, math.inf], labels=list(AGE_BINS), include_lowest=True).astype(
-        object
-    )
+    return pd.cut(values, [0, 40, 60, 80, math.inf], labels=list(AGE_BINS), include_lowest=True).astype(object)
 
 
 def normalise_sex(value: object) -> str | None:
@@ -111,9 +109,7 @@ def assign_splits(
     return pd.DataFrame({"modality": frame["modality"], "image_id": frame["image_id"], "split": split})
 
 
-def _assign_by_subject(
-    scans: pd.DataFrame, test_institutes: list[str], val_fraction: float, seed: int
-) -> pd.DataFrame:
+def _assign_by_subject(scans: pd.DataFrame, test_institutes: list[str], val_fraction: float, seed: int) -> pd.DataFrame:
     """Split each subject once (its first scan decides, a held-out institute anywhere makes it test)."""
     frame = scans.sort_values(["modality", "image_id"], kind="stable").reset_index(drop=True)
     first = frame.drop_duplicates("subject", keep="first")
@@ -156,8 +152,10 @@ def load_or_create_splits(
     always test (with every scan of its subject), even if an older table says otherwise.
     """
     stored = (
-        pd.read_parquet(path) if path.is_file() else pd.DataFrame(columns=["modality", "image_id", "split"])
-    )
+        pd.read_parquet(path)
+        if path.is_file()
+        else pd.DataFrame({c: pd.Series(dtype="str") for c in ("modality", "image_id", "split")})
+    )  # typed empty columns: a first run writes the same column types as a run that reads the table back
     key = ["modality", "image_id"]
     subjects = _subjects(scans)
     if subjects is not None:

@@ -43,9 +43,7 @@ def registry_tables(result: IngestResult) -> dict[str, Any]:
             "pixels": pa.array(result.structures["pixels"].to_numpy(), pa.int32()),
         }
     )
-    skips = [
-        {"modality": r["modality"], "image_id": r["image_id"], "reason": r["reason"]} for r in result.skips
-    ]
+    skips = [{"modality": r["modality"], "image_id": r["image_id"], "reason": r["reason"]} for r in result.skips]
     return {"slices": slices, "slice_structures": structures, "ingest_skips": skips}
 
 

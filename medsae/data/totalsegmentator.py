@@ -72,9 +72,7 @@ def read_meta(path: Path) -> pd.DataFrame:
     if not path.is_file():
         return pd.DataFrame({"image_id": pd.Series(dtype=str)})
     try:
-        frame = pd.read_csv(
-            path, sep=";", dtype=str, keep_default_na=False, na_values=[""], encoding="utf-8-sig"
-        )
+        frame = pd.read_csv(path, sep=";", dtype=str, keep_default_na=False, na_values=[""], encoding="utf-8-sig")
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
         raise MedsaeError(f"{path}: cannot read meta.csv: {str(exc).splitlines()[0]}") from None
     if "image_id" not in frame.columns:
@@ -345,9 +343,7 @@ def ensure_dataset(data: DataSpec | Mapping[str, Any]) -> Path:
             raise MissingInputError(f"{root / DATASETS[m]}: dataset folder is a {problem}")
     if not any((root / DATASETS[m]).is_dir() for m in wanted):
         expected = " and/or ".join(f"{DATASETS[m]}/" for m in wanted)
-        raise MissingInputError(
-            f"{root}: no TotalSegmentator dataset here (expected {expected} with meta.csv)"
-        )
+        raise MissingInputError(f"{root}: no TotalSegmentator dataset here (expected {expected} with meta.csv)")
     return root
 
 

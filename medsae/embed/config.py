@@ -5,7 +5,14 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import (
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    field_validator,
+    model_validator,
+)
 
 from medsae.specbase import MAX_SEED, PathStr, Section, added_field, execution_only, seed_field
 
@@ -19,6 +26,19 @@ MAX_KWARG_NUMBER = 1e9
 
 UnitInterval = Annotated[float, Field(ge=0, le=1)]
 PositiveStd = Annotated[float, Field(gt=0, le=1)]
+MAX_WORKERS = 256
+
+
+def _workers_or_auto(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """One plain error for ``num_workers`` instead of one per branch of the union."""
+    try:
+        return handler(value)
+    except ValidationError:
+        raise ValueError(f"expected a whole number from 0 to {MAX_WORKERS}, or 'auto' (got {value!r:.40})") from None
+
+
+#: ``embed.num_workers``: a count or ``auto`` (:func:`medsae.embed.loader.loader_workers`)
+WorkerCount = Annotated[Annotated[int, Field(ge=0, le=MAX_WORKERS)] | Literal["auto"], WrapValidator(_workers_or_auto)]
 
 
 class EmbedSpec(Section):
@@ -85,7 +105,11 @@ class EmbedSpec(Section):
     batch_size: int = execution_only(
         32, "Images per forward pass (batch_size x input_size^2 is at most 2^30 pixels).", ge=1, le=4096
     )
-    num_workers: int = execution_only(0, "DataLoader worker processes rendering slices.", ge=0, le=256)
+    num_workers: WorkerCount = execution_only(
+        0,
+        "DataLoader worker processes rendering slices ahead of the forward pass (0 = in-process); auto = "
+        "every CPU this process may use but one on a GPU, in-process on a CPU under 4 CPUs (medsae.embed.loader).",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -16,30 +16,28 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from medsae.data.index import load_slices
 from medsae.data.render import iter_scan_images
 from medsae.embed.backbones import Backbone, load_backbone
 from medsae.embed.config import EmbedSpec
+from medsae.embed.loader import RenderFn, item_rows, loader_workers, make_loader
+from medsae.embed.loader import render_rows as render_rows  # re-exported: tests and callers import it here
 from medsae.embed.store import sha256_file, shard_name, write_manifest, write_shard
 from medsae.embed.token_store import sample_tokens, write_token_shard
 from medsae.errors import MedsaeError
 from medsae.progress import task
 from medsae.stage import Metric, StageContext, StageResult
-from medsae.threads import worker_count
 
 CODE_VERSION = "1"
-
-#: ``render(slices_dir, slice_ids) -> iterator of (slice_ids, uint8 [n, H, W])``, one scan at a time
-RenderFn = Callable[[Path, np.ndarray], Iterable[tuple[np.ndarray, np.ndarray]]]
 
 _STATE = "state.json"
 _RECORD = "shards.jsonl"
@@ -71,8 +69,9 @@ def embed_stage(
     todo = [(start, stop) for start, stop in items if start // spec.shard_size not in done]
     n_todo = int(sum(stop - start for start, stop in todo))
     runner = _ShardRunner(backbone, work, spec, slice_ids, done)
-    workers = worker_count(spec.num_workers) if spec.num_workers else 0  # at most the CPUs we may use
-    loader = _loader(slices_dir, slice_ids, todo, render, workers, backbone.device)
+    workers = loader_workers(spec.num_workers, backbone.device)  # sized to the CPUs we may use
+    rows = item_rows(spec.input_size, spec.batch_size)  # bounds the memory rendered items take
+    loader = _loader(slices_dir, slice_ids, todo, render, workers, backbone.device, rows)
     with task(f"embed {backbone.name}", total=n_todo, unit="img", quiet=ctx.quiet) as advance:
         for n_images in runner.run(loader):
             advance(n_images)
@@ -175,6 +174,93 @@ def work_items(scans: np.ndarray, shard_size: int) -> list[tuple[int, int]]:
 
 
 # --------------------------------------------------------------------------------------------
+# shard by shard: the Ray executor (medsae.executor.ray) embeds each shard in a task of its own, the
+# driver moves the shard into ``ctx.work_dir``, records it (it alone writes shards.jsonl) and finishes
+
+
+def _stage_rows(ctx: StageContext) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """The slice ids in embedding order and their work items, as :func:`embed_stage` computes them."""
+    spec = ctx.section(EmbedSpec)
+    table = load_slices(Path(ctx.inputs["slices"])).sort_values("slice_id", kind="stable")
+    slice_ids = table["slice_id"].to_numpy(np.int64)
+    if slice_ids.size == 0:
+        raise MedsaeError(f"embed: no slices to embed in {ctx.inputs['slices']}")
+    scans = pd.factorize(table["modality"].astype(str) + "/" + table["image_id"].astype(str))[0]
+    return slice_ids, work_items(scans, spec.shard_size)
+
+
+def pending_shards(ctx: StageContext) -> tuple[list[int], dict[int, dict[str, Any]]]:
+    """The shards still to embed, and the finished ones recorded in ``ctx.work_dir`` (by a killed run)."""
+    spec = ctx.section(EmbedSpec)
+    slice_ids, _ = _stage_rows(ctx)
+    done = _resume(Path(ctx.work_dir), n=len(slice_ids), shard_size=spec.shard_size, slice_ids=slice_ids)
+    n_shards = -(-len(slice_ids) // spec.shard_size)
+    return [s for s in range(n_shards) if s not in done], done
+
+
+def embed_shards(
+    ctx: StageContext, shards: list[int], folder: Path, backbone: Backbone | None = None
+) -> tuple[dict[int, dict[str, Any]], dict]:
+    """Embed only ``shards`` into ``folder`` (the caller's own) with ``backbone`` (None: the spec's, loaded
+    here): their record entries, and the backbone's description with its load time. The bytes are
+    :func:`embed_stage`'s: batches never straddle a shard."""
+    spec = ctx.section(EmbedSpec)
+    slices_dir = Path(ctx.inputs["slices"])
+    slice_ids, items = _stage_rows(ctx)
+    wanted = set(shards)
+    todo = [(start, stop) for start, stop in items if start // spec.shard_size in wanted]
+    if folder.exists():
+        shutil.rmtree(folder)  # a retried task starts clean
+    folder.mkdir(parents=True)
+    t_load = time.perf_counter()
+    backbone = backbone if backbone is not None else load_backbone(spec)
+    load_seconds = time.perf_counter() - t_load
+    done: dict[int, dict[str, Any]] = {}
+    runner = _ShardRunner(backbone, folder, spec, slice_ids, done)
+    workers = loader_workers(spec.num_workers, backbone.device)
+    rows = item_rows(spec.input_size, spec.batch_size)
+    for _ in runner.run(_loader(slices_dir, slice_ids, todo, iter_scan_images, workers, backbone.device, rows)):
+        pass
+    info = backbone.describe() if hasattr(backbone, "describe") else {"model": backbone.name}
+    return done, {"name": backbone.name, "device": str(backbone.device), "info": info, "load_seconds": load_seconds}
+
+
+def adopt_shards(ctx: StageContext, folder: Path, entries: dict[int, dict[str, Any]]) -> None:
+    """Move shards :func:`embed_shards` wrote in ``folder`` into ``ctx.work_dir`` and record them there."""
+    work = Path(ctx.work_dir)
+    for _, entry in sorted(entries.items()):
+        for key in ("file", "tokens_file", "pos_file"):
+            if key in entry:
+                os.replace(folder / entry[key], work / entry[key])
+        with open(work / _RECORD, "a") as fh:
+            fh.write(json.dumps(entry) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+class _DescribedBackbone:
+    """What :func:`_finish` reads of a backbone, as a task that embedded shards described it."""
+
+    def __init__(self, name: str, device: str, info: dict[str, Any]) -> None:
+        self.name, self.device, self._info = name, device, info
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self._info)
+
+
+def finish_embed(ctx: StageContext, described: dict[str, Any], n_new: int) -> StageResult:
+    """:func:`embed_stage`'s end once every shard is recorded in ``ctx.work_dir``: link, manifest, report."""
+    spec = ctx.section(EmbedSpec)
+    slice_ids, _ = _stage_rows(ctx)
+    done = _resume(Path(ctx.work_dir), n=len(slice_ids), shard_size=spec.shard_size, slice_ids=slice_ids)
+    backbone = _DescribedBackbone(described["name"], described["device"], described["info"])
+    return _finish(
+        ctx, spec, backbone, slice_ids, done, n_new=n_new, load_seconds=float(described.get("load_seconds", 0.0))
+    )  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------
 # resumable state
 
 
@@ -229,47 +315,6 @@ def _link(src: Path, dst: Path) -> None:
 # loading and batching
 
 
-class _ScanItems(Dataset):
-    """Item i = the rendered images of one work item (one scan's rows within one shard)."""
-
-    def __init__(self, slices_dir: Path, slice_ids: np.ndarray, items: list[tuple[int, int]], render: RenderFn):
-        self.slices_dir = slices_dir
-        self.slice_ids = slice_ids
-        self.items = items
-        self.render = render
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
-        start, stop = self.items[i]
-        ids = self.slice_ids[start:stop]
-        return start, torch.from_numpy(render_rows(self.render, self.slices_dir, ids))
-
-
-def render_rows(render: RenderFn, slices_dir: Path, ids: np.ndarray) -> np.ndarray:
-    """The images of ``ids`` in that order, whatever order the renderer yields them in."""
-    got_ids, got_imgs = [], []
-    for part_ids, part_imgs in render(slices_dir, ids):
-        got_ids.append(np.asarray(part_ids, dtype=np.int64))
-        got_imgs.append(np.asarray(part_imgs))
-    if not got_ids:
-        raise MedsaeError(f"embed: the renderer returned no images for slices {ids[:3].tolist()}... of {slices_dir}")
-    all_ids = np.concatenate(got_ids)
-    images = got_imgs[0] if len(got_imgs) == 1 else np.concatenate(got_imgs)
-    if np.array_equal(all_ids, ids):
-        return np.ascontiguousarray(images)
-    perm = np.argsort(all_ids, kind="stable")
-    loc = np.searchsorted(all_ids[perm], ids).clip(0, len(all_ids) - 1)
-    if not np.array_equal(all_ids[perm][loc], ids):
-        raise MedsaeError(f"embed: the renderer did not return every requested slice of {slices_dir}")
-    return np.ascontiguousarray(images[perm[loc]])
-
-
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)  # workers render; the main process owns the cores for the model
-
-
 def _loader(
     slices_dir: Path,
     slice_ids: np.ndarray,
@@ -277,16 +322,10 @@ def _loader(
     render: RenderFn,
     num_workers: int,
     device: torch.device,
+    max_rows: int | None = None,
 ) -> DataLoader:
-    return DataLoader(
-        _ScanItems(slices_dir, slice_ids, items, render),
-        batch_size=None,
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-        worker_init_fn=_worker_init if num_workers else None,
-        prefetch_factor=4 if num_workers else None,
-    )
+    """Rendered work items in order, ahead of the forward pass (see :mod:`medsae.embed.loader`)."""
+    return make_loader(slices_dir, slice_ids, items, render, num_workers, device, max_rows)
 
 
 class _ShardRunner:

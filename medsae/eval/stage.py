@@ -6,7 +6,8 @@ every slice). Per split in ``eval.splits``: reconstruction (the stored codes dec
 the normalised embeddings, streamed in chunks), sparsity, probes (fitted on the train split),
 performance recovery, monosemanticity and retrieval. Every number is returned as a
 :class:`~medsae.stage.Metric` (names: :mod:`medsae.eval.rows`) and written to ``metrics.json``;
-plots go to ``plots/*.png``, per-latent and per-task tables to CSV / parquet.
+plots go to ``plots/*.png``, per-latent and per-task tables to CSV / parquet, the sparse-code probes'
+non-zero weights to ``probe_weights.parquet`` (:mod:`medsae.eval.probe_weights`; the latent explorer shows them).
 
 ``eval.protocol: study`` runs the same metrics under the study's protocol (docs/method.md#study-protocol):
 rows in the study's order (R² and alive batches, sub-samples, the reference draw), scans keyed by
@@ -36,7 +37,7 @@ from medsae.data.index import load_slices, presence_matrix
 from medsae.embed.store import open_embeddings
 from medsae.errors import MissingInputError
 from medsae.eval import metrics as M
-from medsae.eval import mono, probes, recovery, retrieval, rows, study_probes, study_recovery
+from medsae.eval import mono, probe_weights, probes, recovery, retrieval, rows, study_probes, study_recovery
 from medsae.eval.config import EvalSpec, ProbeTargetDef
 from medsae.eval.logreg import resolve_device
 from medsae.eval.targets import Skip, medsae_targets, skip_line, study_groups, study_order
@@ -243,6 +244,7 @@ def run_evaluate(ctx: StageContext) -> StageResult:
                 coef_tables = study_probes.coefficient_tables(group_results)  # interpret.protocol study reads them
                 coef_tables.to_parquet(out_dir / "coefficients_sparse.parquet", index=False)
                 metrics += rows.study_probe_rows(group_results, splits, spec.mean_min_dense_auc)
+                probe_weights.write_weights(probe_weights.weights_table(groups=group_results), out_dir)
             else:
                 builtin = [t for t in spec.probe_targets if isinstance(t, str)]
                 targets = probes.build_targets(data.slices, builtin, data.presence, data.vocab, spec.probe_structures)
@@ -251,6 +253,7 @@ def run_evaluate(ctx: StageContext) -> StageResult:
                 strata = _label_codes(data.slices["modality"].astype(str) + "/" + data.slices["plane"].astype(str))
                 results = probes.run_probes(targets, train_rows, split_rows, sources, settings, strata)
                 metrics += rows.probe_rows(results, splits, spec.mean_min_dense_auc)
+                probe_weights.write_weights(probe_weights.weights_table(results=results), out_dir)
         line = skip_line(skipped, spec.protocol)
         if line:
             log.warning("%s", line)

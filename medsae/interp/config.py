@@ -66,12 +66,8 @@ class InterpretSpec(Section):
         "explainer_vlm_v1",
         description="Explainer prompt used when vision is on and the model accepts images.",
     )
-    simulator_template: str = Field(
-        "simulator_metadata_v1", description="Simulator prompt (predict 0-10 per slice)."
-    )
-    detector_template: str = Field(
-        "detector_metadata_v1", description="Detection prompt (fires or not per slice)."
-    )
+    simulator_template: str = Field("simulator_metadata_v1", description="Simulator prompt (predict 0-10 per slice).")
+    detector_template: str = Field("detector_metadata_v1", description="Detection prompt (fires or not per slice).")
     ranking_template: str = Field("ranking_v1", description="The study's 5-way ranking prompt.")
     vision: bool = Field(False, description="Add a thumbnail montage for vision-capable explainers.")
     temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature of explainer and simulator.")
@@ -81,9 +77,7 @@ class InterpretSpec(Section):
         description="How predictions are read: expected value over token logprobs, or parsed integers "
         "('auto' = logprob_ev where litellm says the model returns logprobs). Part of the scorer identity.",
     )
-    top_logprobs: int = Field(
-        20, ge=1, le=20, description="Alternatives requested per token in logprob_ev mode."
-    )
+    top_logprobs: int = Field(20, ge=1, le=20, description="Alternatives requested per token in logprob_ev mode.")
     explanation_max_words: int = Field(
         60, ge=1, le=10_000, description="Explanations longer than this many words get status too_long (not scored)."
     )
@@ -109,9 +103,7 @@ class InterpretSpec(Section):
     min_patients: int = Field(
         3, ge=1, le=10**7, description="Eligibility: fires in at least this many scans of the pool."
     )
-    dense_frequency: float = Field(
-        0.3, gt=0, le=1, description="Latents firing more often are flagged dense."
-    )
+    dense_frequency: float = Field(0.3, gt=0, le=1, description="Latents firing more often are flagged dense.")
     pool_splits: list[str] = Field(
         ["val"], description="Interpretation pool: splits not used to train the SAE (widened when too small)."
     )
@@ -120,9 +112,7 @@ class InterpretSpec(Section):
     )
 
     # -- sampling (docs/method.md#example-sets) --------------------------------------------------
-    explain_fraction: float = Field(
-        0.5, gt=0, lt=1, description="Share of scans hashed into the explain partition."
-    )
+    explain_fraction: float = Field(0.5, gt=0, lt=1, description="Share of scans hashed into the explain partition.")
     explain_top: int = Field(
         12, ge=1, le=1000, description="Strongest explain-partition slices shown to the explainer."
     )
@@ -157,9 +147,7 @@ class InterpretSpec(Section):
         0.2, ge=0, le=1, description="Share of latents also scored with a random other latent's explanation."
     )
     shuffled_min: int = Field(10, ge=0, le=10**7, description="At least this many latents get the shuffled baseline.")
-    ranking: bool = Field(
-        True, description="Also run the study's 5-way ranking against 4 distractor explanations."
-    )
+    ranking: bool = Field(True, description="Also run the study's 5-way ranking against 4 distractor explanations.")
     bootstrap: int = Field(1000, ge=0, le=1_000_000, description="Bootstrap resamples for the 95% interval.")
     permutations: int = Field(1000, ge=0, le=1_000_000, description="Permutations for the p-value of r.")
 

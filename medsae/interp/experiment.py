@@ -71,9 +71,7 @@ def experiment_inputs(registry: Registry, name: str) -> ExperimentInputs:
     dirs = {kind: queries.stage_folder(registry, exp, kind) for kind in ("summarize", "slices")}
     spec = json.loads(exp["spec_json"])
     latents = pd.read_parquet(dirs["summarize"] / "latents.parquet", columns=["sae_key"])
-    sae_key = (
-        str(latents["sae_key"].iloc[0]) if len(latents) else stages.get("train", {}).get("stage_key", "")
-    )
+    sae_key = str(latents["sae_key"].iloc[0]) if len(latents) else stages.get("train", {}).get("stage_key", "")
     return ExperimentInputs(
         name=name,
         experiment_id=exp["experiment_id"],
@@ -98,9 +96,7 @@ def interpret_spec(exp: ExperimentInputs, overrides: dict[str, Any] | None = Non
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise MedsaeError(
-            f"experiment '{exp.name}': interpret section invalid at {where}: {first['msg']}"
-        ) from None
+        raise MedsaeError(f"experiment '{exp.name}': interpret section invalid at {where}: {first['msg']}") from None
 
 
 def parse_latents(text: str | None) -> list[int] | None:
@@ -117,9 +113,7 @@ def parse_latents(text: str | None) -> list[int] | None:
             elif part:
                 out.append(int(part))
     except ValueError:
-        raise MedsaeError(
-            f"--latents {text!r}: expected comma-separated integers or ranges like 3-7"
-        ) from None
+        raise MedsaeError(f"--latents {text!r}: expected comma-separated integers or ranges like 3-7") from None
     return out
 
 
@@ -276,9 +270,7 @@ def compare(registry: Registry, name: str, methods: Sequence[str] = HEADLINE_MET
 def show(registry: Registry, name: str, latent: int) -> dict[str, Any]:
     """Everything about one latent: statistics, every explanation version with its scores, its slices."""
     exp = experiment_inputs(registry, name)
-    stats = registry.query(
-        "SELECT * FROM latents WHERE stage_key = ? AND latent = ?", [exp.summarize_key, latent]
-    )
+    stats = registry.query("SELECT * FROM latents WHERE stage_key = ? AND latent = ?", [exp.summarize_key, latent])
     if not stats:
         raw = pd.read_parquet(exp.summarize_dir / "latents.parquet")
         stats = raw[raw["latent"] == latent].to_dict("records")
@@ -318,7 +310,5 @@ def show(registry: Registry, name: str, latent: int) -> dict[str, Any]:
         lines = format_lines(slices, structures, ids)
         roles = dict(zip(ids.tolist(), row["roles"], strict=True))
         for ex in explain_examples(ids, row["activations"], lines):
-            shown.append(
-                ex | {"role": roles.get(ex["slice_id"]), "slice_uid": slices.loc[ex["slice_id"], "slice_uid"]}
-            )
+            shown.append(ex | {"role": roles.get(ex["slice_id"]), "slice_uid": slices.loc[ex["slice_id"], "slice_uid"]})
     return {"latent": stats[0], "explanations": explanations, "examples": shown}

@@ -41,9 +41,7 @@ def strengths(activations: np.ndarray) -> np.ndarray:
     return np.where(acts > 0, np.clip(s, 1, 10), 0)
 
 
-def explain_examples(
-    slice_ids: Sequence[int], activations: Sequence[float], lines: dict[int, str]
-) -> list[dict]:
+def explain_examples(slice_ids: Sequence[int], activations: Sequence[float], lines: dict[int, str]) -> list[dict]:
     """Prompt rows ``{id, strength, line, slice_id, activation}``, strongest first, contrasts last."""
     acts = np.asarray(activations, dtype=np.float64)
     order = np.lexsort((np.arange(len(acts)), -acts))
@@ -63,9 +61,7 @@ def explain_examples(
     return rows
 
 
-def render_explainer(
-    template: Template, examples: list[dict], montage_png: bytes | None = None
-) -> list[dict]:
+def render_explainer(template: Template, examples: list[dict], montage_png: bytes | None = None) -> list[dict]:
     """Chat messages for one latent; the montage (if any) is attached to the last user message."""
     messages = template.render(examples=[{k: e[k] for k in ("id", "strength", "line")} for e in examples])
     if montage_png is not None:

@@ -41,8 +41,15 @@ def empty_tables() -> Tables:
     return {t: [] for t in TABLES}
 
 
+def _latent_order(row: dict[str, Any]) -> tuple[bool, int]:
+    latent = row.get("latent")
+    return latent is None, int(latent) if latent is not None else 0
+
+
 def deduplicated(tables: Tables) -> Tables:
-    """Rows with an id once (a resumed run re-emits some), other rows as they are."""
+    """Rows with an id once (a resumed run re-emits some), in an order that does not depend on the order
+    latents finished in (by latent, then id: same files and same float sums whatever the scheduling);
+    other rows as they are."""
     out: Tables = {}
     for table, rows in tables.items():
         column = ID_COLUMNS.get(table)
@@ -52,7 +59,7 @@ def deduplicated(tables: Tables) -> Tables:
         seen: dict[Any, dict] = {}
         for row in rows:
             seen.setdefault(row[column], row)
-        out[table] = list(seen.values())
+        out[table] = sorted(seen.values(), key=lambda r, c=column: (_latent_order(r), str(r[c])))
     return out
 
 

@@ -162,9 +162,7 @@ def attribute_matrix(
     return sp.hstack(blocks, format="csr").astype(bool), names
 
 
-def top_structures(
-    structures: pd.DataFrame, slice_ids: np.ndarray, k: int = MAX_STRUCTURES
-) -> dict[int, str]:
+def top_structures(structures: pd.DataFrame, slice_ids: np.ndarray, k: int = MAX_STRUCTURES) -> dict[int, str]:
     """``"liver 34%, stomach 12%"`` per slice id (largest first, share of segmented area)."""
     sub = structures[structures["slice_id"].isin(slice_ids)]
     if sub.empty:
@@ -185,9 +183,7 @@ def format_lines(slices: pd.DataFrame, structures: pd.DataFrame, slice_ids: Sequ
     rows = slices.loc[ids]
     attrs = slice_attributes(rows)
     structs = top_structures(structures, ids)
-    position = (
-        rows["position"].to_numpy(dtype=float) if "position" in rows.columns else np.full(len(ids), np.nan)
-    )
+    position = rows["position"].to_numpy(dtype=float) if "position" in rows.columns else np.full(len(ids), np.nan)
 
     def column(kind: str, fmt: str = "{}") -> list[str | None]:
         return [None if v is None else fmt.format(v) for v in attrs[kind].to_numpy(dtype=object)]

@@ -135,14 +135,9 @@ def partition_scans(names: np.ndarray, fraction: float, seed: int) -> np.ndarray
     """Bool per scan name: True = explain partition. Ranked by sha256(salt, name); both sides non-empty."""
     names = np.asarray(names, dtype=str)
     if len(names) < 2:
-        raise MedsaeError(
-            f"interpretation pool has {len(names)} scan(s); need at least 2 to split explain/score"
-        )
+        raise MedsaeError(f"interpretation pool has {len(names)} scan(s); need at least 2 to split explain/score")
     digests = np.array(
-        [
-            int.from_bytes(hashlib.sha256(f"medsae-partition|{seed}|{n}".encode()).digest()[:8], "big")
-            for n in names
-        ],
+        [int.from_bytes(hashlib.sha256(f"medsae-partition|{seed}|{n}".encode()).digest()[:8], "big") for n in names],
         dtype=np.uint64,
     )
     order = np.argsort(digests, kind="stable")
@@ -152,9 +147,7 @@ def partition_scans(names: np.ndarray, fraction: float, seed: int) -> np.ndarray
     return explain
 
 
-def choose_pool_splits(
-    split_per_scan: pd.Series, wanted: list[str], min_scans: int
-) -> tuple[list[str], bool]:
+def choose_pool_splits(split_per_scan: pd.Series, wanted: list[str], min_scans: int) -> tuple[list[str], bool]:
     """``wanted`` splits, widened to +test, then every split, until at least ``min_scans`` scans."""
     available = sorted(set(split_per_scan.dropna().astype(str)))
     candidates = [list(wanted), sorted(set(wanted) | {"test"}), available]
@@ -306,9 +299,7 @@ def _deciles(fire_rows: np.ndarray, fire_acts: np.ndarray) -> list[np.ndarray]:
     return [fire_rows[chunk] for chunk in np.array_split(order, N_DECILES)]
 
 
-def _uniform(
-    rng: np.random.Generator, rows: np.ndarray, k: int, exclude: np.ndarray | None = None
-) -> np.ndarray:
+def _uniform(rng: np.random.Generator, rows: np.ndarray, k: int, exclude: np.ndarray | None = None) -> np.ndarray:
     """About ``3k`` distinct rows drawn uniformly (in draw order), minus ``exclude``."""
     if len(rows) == 0 or k <= 0:
         return np.empty(0, dtype=np.int64)
@@ -343,9 +334,7 @@ def _matched(
     size_c = np.asarray(pc.sum(axis=1)).ravel()[None, :]
     union = size_t + size_c - inter
     jaccard = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-    same_region = (pool.region[t][:, None] == pool.region[candidates][None, :]) & (
-        pool.region[t][:, None] >= 0
-    )
+    same_region = (pool.region[t][:, None] == pool.region[candidates][None, :]) & (pool.region[t][:, None] >= 0)
     score = same_region + jaccard + 1e-6 * rng.random(jaccard.shape)
     out: list[int] = []
     for i in range(k):
@@ -428,9 +417,7 @@ def sample_latent(
     for d, chunk in enumerate(_deciles(s_rows, s_acts), start=1):
         got = picker.take(chunk[rng.permutation(len(chunk))], int(spec.simulate_per_decile))
         roles += [f"decile_{d}"] * len(got)
-    got = picker.take(
-        _uniform(rng, pool.s_rows, int(spec.simulate_random)), int(spec.simulate_random)
-    )
+    got = picker.take(_uniform(rng, pool.s_rows, int(spec.simulate_random)), int(spec.simulate_random))
     roles += ["random"] * len(got)
     sets.append(_realise(latent, SIMULATE, picker.chosen, roles, act_of, pool, spec, sae_key))
 
@@ -493,9 +480,5 @@ def sample_all(
     it = latents if progress is None else progress(latents, len(latents), "example sets")
     for latent in it:
         lo, hi = codes_pool.indptr[latent], codes_pool.indptr[latent + 1]
-        out.extend(
-            sample_latent(
-                int(latent), codes_pool.indices[lo:hi], codes_pool.data[lo:hi], pool, spec, sae_key
-            )
-        )
+        out.extend(sample_latent(int(latent), codes_pool.indices[lo:hi], codes_pool.data[lo:hi], pool, spec, sae_key))
     return out

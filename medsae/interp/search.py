@@ -184,9 +184,7 @@ def match_latents(
         picked = parse_indices(resp.text, len(candidates), n)
         if picked is not None:
             return [int(candidates["latent"].iloc[i - 1]) for i in picked]
-    raise MedsaeError(
-        f"search: {model} gave no valid answer with {n} description numbers in {attempts} tries"
-    )
+    raise MedsaeError(f"search: {model} gave no valid answer with {n} description numbers in {attempts} tries")
 
 
 def rank_slices(
@@ -259,9 +257,7 @@ def run_search(
     spec = interpret_spec(exp)
     model = model or spec.scorer_model
     if gateway is None:
-        gateway = LLMGateway(
-            cache_dir_for(exp.summarize_dir.parent.parent), mode=spec.llm_mode
-        )
+        gateway = LLMGateway(cache_dir_for(exp.summarize_dir.parent.parent), mode=spec.llm_mode)
     gateway.check_model(model)  # fail fast: unknown provider or missing key, before any work
     candidates = candidate_explanations(registry, exp.summarize_key, min_score, explainer)
     if len(candidates) < n_latents:
@@ -288,9 +284,9 @@ def run_search(
             {"latent": int(lat), "text": chosen.loc[lat, "text"], "score": float(chosen.loc[lat, "score"])}
             for lat in latents
         ],
-        "slices": found[
-            ["slice_id", "slice_uid", "modality", "plane", "body_region", "sex", "similarity"]
-        ].to_dict("records"),
+        "slices": found[["slice_id", "slice_uid", "modality", "plane", "body_region", "sex", "similarity"]].to_dict(
+            "records"
+        ),
         "criteria": {key: list(v) for key, v in crit.items()},
         "precision": prec,
         "k": k,

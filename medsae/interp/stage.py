@@ -123,9 +123,7 @@ def write_summary(out_dir: Path, result: SummarizeResult) -> tuple[pa.Table, pa.
     partition = pd.DataFrame(
         {
             "scan": pool.scan_names,
-            "partition": np.where(
-                np.isin(np.arange(len(pool.scan_names)), explain_scans), "explain", "score"
-            ),
+            "partition": np.where(np.isin(np.arange(len(pool.scan_names)), explain_scans), "explain", "score"),
         }
     )
     partition.to_parquet(out_dir / "partition.parquet", index=False)
@@ -196,11 +194,11 @@ SETS_SCHEMA = pa.schema(
 )
 
 
-def run_interpret(ctx: StageContext) -> StageResult:
+def stage_agent(ctx: StageContext) -> Any:
+    """The agent of an interpret stage; its LLM cache is the artifacts root's (shared by every worker
+    of the Ray executor, which splits the latents' calls across them before the stage runs)."""
     from medsae.interp.agent import AgentInputs, make_agent
-    from medsae.interp.journal import WorkDirJournal
     from medsae.interp.llm.cache import cache_dir_for
-    from medsae.interp.run_stats import summary_line
 
     summarize_dir = Path(ctx.inputs["summarize"])
     inputs = AgentInputs(
@@ -210,7 +208,15 @@ def run_interpret(ctx: StageContext) -> StageResult:
         summarize_key=ctx.input_keys["summarize"],
     )
     spec = ctx.section(InterpretSpec)
-    agent = make_agent(inputs, spec, cache_dir_for(summarize_dir.parent.parent), progress=ctx.progress)
+    return make_agent(inputs, spec, cache_dir_for(summarize_dir.parent.parent), progress=ctx.progress)
+
+
+def run_interpret(ctx: StageContext) -> StageResult:
+    from medsae.interp.journal import WorkDirJournal
+    from medsae.interp.run_stats import summary_line
+
+    spec = ctx.section(InterpretSpec)
+    agent = stage_agent(ctx)
     result = agent.run(sink=WorkDirJournal(Path(ctx.work_dir) / "finished"))
     grounding = _grounding(ctx)
     if grounding is not None:

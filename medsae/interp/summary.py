@@ -76,17 +76,13 @@ def statuses(stats: pd.DataFrame, n_pool: int, spec: InterpretSpec) -> np.ndarra
     freq = n_active / max(n_pool, 1)
     status = np.full(len(stats), "live", dtype=object)
     status[freq > float(spec.dense_frequency)] = "dense"
-    rare = (n_active < int(spec.min_active)) | (
-        stats["n_patients"].to_numpy() < int(spec.min_patients)
-    )
+    rare = (n_active < int(spec.min_active)) | (stats["n_patients"].to_numpy() < int(spec.min_patients))
     status[rare] = "too_rare"
     status[n_active == 0] = "dead"
     return status
 
 
-def enrichment(
-    csc: sp.csc_matrix, attrs: sp.csr_matrix, names: list[str]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def enrichment(csc: sp.csc_matrix, attrs: sp.csr_matrix, names: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top over-represented terms per latent: (term index [d, k], share among firing, base share)."""
     d = csc.shape[1]
     k = min(TOP_TERMS, attrs.shape[1])
@@ -107,9 +103,7 @@ def enrichment(
     return idx, share, base
 
 
-def best_attribute(
-    csc: sp.csc_matrix, attrs: sp.csr_matrix, rows: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def best_attribute(csc: sp.csc_matrix, attrs: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per latent, the term whose indicator has the highest Pearson r with the activation on ``rows``."""
     d = csc.shape[1]
     x = sp.csr_matrix(attrs[rows], dtype=np.float64)

@@ -157,9 +157,7 @@ class Registry:
             cols = [d[0] for d in cur.description]
             return [dict(zip(cols, row, strict=False)) for row in cur.fetchall()]
 
-    def insert(
-        self, table: str, rows: Sequence[Mapping[str, Any]] | pa.Table, ignore_conflicts: bool = True
-    ) -> int:
+    def insert(self, table: str, rows: Sequence[Mapping[str, Any]] | pa.Table, ignore_conflicts: bool = True) -> int:
         """Insert rows by column name in one transaction; returns the number of rows offered."""
         with self.write() as con:
             return insert_rows(con, table, rows, ignore_conflicts)

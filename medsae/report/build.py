@@ -141,9 +141,7 @@ def score_groups(scores: pd.DataFrame) -> dict[str, dict[str, list[float]]]:
     several = s["scorer_model"].nunique(dropna=True) > 1
     scorers = s["scorer_model"] if several else [None] * len(s)
     s = s.assign(
-        group=[
-            _group_label(k, m, sc) for k, m, sc in zip(s["kind"], s["explainer_model"], scorers, strict=True)
-        ]
+        group=[_group_label(k, m, sc) for k, m, sc in zip(s["kind"], s["explainer_model"], scorers, strict=True)]
     )
     order = {m: i for i, m in enumerate(SCORE_METHOD_ORDER)}
     methods = sorted(s["method"].unique(), key=lambda x: (order.get(x, len(order)), x))
@@ -164,10 +162,7 @@ def chance_levels(scores: pd.DataFrame) -> dict[str, float]:
     """Median recorded chance level per score method."""
     if scores.empty or "chance" not in scores:
         return {}
-    return {
-        str(k): float(v)
-        for k, v in scores.dropna(subset=["chance"]).groupby("method")["chance"].median().items()
-    }
+    return {str(k): float(v) for k, v in scores.dropna(subset=["chance"]).groupby("method")["chance"].median().items()}
 
 
 def _score_summary(groups: dict[str, dict[str, list[float]]]) -> list[dict[str, Any]]:
@@ -293,9 +288,7 @@ def build_report(
             card.grounding = views.get(card.latent)
     cards_note = None
     if table.empty:
-        cards_note = (
-            "no latent statistics yet: run the summarize stage (or at least encode) to get latent cards"
-        )
+        cards_note = "no latent statistics yet: run the summarize stage (or at least encode) to get latent cards"
     groups = score_groups(scores)
     plot_list = [
         {

@@ -121,14 +121,10 @@ def choose_latents(table: pd.DataFrame, scores: pd.DataFrame, sort_by: str, n_la
         table["_sort"] = table["latent"].map(best_scores(scores, method))
     elif sort_by in LATENT_SORT_COLUMNS:
         if sort_by not in table:
-            raise MedsaeError(
-                f"--sort-by {sort_by}: this experiment has no '{sort_by}' column (run summarize)"
-            )
+            raise MedsaeError(f"--sort-by {sort_by}: this experiment has no '{sort_by}' column (run summarize)")
         table["_sort"] = table[sort_by]
     else:
-        raise MedsaeError(
-            f"--sort-by {sort_by}: unknown; choose one of {', '.join(SORT_CHOICES)} or score:METHOD"
-        )
+        raise MedsaeError(f"--sort-by {sort_by}: unknown; choose one of {', '.join(SORT_CHOICES)} or score:METHOD")
     table = table.sort_values(["_sort", "latent"], ascending=[False, True], na_position="last")
     return table.drop(columns="_sort").head(n_latents)
 
@@ -139,9 +135,7 @@ def top_slices_from_sets(sets: dict[int, dict], latent: int, n: int) -> list[tup
     if not row or not row["slice_ids"]:
         return []
     ids = np.asarray(row["slice_ids"], dtype=np.int64)
-    acts = np.asarray(
-        row["activations"] if row["activations"] is not None else np.zeros(len(ids)), dtype=float
-    )
+    acts = np.asarray(row["activations"] if row["activations"] is not None else np.zeros(len(ids)), dtype=float)
     roles = list(row["roles"]) if row["roles"] is not None else ["example"] * len(ids)
     order = np.argsort(-acts, kind="stable")[:n]
     return [(int(ids[i]), float(acts[i]), str(roles[i])) for i in order]
@@ -160,9 +154,7 @@ def top_slices_from_codes(codes: tuple[Any, np.ndarray], latents: list[int], n: 
     return out
 
 
-def load_thumbnails(
-    slices_dir: str | None, slice_ids: list[int], size: int
-) -> tuple[dict[int, str], str | None]:
+def load_thumbnails(slices_dir: str | None, slice_ids: list[int], size: int) -> tuple[dict[int, str], str | None]:
     """slice_id -> PNG data URL for every slice that can be rendered, and a note when some cannot."""
     if not slice_ids:
         return {}, None
@@ -298,9 +290,7 @@ def build_cards(
     gap_words = scorer_gap_words(scores)
     cards = []
     stat_cols = [
-        c
-        for c in ("frequency", "n_active", "n_patients", "mean_act", "max_act", "q99", "status")
-        if c in chosen
+        c for c in ("frequency", "n_active", "n_patients", "mean_act", "max_act", "q99", "status") if c in chosen
     ]
     for row in chosen.to_dict("records"):
         latent = int(row["latent"])

@@ -29,7 +29,8 @@ from medsae.specbase import PathStr, Section, added_field, execution_only, seed_
 #: * no AuxK, no L1;
 #: * Adam lr 1e-4, linear warm-up from 0.1·lr over min(1000, steps/10) steps, then cosine to 1e-6,
 #:   batch 2048, 100 epochs, global grad-norm clip 0.5, one shuffle reused every epoch;
-#: * Lightning's bf16-mixed precision: encoder and decoder matmuls in bf16, fp32 weights.
+#: * Lightning's bf16-mixed precision (encoder and decoder matmuls in bf16, fp32 weights) where the
+#:   hardware has bf16 matmul units; fp32 elsewhere, where emulated bf16 would only be slower.
 #: ``levels`` and ``level_k`` come from the grid (docs/method.md#study-grid) and must be given.
 STUDY_PRESET: dict[str, Any] = {
     "arch": "matryoshka",
@@ -54,7 +55,7 @@ STUDY_PRESET: dict[str, Any] = {
     "epochs": 100,
     "grad_clip": 0.5,
     "shuffle": "once",
-    "precision": "bf16-mixed",
+    "precision": "auto-bf16-mixed",
 }
 
 #: Fields that say what an imported study checkpoint computes (``sae.checkpoint``): they must keep
@@ -195,11 +196,13 @@ class SAESpec(Section):
         0.0, "...but at most once per this many minutes (checkpoints of big sweeps are large).", ge=0, le=100_000
     )
     device: str = execution_only("auto", "auto = cuda, then mps, then cpu.")
-    precision: Literal["auto", "fp32", "bf16", "bf16-mixed"] = execution_only(
+    precision: Literal["auto", "fp32", "bf16", "bf16-mixed", "auto-bf16-mixed"] = execution_only(
         "auto",
         "Training matmul precision (weights stay fp32; encode is fp32): bf16 = the encoder matmul in bf16; "
         "bf16-mixed = encoder and decoder matmuls, forward and backward, in bf16 as the study's Lightning "
-        "bf16-mixed (preset: study); auto = bf16 on a GPU, fp32 on a CPU.",
+        "bf16-mixed (emulated where the hardware lacks bf16); auto = bf16 encoder on a GPU with bf16, else fp32; "
+        "auto-bf16-mixed (preset: study) = bf16-mixed where the GPU or CPU has bf16 matmul units, else fp32 "
+        "(the train log says which and why).",
     )
     decoder_impl: Literal["auto", "sparse", "dense"] = execution_only(
         "auto",

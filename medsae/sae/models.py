@@ -245,17 +245,21 @@ class SAE(nn.Module):
         dtype: torch.dtype = torch.float32,
         decoder_impl: str = "auto",
         decoder_dtype: torch.dtype = torch.float32,
+        z: torch.Tensor | None = None,
     ) -> TrainOutput:
         """Loss and statistics of one training batch of normalised inputs ``x_in`` [batch, d_in].
 
         ``dtype`` / ``decoder_dtype``: precision of the encoder / decoder matmul (module docstring).
+        ``z``: the pre-activations ``(x_in - b_dec) W_encᵀ + b_enc`` in ``dtype`` when the caller
+        computed them already (a sweep's batched GEMM); gradients flow the same way either way.
         """
         cfg = self.cfg
         x_in = x_in.float()
         x_c = (x_in - self.b_dec).detach()
         w_enc_low = self.W_enc.detach().to(dtype)
-        with torch.no_grad():  # gradients come from ops.gather_encode / ops.columns_encode
-            z = torch.addmm(self.b_enc.detach().to(dtype), x_c.to(dtype), w_enc_low.t())
+        if z is None:
+            with torch.no_grad():  # gradients come from ops.gather_encode / ops.columns_encode
+                z = torch.addmm(self.b_enc.detach().to(dtype), x_c.to(dtype), w_enc_low.t())
         grad_dtype = None if dtype == torch.float32 else dtype
         if cfg.inner == "relu":
             return self._relu_forward(x_in, x_c, z, decoder_dtype)

@@ -4,7 +4,8 @@
   train split of one embed artifact; configurations that can share a pass over the data (same
   embeddings, batch size, epochs, shuffle, seed, device) are trained together, reading each batch
   once; a spec with ``sae.checkpoint`` imports the study's SAE from that file instead. Writes
-  ``sae.safetensors`` + ``cfg.json`` + ``train_log.json``; returns train-split metrics
+  ``sae.safetensors`` + ``cfg.json`` + ``train_log.json`` + ``history.json`` (the training curve,
+  :func:`write_history`); returns train-split metrics
   (``train_loss``, ``fvu``, ``mse``, ``l0_mean``, ``dead_fraction``, ``dense_fraction``).
 * ``run_encode(ctx)``: the inference-mode codes of EVERY embedded slice, in chunks, as CSR arrays
   (:mod:`medsae.sae.codes`) and as a long ``codes.parquet`` sorted by latent, which the SQL views
@@ -35,6 +36,8 @@ from medsae.stage import Metric, StageContext, StageResult, make_shareable
 
 CODE_VERSION = "1"
 TRAIN_LOG = "train_log.json"
+HISTORY = "history.json"
+HISTORY_VERSION = 1
 ENCODE_CHUNK_ROWS = 8192
 
 
@@ -112,6 +115,7 @@ def _write_train(ctx: StageContext, result: TrainResult, wall: float) -> StageRe
     params = ctx.section(SAESpec).model_dump(mode="json")
     log = {"info": info, "metrics": result.metrics, "log": result.log, "params": params}
     (Path(ctx.out_dir) / TRAIN_LOG).write_text(json.dumps(log, indent=1))
+    write_history(ctx.out_dir, result.history)
     n = int(info["n_train"])
     metrics = [Metric(name, float(value), split="train", n=n) for name, value in result.metrics.items()]
     summary = {
@@ -121,9 +125,21 @@ def _write_train(ctx: StageContext, result: TrainResult, wall: float) -> StageRe
         "steps": info["steps"],
         "samples_per_s": info["samples_per_s"],
         "configs_in_pass": info["configs_in_pass"],
+        **{k: info[k] for k in ("precision", "precision_reason") if k in info},
         **{k: result.metrics[k] for k in ("fvu", "l0_mean", "dead_fraction")},
     }
     return StageResult(metrics=metrics, summary=summary, device=info["device"])
+
+
+def write_history(out_dir: str | Path, rows: list[dict[str, Any]]) -> Path:
+    """``history.json`` beside the checkpoint: ``{"version": 1, "rows": [{"epoch", "step", "samples",
+    "loss", "fvu"}, ...]}``, one row at every epoch's end and about every 1 % of the steps, each the
+    mean loss and FVU of the training steps since the previous row (an imported SAE has no rows)."""
+    keys = ("epoch", "step", "samples", "loss", "fvu")
+    clean = [{k: (int(r[k]) if k in ("epoch", "step", "samples") else float(r[k])) for k in keys} for r in rows]
+    path = Path(out_dir) / HISTORY
+    path.write_text(json.dumps({"version": HISTORY_VERSION, "rows": clean}))
+    return path
 
 
 @torch.no_grad()

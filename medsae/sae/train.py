@@ -37,6 +37,7 @@ from medsae.progress import is_quiet
 from medsae.sae.config import SAESpec
 from medsae.sae.data import TrainData, epoch_order
 from medsae.sae.models import FIRE_EPS, SAE, SAEConfig
+from medsae.sae.precision import resolve_precision
 from medsae.stage import as_section
 
 #: Latents firing on more than this fraction of the train split count as dense.
@@ -44,6 +45,8 @@ DENSE_THRESHOLD = 0.1
 #: Rows used for the geometric-median initialisation of b_dec.
 GEOMETRIC_MEDIAN_ROWS = 16_384
 CHECKPOINT = "train_state.pt"
+#: Training history rows per run: about this many over the run, plus one at every epoch's end.
+HISTORY_POINTS = 100
 
 
 def shared_settings(spec: SAESpec) -> tuple[Any, ...]:
@@ -75,6 +78,8 @@ class TrainResult:
     log: list[dict[str, Any]]
     metrics: dict[str, float]
     info: dict[str, Any] = field(default_factory=dict)
+    #: ``{"epoch", "step", "samples", "loss", "fvu"}`` rows: means over the steps since the previous row.
+    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -92,15 +97,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The encoder matmul's dtype under ``sae.precision``."""
-    if precision in ("bf16", "bf16-mixed") or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return torch.float32
-
-
-def decoder_dtype(precision: str) -> torch.dtype:
-    """The decoder matmul's dtype: bf16 only under ``bf16-mixed`` (the study's Lightning precision)."""
-    return torch.bfloat16 if precision == "bf16-mixed" else torch.float32
+    """The encoder matmul's dtype under ``sae.precision`` on ``device`` (:mod:`medsae.sae.precision`)."""
+    return resolve_precision(precision, device).encoder
 
 
 def lr_at(step: int, total: int, spec: SAESpec) -> float:
@@ -162,19 +160,25 @@ class _Run:
         self.device = device
         self.total = total
         self.batch_size = self.spec.batch_size
+        self.n = data.n
+        self.per_epoch = -(-data.n // self.batch_size)
+        self.history_every = max(1, total // HISTORY_POINTS)
         self.seed = combined_seed(job.seed, self.spec.seed)
         self.cfg = SAEConfig.from_spec(self.spec, data.d)
         self.sae = SAE(self.cfg, torch.Generator().manual_seed(self.seed)).to(device)
-        self.dtype = compute_dtype(self.spec.precision, device)
-        self.decoder_dtype = decoder_dtype(self.spec.precision)
+        self.precision = resolve_precision(self.spec.precision, device)
+        self.dtype, self.decoder_dtype = self.precision.encoder, self.precision.decoder
         self.decoder_impl = self.spec.decoder_impl
         self.log_every = self.spec.log_every
         fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.spec.lr, **fused)
         self.counter = torch.zeros(self.cfg.d_sae, dtype=torch.int64, device=device)
         self.step = 0
+        self.samples = 0  # training samples this configuration has seen
         self.log: list[dict[str, Any]] = []
+        self.history: list[dict[str, Any]] = []
         self._sums = self._zero_sums()
+        self._hist = self._zero_hist()
         self.fingerprint = _fingerprint(self.spec, job.seed, data.n, data.d)
         self.resumed_from = 0
         if not self._resume():
@@ -230,6 +234,11 @@ class _Run:
         self.step = self.resumed_from = int(state["step"])
         self.log = list(state["log"])
         self._sums = {k: v.to(self.device) for k, v in state["sums"].items()}
+        # checkpoints written before the history existed resume with the history from here on
+        self.history = list(state.get("history", []))
+        self.samples = int(state["samples"]) if "samples" in state else self._samples_at(self.step)
+        if "hist" in state:
+            self._hist = {k: v.to(self.device) for k, v in state["hist"].items()}
         torch.set_rng_state(state["rng"])
         return True
 
@@ -246,6 +255,9 @@ class _Run:
             "counter": self.counter,
             "log": self.log,
             "sums": self._sums,
+            "history": self.history,
+            "hist": self._hist,
+            "samples": self.samples,
             "rng": torch.get_rng_state(),
         }
         tmp = path.with_name(path.name + ".part")
@@ -262,13 +274,22 @@ class _Run:
             "steps": torch.zeros((), dtype=torch.int64, device=self.device)
         }
 
-    def train_step(self, x_in: torch.Tensor) -> None:
+    def _zero_hist(self) -> dict[str, torch.Tensor]:
+        return {k: torch.zeros((), dtype=torch.float64, device=self.device) for k in ("loss", "fvu", "steps")}
+
+    def _samples_at(self, step: int) -> int:
+        """Samples seen after ``step`` steps (every epoch's last batch may be short)."""
+        epochs, rest = divmod(step, self.per_epoch)
+        return epochs * self.n + min(rest * self.batch_size, self.n)
+
+    def train_step(self, x_in: torch.Tensor, z: torch.Tensor | None = None) -> None:
+        """One optimisation step on normalised inputs; ``z``: the pre-activations when already computed."""
         sae, cfg = self.sae, self.cfg
         lr = lr_at(self.step, self.total, self.spec)
         for group in self.opt.param_groups:
             group["lr"] = lr
         dead = self.counter >= cfg.dead_after if cfg.auxk else None
-        out = sae.training_forward(x_in, dead, self.dtype, self.decoder_impl, self.decoder_dtype)
+        out = sae.training_forward(x_in, dead, self.dtype, self.decoder_impl, self.decoder_dtype, z=z)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         if cfg.unit_norm_decoder:
@@ -292,9 +313,31 @@ class _Run:
             s["fvu"] += fvu.double()
             s["l0"] += out.l0.double()
             s["steps"] += 1
+            h = self._hist
+            h["loss"] += out.loss.detach().double()
+            h["fvu"] += fvu.double()
+            h["steps"] += 1
         self.step += 1
+        self.samples += x_in.shape[0]
         if self.step % self.log_every == 0 or self.step == self.total:
             self._log_entry(lr)
+        if self.step % self.history_every == 0 or self.step % self.per_epoch == 0 or self.step == self.total:
+            self._history_row()
+
+    def _history_row(self) -> None:
+        """One history row: the mean loss and FVU of the steps since the previous row (one host sync)."""
+        h = dict(zip(self._hist, torch.stack(list(self._hist.values())).tolist(), strict=True))
+        steps = max(h["steps"], 1.0)
+        self.history.append(
+            {
+                "epoch": -(-self.step // self.per_epoch),  # the epoch (from 1) this row's last step belongs to
+                "step": self.step,
+                "samples": self.samples,
+                "loss": h["loss"] / steps,
+                "fvu": h["fvu"] / steps,
+            }
+        )
+        self._hist = self._zero_hist()
 
     def _log_entry(self, lr: float) -> None:
         s = {k: float(v) for k, v in self._sums.items()}
@@ -349,10 +392,13 @@ def train_many(
     *,
     progress: Callable[[Iterable[Any], int, str], Iterable[Any]] | None = None,
     on_step: Callable[[int], None] | None = None,
+    batched: bool | None = None,
 ) -> list[TrainResult]:
     """Train every job in one pass over ``data``; jobs must share batch size, epochs, shuffle and seed.
 
     ``on_step(step)`` is called after every step (after the checkpoint of that step, if any).
+    ``batched``: compute the encoder matmuls of configurations with the same shapes as one batched
+    GEMM per step (:func:`batched_pre_acts`); None = on a GPU only (on a CPU it is not faster).
     """
     if not jobs:
         return []
@@ -360,6 +406,12 @@ def train_many(
     total = total_steps(data.n, jobs[0].spec)
     init_cache: dict = {}
     runs = [_Run(job, data, device, total, init_cache) for job in jobs]
+    if batched is None:
+        batched = device.type == "cuda"
+    for run in runs:
+        if run.resumed_from == 0:
+            name = f" {run.job.name}" if run.job.name else ""
+            _emit(f"[train{name}] precision {run.precision.name}: {run.precision.reason}")
     start = min(r.step for r in runs)
     every = min(r.spec.checkpoint_every for r in runs)
     min_gap = 60 * min(r.spec.checkpoint_minutes for r in runs)
@@ -371,13 +423,14 @@ def train_many(
     for step, x_raw in steps:
         samples += x_raw.shape[0]
         normalised: dict[str, torch.Tensor] = {}
-        for run in runs:
-            if run.step != step:
-                continue
+        active = [run for run in runs if run.step == step]
+        for run in active:
             mode = run.cfg.normalize
             if mode not in normalised:
                 normalised[mode] = run.sae.normalize(x_raw)
-            run.train_step(normalised[mode])
+        pre = batched_pre_acts(active, normalised) if batched else {}
+        for run in active:
+            run.train_step(normalised[run.cfg.normalize], pre.get(id(run)))
         due = (step + 1) % every == 0 and time.monotonic() - last_save >= min_gap
         if due or step + 1 == total:
             for run in runs:
@@ -398,14 +451,46 @@ def train_many(
             "resumed_from": run.resumed_from,
             "n_train": data.n,
             "device": str(device),
-            "precision": "bf16-mixed" if run.decoder_dtype != torch.float32 else str(run.dtype).replace("torch.", ""),
+            "precision": run.precision.name,
+            "precision_requested": run.spec.precision,
+            "precision_reason": run.precision.reason,
+            "batched_encoder": bool(batched),
             "configs_in_pass": len(runs),
             "pass_seconds": seconds,
             # train rows pushed through the pass per second (each one fed to every configuration)
             "samples_per_s": samples / seconds if seconds > 0 else None,
         }
-        results.append(TrainResult(run.sae.eval(), run.log, metrics, info))
+        results.append(TrainResult(run.sae.eval(), run.log, metrics, info, run.history))
     return results
+
+
+def _gemm_group(run: _Run) -> tuple[Any, ...]:
+    """Runs whose encoder matmuls can share one batched GEMM: same shapes, dtype and inputs."""
+    return (run.cfg.normalize, run.cfg.d_in, run.cfg.d_sae, run.dtype)
+
+
+def batched_pre_acts(runs: list[_Run], inputs: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Pre-activations ``z`` of every run (by ``id``) whose group has two or more members, one GEMM a group.
+
+    ``z_g = (x - b_dec_g) W_enc_gᵀ + b_enc_g`` for all g of a group as one ``baddbmm`` of stacked
+    operands (in each run's encoder dtype), which keeps a GPU busy where one config's matmul does not.
+    """
+    groups: dict[tuple[Any, ...], list[_Run]] = {}
+    for run in runs:
+        groups.setdefault(_gemm_group(run), []).append(run)
+    out: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        for key, members in groups.items():
+            if len(members) < 2:
+                continue
+            dtype, x = key[3], inputs[key[0]].float()
+            x_c = torch.stack([x - r.sae.b_dec for r in members]).to(dtype)
+            w_t = torch.stack([r.sae.W_enc.to(dtype) for r in members]).transpose(1, 2)
+            b = torch.stack([r.sae.b_enc.to(dtype) for r in members]).unsqueeze(1)
+            z = torch.baddbmm(b, x_c, w_t)
+            for i, run in enumerate(members):
+                out[id(run)] = z[i]
+    return out
 
 
 @torch.no_grad()

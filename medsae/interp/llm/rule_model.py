@@ -141,9 +141,7 @@ def sentence(terms: list[Term]) -> str:
 
 
 def explain(messages: list[dict]) -> str:
-    examples = [
-        (int(m.group(2)), parse_line(m.group(3))["terms"]) for m in _EXAMPLE.finditer(_last_user(messages))
-    ]
+    examples = [(int(m.group(2)), parse_line(m.group(3))["terms"]) for m in _EXAMPLE.finditer(_last_user(messages))]
     chosen = enriched_terms(examples)
     if not chosen:
         return "The examples show no firing slice, so there is nothing to explain."

@@ -100,9 +100,7 @@ def balanced_accuracy(predicted: np.ndarray, labels: np.ndarray) -> float | None
     return float(0.5 * (predicted[labels].mean() + (~predicted[~labels]).mean()))
 
 
-def bootstrap_ci(
-    pred: np.ndarray, true: np.ndarray, n_boot: int, seed: int
-) -> tuple[float | None, float | None]:
+def bootstrap_ci(pred: np.ndarray, true: np.ndarray, n_boot: int, seed: int) -> tuple[float | None, float | None]:
     """Percentile 95 % interval of Pearson r over ``n_boot`` seeded resamples of the pairs."""
     if n_boot <= 0 or len(pred) < 3:
         return None, None
@@ -159,16 +157,13 @@ def score_simulation(pred: np.ndarray, true: np.ndarray, n_boot: int, n_perm: in
             lo,
             hi,
             permutation_p(p, t, r, n_perm, seed + 1) if r is not None else None,
-            extra={"calibration": deciles}
-            | ({} if r is not None else {"reason": "constant predictions or truth"}),
+            extra={"calibration": deciles} | ({} if r is not None else {"reason": "constant predictions or truth"}),
         )
     ]
     rho = spearman(p, t)
     out.append(Score("spearman", rho, n, n_missing, extra={} if rho is not None else {"reason": "undefined"}))
     auc = auroc(p, t > 0)
-    out.append(
-        Score("auroc", auc, n, n_missing, extra={} if auc is not None else {"reason": "one class only"})
-    )
+    out.append(Score("auroc", auc, n, n_missing, extra={} if auc is not None else {"reason": "one class only"}))
     return out
 
 
@@ -178,10 +173,7 @@ def score_detection(pred: np.ndarray, true: np.ndarray, scale: int = 1) -> list[
     ok, n_missing, reason = _missing_guard(pred)
     n = int(ok.sum())
     if reason is not None:
-        return [
-            Score(m, None, n, n_missing, extra={"reason": reason})
-            for m in ("detection_bacc", "detection_auroc")
-        ]
+        return [Score(m, None, n, n_missing, extra={"reason": reason}) for m in ("detection_bacc", "detection_auroc")]
     p, fires = pred[ok], true[ok] > 0
     bacc = balanced_accuracy(p >= scale / 2, fires)
     auc = auroc(p, fires)

@@ -33,8 +33,11 @@ from medsae.report import gather
 from medsae.report.build import format_number, format_time
 from medsae.report.cards import _caption, explanation_views, scorer_gap_words
 from medsae.report.compare import column_labels, compare_experiments
+from medsae.report.site import crossexp, index_page
 from medsae.report.site import rows as rowlib
 from medsae.report.site.images import ImageStore, histogram_png
+from medsae.report.site.latent_extras import LatentExtras
+from medsae.report.site.thumbcache import ThumbCache
 
 log = logging.getLogger("medsae")
 
@@ -120,23 +123,64 @@ def _histogram(latent: int, codes: Any, sets: dict[int, dict]) -> tuple[bytes, d
 def _thumbnails(
     slices_dir: str | None, ids: list[int], size: int, store: ImageStore
 ) -> tuple[dict[int, str], str | None]:
+    """slice_id -> ``thumbs/<sha256>.png`` for ``ids``, from the thumbnail cache (rendering what it lacks).
+
+    Where the cache cannot be written (a read-only artifacts folder) the missing thumbnails are
+    rendered into a scratch folder of this build and dropped after linking.
+    """
     if not ids:
         return {}, None
     if not slices_dir or not Path(slices_dir).is_dir():
         return {}, f"thumbnails unavailable: slices artifact folder {slices_dir or '(none)'} not found"
-    from medsae.data.render import thumbnail
-
+    cache = ThumbCache(slices_dir, size)
     paths: dict[int, str] = {}
-    failure = None
-    for sid in track(ids, description="thumbnails", unit="slices"):
-        try:
-            paths[sid] = store.put(thumbnail(Path(slices_dir), sid, size=size))
-        except Exception as exc:  # a bad volume must not sink the explorer; the page says why
-            failure = failure or f"slice {sid}: {type(exc).__name__}: {exc}"
-    if failure:
+    missing = []
+    for sid in ids:
+        png = cache.read(sid)
+        if png is None:
+            missing.append(sid)
+        else:
+            paths[sid] = store.put_file(cache.path(sid), png)
+    cache.stats.reused = len(paths)
+    scratch = store.folder.parent / ".thumb-render"
+    try:
+        if missing:
+            try:
+                cache.render(missing)
+            except OSError as exc:
+                log.warning("report: thumbnail cache %s not writable (%s); rendering for this build", cache.folder, exc)
+                cache.folder = scratch
+                cache.render(missing)
+            for sid in missing:
+                png = cache.read(sid)
+                if png is not None:
+                    paths[sid] = store.put_file(cache.path(sid), png)
+    except MedsaeError as exc:  # e.g. an incomplete slices artifact: the pages say so, the build goes on
+        cache.stats.failed.update({sid: str(exc) for sid in missing if sid not in paths})
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    stats = cache.stats
+    log.info(
+        "report: thumbnails %d from the cache, %d rendered, %d cache files rejected (%s)",
+        stats.reused,
+        stats.rendered,
+        stats.rejected,
+        cache.folder,
+    )
+    if len(paths) < len(ids):
+        sid = next(s for s in ids if s not in paths)
+        failure = f"slice {sid}: {stats.failed.get(sid, 'not rendered')}"
         log.warning("report: some thumbnails failed (%s)", failure)
         return paths, f"{len(ids) - len(paths)} thumbnail(s) could not be rendered ({failure})"
     return paths, None
+
+
+def shown_slice_ids(sets: dict[int, dict], n_slices: int) -> list[int]:
+    """The slices latent pages show (at most ``n_slices`` per example group): the thumbnails a build needs."""
+    no_caption = lambda sid: ([], "")  # noqa: E731 - the groups only, captions are not needed here
+    return sorted(
+        {s["slice_id"] for lat in sets for g in _slice_groups(lat, sets, n_slices, no_caption, {}) for s in g["slices"]}
+    )
 
 
 class SliceCaptions:
@@ -182,7 +226,9 @@ def _slice_groups(
                 "img": thumbs.get(sid),
             }
         )
-    return [{"name": g, "slices": groups[g][:n_slices]} for g in GROUP_ORDER if g in groups]
+    return [
+        {"name": g, "slices": groups[g][:n_slices], "more": groups[g][n_slices:]} for g in GROUP_ORDER if g in groups
+    ]
 
 
 def _write(path: Path, text: str) -> None:
@@ -190,11 +236,17 @@ def _write(path: Path, text: str) -> None:
 
 
 def build_site(
-    registry: Registry, experiment: str, out_dir: Path, n_slices: int = 12, thumb_size: int = 128
+    registry: Registry,
+    experiment: str,
+    out_dir: Path,
+    n_slices: int = 12,
+    thumb_size: int = 128,
+    compare_with: list[str] | None = None,
 ) -> SiteSummary:
     """Write the explorer of ``experiment`` into the folder ``out_dir`` (replacing an earlier explorer there).
 
     Each latent page shows at most ``n_slices`` slices per example group, as ``thumb_size`` px thumbnails.
+    Each experiment of ``compare_with`` gets a page of latents matched by decoder cosine (``compare/``).
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -210,7 +262,12 @@ def build_site(
         slice_ids = sorted({int(s) for r in sets.values() for s in (r["slice_ids"] or [])})
         meta = gather.slice_metadata(con, exp, slice_ids)
         stages = queries.experiment_stages(con, exp.experiment_id)
+        index_data = index_page.gather_index(con, exp)
+        others = [crossexp.load_other(con, name) for name in compare_with or []]
     _, compare = compare_experiments(registry, [experiment])
+    own = crossexp.Side.from_frames(exp, latents, explanations, scores)
+    comparisons = [crossexp.compare_experiment(own, other) for other in others]  # before any file is written
+    explainers = crossexp.explainer_comparison(explanations, scores)
     labels = column_labels()
     structures = {lat: str(r["structure"]) for lat, r in ground.rows.items()}
     index = rowlib.index_rows(latents, explanations, scores, structures)
@@ -225,7 +282,8 @@ def build_site(
     try:
         (tmp / "latents").mkdir()
         store = ImageStore(tmp)
-        thumbs, thumb_note = _thumbnails(exp.artifact_dir("slices"), slice_ids, thumb_size, store)
+        shown_ids = shown_slice_ids(sets, n_slices)
+        thumbs, thumb_note = _thumbnails(exp.artifact_dir("slices"), shown_ids, thumb_size, store)
         if thumb_note:
             notes.append(thumb_note)
         views = {}
@@ -239,6 +297,13 @@ def build_site(
         versions = explanation_views(explanations, scores, ids)
         best = rowlib.headline_scores(scores)
         texts = rowlib.headline_texts(explanations, best)
+        extras = LatentExtras.gather(
+            exp.artifact_dir("train"),
+            codes,
+            exp.artifact_dir("evaluate"),
+            {lat: t[1] for lat, t in texts.items()},
+            set(ids),
+        )
         gap_words = scorer_gap_words(scores)
         env = _environment()
         captions = SliceCaptions(meta)
@@ -263,6 +328,7 @@ def build_site(
                     prev=ids[at - 1] if at > 0 else None,
                     next=ids[at + 1] if at + 1 < len(ids) else None,
                     thumb_note=thumb_note,
+                    extras=extras.page(latent),
                 ),
             )
         data = {"experiment": exp.name, "columns": list(rowlib.INDEX_COLUMNS), "rows": index}
@@ -271,11 +337,14 @@ def build_site(
         _write(tmp / "latents.js", f"window.MEDSAE_LATENTS = {text};\n")
         _write(tmp / "explorer.js", env.get_template("site_explorer.js.j2").render(row_limit=ROW_LIMIT))
         _write(tmp / "site.css", env.get_template("site.css.j2").render())
+        extra_pages = crossexp.write_pages(tmp, env, common, comparisons, explainers, set(ids))
         _write(
             tmp / "index.html",
             env.get_template("site_index.html.j2").render(
                 **common,
-                metrics=rowlib.headline_metrics(compare[0] if compare else {}, labels),
+                **index_page.index_vars(
+                    index_data, compare[0] if compare else {}, labels, latents, scores, store, exp.name
+                ),
                 n_latents=len(index),
                 n_firing=sum(1 for r in index if (r["frequency"] or 0) > 0),
                 n_explained=sum(1 for r in index if r["explanation"] is not None),
@@ -283,6 +352,7 @@ def build_site(
                 notes=notes,
                 built_at=time.strftime("%Y-%m-%d %H:%M %Z"),
                 format_time=format_time,
+                extra_pages=extra_pages,
             ),
         )
         _write(tmp / MARKER, f"medsae latent explorer of {exp.name}\n")

@@ -1,7 +1,9 @@
 """PNG files of the explorer: a content-addressed store (``thumbs/<sha256>.png``) and small histograms.
 
 Every picture is written once under the SHA-256 of its bytes and referenced by that name, so a
-slice shown on many latent pages costs one file, and pages never inline image data.
+slice shown on many latent pages costs one file, and pages never inline image data. Slice
+thumbnails come from a cache that outlives builds (:mod:`medsae.report.site.thumbcache`) and are
+hard-linked from it (copied across file systems).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +32,21 @@ class ImageStore:
         if digest not in self.written:
             path = self.folder / f"{digest}.png"
             if not path.is_file():
+                path.write_bytes(png)
+            self.written.add(digest)
+        return f"{THUMBS}/{digest}.png"
+
+    def put_file(self, source: Path, png: bytes) -> str:
+        """Like :meth:`put` for bytes read from the file ``source``: hard-linked from there (no second
+        copy on disk), or copied where a link cannot be made (another file system, no permission)."""
+        digest = hashlib.sha256(png).hexdigest()
+        if digest not in self.written:
+            path = self.folder / f"{digest}.png"
+            try:
+                os.link(source, path)
+            except FileExistsError:
+                pass
+            except OSError:
                 path.write_bytes(png)
             self.written.add(digest)
         return f"{THUMBS}/{digest}.png"

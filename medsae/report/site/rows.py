@@ -147,6 +147,12 @@ def headline_metrics(compare_row: dict[str, Any], labels: dict[str, str]) -> lis
         direction = BETTER.get(k.column)
         hint = f"{direction} is better" if direction else NEUTRAL.get(k.column, "")
         out.append(
-            {"label": labels.get(k.column, k.label or k.column), "value": value, "hint": hint, "split": k.split or ""}
+            {
+                "column": k.column,
+                "label": labels.get(k.column, k.label or k.column),
+                "value": value,
+                "hint": hint,
+                "split": k.split or "",
+            }
         )
     return out
