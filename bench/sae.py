@@ -56,6 +56,7 @@ from typing import Any
 from medsae.sae.config import SAESpec
 from medsae.sae.data import ArrayStore, TrainData
 from medsae.sae.models import SAE, SAEConfig
+from medsae.sae.precision import bf16_support
 from medsae.sae.train import TrainJob, compute_dtype, resolve_device, train_many
 
 
@@ -388,7 +389,11 @@ def main() -> None:
         )
     print(f"(AuxK row: dead after {batch} samples without firing; {100 * aux['dead']:.0f} % dead at the end)")
     if device.type == "cpu":
-        print("(bf16 row: the CPU's bf16 matmul, compared with the fp32 ceiling; CPU runs default to fp32)")
+        _, why = bf16_support(device)
+        print(
+            f"(bf16 row: the CPU's bf16 matmul, compared with the fp32 ceiling; {why}; precision 'auto' is fp32 "
+            "on a CPU, the study preset's 'auto-bf16-mixed' is bf16 only where the CPU has bf16 units)"
+        )
 
     ks = [4, 6, 8, 10, 12, 16, 24, 32]
     multi_steps = max(2, steps // 2)

@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 
 from medsae.data.index import load_slices
 from medsae.data.render import iter_scan_images
@@ -71,7 +70,7 @@ def embed_stage(
     runner = _ShardRunner(backbone, work, spec, slice_ids, done)
     workers = loader_workers(spec.num_workers, backbone.device)  # sized to the CPUs we may use
     rows = item_rows(spec.input_size, spec.batch_size)  # bounds the memory rendered items take
-    loader = _loader(slices_dir, slice_ids, todo, render, workers, backbone.device, rows)
+    loader = make_loader(slices_dir, slice_ids, todo, render, workers, backbone.device, rows)
     with task(f"embed {backbone.name}", total=n_todo, unit="img", quiet=ctx.quiet) as advance:
         for n_images in runner.run(loader):
             advance(n_images)
@@ -219,7 +218,7 @@ def embed_shards(
     runner = _ShardRunner(backbone, folder, spec, slice_ids, done)
     workers = loader_workers(spec.num_workers, backbone.device)
     rows = item_rows(spec.input_size, spec.batch_size)
-    for _ in runner.run(_loader(slices_dir, slice_ids, todo, iter_scan_images, workers, backbone.device, rows)):
+    for _ in runner.run(make_loader(slices_dir, slice_ids, todo, iter_scan_images, workers, backbone.device, rows)):
         pass
     info = backbone.describe() if hasattr(backbone, "describe") else {"model": backbone.name}
     return done, {"name": backbone.name, "device": str(backbone.device), "info": info, "load_seconds": load_seconds}
@@ -312,20 +311,7 @@ def _link(src: Path, dst: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# loading and batching
-
-
-def _loader(
-    slices_dir: Path,
-    slice_ids: np.ndarray,
-    items: list[tuple[int, int]],
-    render: RenderFn,
-    num_workers: int,
-    device: torch.device,
-    max_rows: int | None = None,
-) -> DataLoader:
-    """Rendered work items in order, ahead of the forward pass (see :mod:`medsae.embed.loader`)."""
-    return make_loader(slices_dir, slice_ids, items, render, num_workers, device, max_rows)
+# batching
 
 
 class _ShardRunner:
