@@ -162,3 +162,20 @@ def test_installed_cli_runs_a_tiny_experiment_with_offline_explanations(installe
     assert n_scores > 0
     # the installed copy of the explainer template is the repository's: same content hash
     assert load_template("explainer_metadata_v1").hash in hashes
+
+
+def test_installed_cli_builds_the_explorer_from_its_own_templates(installed):
+    """`medsae report EXP -o FOLDER` from the wheel: its page templates, CSS and script are package data."""
+    work, env = installed["work"], installed["env"]
+    spec = work / "wheel.yaml"
+    spec.write_text(yaml.safe_dump(_tiny_spec(work)))
+    medsae_cli = str(installed["venv"] / "bin" / "medsae")
+    _run([medsae_cli, "exp", "run", str(spec)], work, env, timeout=600)  # done already when run after the test above
+    _run([medsae_cli, "report", "wheel", "-o", str(work / "site")], work, env, timeout=600)
+
+    site = work / "site"
+    assert "Headline metrics" in (site / "index.html").read_text()
+    assert (site / "site.css").stat().st_size > 0 and (site / "explorer.js").stat().st_size > 0
+    rows = json.loads((site / "latents.json").read_text())["rows"]
+    pages = {p.stem for p in (site / "latents").glob("*.html")}
+    assert rows and len(pages) == len(rows)
