@@ -11,15 +11,13 @@ import asyncio
 import hashlib
 import json
 import re
-import subprocess
-import time
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import pytest
-from test_report_browser import CHROMIUM, FLAGS, Page  # sibling test modules
+from chromium import CHROMIUM, devtools_port, open_page  # sibling test modules
 from test_report_html import DEAD, N_LATENTS, PWN, PWN_IMG, fabricate
 from typer.testing import CliRunner
 
@@ -212,86 +210,47 @@ def test_cli_writes_a_folder_for_a_non_html_target(site, tmp_path):
 
 
 async def _browse(port: int, folder: Path, pwned: int) -> dict[str, Any]:
-    import aiohttp
-
-    async with aiohttp.ClientSession() as session:
-        page_ws = None
-        for _ in range(100):
-            async with session.get(f"http://127.0.0.1:{port}/json/list") as resp:
-                targets = await resp.json()
-            page_ws = next((t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page"), None)
-            if page_ws:
-                break
-            await asyncio.sleep(0.1)
-        assert page_ws, f"no page target in {targets}"
-        async with session.ws_connect(page_ws, max_msg_size=0) as ws:
-            page = Page(ws)
-            for domain in ("Runtime", "Log", "Network", "Page"):
-                await page.send(f"{domain}.enable")
-            await page.send(
-                "Emulation.setDeviceMetricsOverride", width=1400, height=1000, deviceScaleFactor=1, mobile=False
-            )
-            await page.send("Page.navigate", url=(folder / "index.html").resolve().as_uri())
-            await page.wait_event("Page.loadEventFired")
-            rows = "Array.from(document.querySelectorAll('#latent-rows tr')).map(r => Number(r.dataset.latent))"
-            out: dict[str, Any] = {"initial": await page.eval(rows)}
-            click = "document.querySelector('th[data-key=frequency] button').click()"
-            await page.eval(click)
-            out["freq_desc"] = await page.eval(rows)
-            await page.eval(click)
-            out["freq_asc"] = await page.eval(rows)
-            out["filtered"] = await page.eval(
-                "(() => { const i = document.getElementById('text-filter'); i.value = '<script>';"
-                f" i.dispatchEvent(new Event('input')); return {rows}; }})()"
-            )
-            out["count"] = await page.eval("document.getElementById('latent-count').textContent")
-            out["cell_children"] = await page.eval("document.querySelectorAll('#latent-rows td.text *').length")
-            out["cell_text"] = await page.eval(
-                "Array.from(document.querySelectorAll('#latent-rows td.text')).map(e => e.textContent).join('')"
-            )
-            out["min_score"] = await page.eval(
-                "(() => { document.getElementById('text-filter').value = '';"
-                " const m = document.getElementById('min-score'); m.value = '0.5';"
-                f" m.dispatchEvent(new Event('input')); return {rows}; }})()"
-            )
-            await page.screenshot("body", folder.parent / "index.png")
-            await page.send("Page.navigate", url=(folder / "latents" / f"{pwned}.html").resolve().as_uri())
-            await asyncio.sleep(0.2)
-            await page.wait_event("Page.frameStoppedLoading")
-            out["latent_title"] = await page.eval("document.title")
-            out["headline"] = await page.eval("document.getElementById('headline-text').textContent")
-            out["images"] = await page.eval(
-                "Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight])"
-            )
-            out["pwned"] = await page.eval("typeof window.__pwned")
-            out["errors"] = page.console_errors()
-            out["requests"] = [u for u in page.requests() if not u.startswith("file:")]
-            page.reader.cancel()
-            return out
+    async with open_page(port, folder / "index.html") as page:
+        rows = "Array.from(document.querySelectorAll('#latent-rows tr')).map(r => Number(r.dataset.latent))"
+        out: dict[str, Any] = {"initial": await page.eval(rows)}
+        click = "document.querySelector('th[data-key=frequency] button').click()"
+        await page.eval(click)
+        out["freq_desc"] = await page.eval(rows)
+        await page.eval(click)
+        out["freq_asc"] = await page.eval(rows)
+        out["filtered"] = await page.eval(
+            "(() => { const i = document.getElementById('text-filter'); i.value = '<script>';"
+            f" i.dispatchEvent(new Event('input')); return {rows}; }})()"
+        )
+        out["count"] = await page.eval("document.getElementById('latent-count').textContent")
+        out["cell_children"] = await page.eval("document.querySelectorAll('#latent-rows td.text *').length")
+        out["cell_text"] = await page.eval(
+            "Array.from(document.querySelectorAll('#latent-rows td.text')).map(e => e.textContent).join('')"
+        )
+        out["min_score"] = await page.eval(
+            "(() => { document.getElementById('text-filter').value = '';"
+            " const m = document.getElementById('min-score'); m.value = '0.5';"
+            f" m.dispatchEvent(new Event('input')); return {rows}; }})()"
+        )
+        await page.screenshot("body", folder.parent / "index.png")
+        await page.send("Page.navigate", url=(folder / "latents" / f"{pwned}.html").resolve().as_uri())
+        await asyncio.sleep(0.2)
+        await page.wait_event("Page.frameStoppedLoading")
+        out["latent_title"] = await page.eval("document.title")
+        out["headline"] = await page.eval("document.getElementById('headline-text').textContent")
+        out["images"] = await page.eval(
+            "Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight])"
+        )
+        out["pwned"] = await page.eval("typeof window.__pwned")
+        out["errors"] = page.console_errors()
+        out["requests"] = [u for u in page.requests() if not u.startswith("file:")]
+        return out
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (apt-get install -y chromium)")
 def test_explorer_in_headless_chromium(site, tmp_path):
-    profile = tmp_path / "profile"
-    proc = subprocess.Popen(
-        [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + 30
-        while not (port_file.exists() and port_file.read_text().strip()):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("chromium did not start its DevTools endpoint")
-            time.sleep(0.1)
-        result = asyncio.run(_browse(int(port_file.read_text().split()[0]), site["site"], site["pwned_latent"]))
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with devtools_port(tmp_path / "profile") as port:
+        result = asyncio.run(_browse(port, site["site"], site["pwned_latent"]))
 
     latents = {r["latent"]: r for r in site["latents"]}
     firing = [j for j in range(N_LATENTS) if j not in DEAD]

@@ -16,7 +16,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -27,9 +26,9 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import yaml
+from chromium import CHROMIUM, devtools_port, open_page, screenshot_dir  # sibling test module
 from safetensors.numpy import load_file
 from sklearn.metrics import roc_auc_score
-from test_report_browser import CHROMIUM, FLAGS, Page, screenshot_dir  # sibling test module
 
 from medsae.registry import Registry
 from medsae.report.site.build import build_site
@@ -432,45 +431,25 @@ def test_study_protocol_weights_agree_with_its_coefficient_tables(tmp_path):
 
 
 async def _click_through(port: int, page_path: Path, shot: Path) -> dict[str, Any]:
-    import aiohttp
-
-    async with aiohttp.ClientSession() as session:
-        page_ws = None
-        for _ in range(100):
-            async with session.get(f"http://127.0.0.1:{port}/json/list") as resp:
-                page_ws = next((t["webSocketDebuggerUrl"] for t in await resp.json() if t["type"] == "page"), None)
-            if page_ws:
-                break
-            await asyncio.sleep(0.1)
-        assert page_ws, "no page target"
-        async with session.ws_connect(page_ws, max_msg_size=0) as ws:
-            page = Page(ws)
-            for domain in ("Runtime", "Log", "Network", "Page"):
-                await page.send(f"{domain}.enable")
-            await page.send(
-                "Emulation.setDeviceMetricsOverride", width=1400, height=1000, deviceScaleFactor=1, mobile=False
-            )
-            await page.send("Page.navigate", url=page_path.resolve().as_uri())
-            await page.wait_event("Page.loadEventFired")
-            cells = (
-                "(id) => Array.from(document.querySelectorAll(`#${id} tr`)).slice(1)"
-                ".map(r => r.cells[0].textContent.trim())"
-            )
-            out: dict[str, Any] = {
-                name: await page.eval(f"({cells})('{name}')")
-                for name in ("decoder-neighbours", "coactivation-neighbours", "probe-weights")
-            }
-            await page.screenshot("#probes", shot.with_name(shot.stem + "-probes.png"))
-            await page.screenshot("#neighbours", shot)
-            errors, requests = page.console_errors(), page.requests()
-            page.events.clear()
-            await page.eval("document.querySelector('#decoder-neighbours a').click()")
-            await page.wait_event("Page.loadEventFired")
-            out["title"] = await page.eval("document.title")
-            out["errors"] = errors + page.console_errors()
-            out["requests"] = [u for u in requests + page.requests() if not u.startswith("file:")]
-            page.reader.cancel()
-            return out
+    async with open_page(port, page_path) as page:
+        cells = (
+            "(id) => Array.from(document.querySelectorAll(`#${id} tr`)).slice(1)"
+            ".map(r => r.cells[0].textContent.trim())"
+        )
+        out: dict[str, Any] = {
+            name: await page.eval(f"({cells})('{name}')")
+            for name in ("decoder-neighbours", "coactivation-neighbours", "probe-weights")
+        }
+        await page.screenshot("#probes", shot.with_name(shot.stem + "-probes.png"))
+        await page.screenshot("#neighbours", shot)
+        errors, requests = page.console_errors(), page.requests()
+        page.events.clear()
+        await page.eval("document.querySelector('#decoder-neighbours a').click()")
+        await page.wait_event("Page.loadEventFired")
+        out["title"] = await page.eval("document.title")
+        out["errors"] = errors + page.console_errors()
+        out["requests"] = [u for u in requests + page.requests() if not u.startswith("file:")]
+        return out
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (apt-get install -y chromium)")
@@ -480,28 +459,10 @@ def test_panels_in_headless_chromium(built, tmp_path):
         built["pages"], key=lambda i: len(_page(built["site"], i)[0].tables.get("coactivation-neighbours", []))
     )
     tables = _page(built["site"], latent)[0].tables
-    profile = tmp_path / "profile"
-    proc = subprocess.Popen(
-        [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + 30
-        while not (port_file.exists() and port_file.read_text().strip()):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("chromium did not start its DevTools endpoint")
-            time.sleep(0.1)
+    with devtools_port(tmp_path / "profile") as port:
         shot = screenshot_dir() / "latent-neighbours.png"
         page = built["site"] / "latents" / f"{latent}.html"
-        result = asyncio.run(_click_through(int(port_file.read_text().split()[0]), page, shot))
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        result = asyncio.run(_click_through(port, page, shot))
     assert result["errors"] == [] and result["requests"] == []
     for name in ("decoder-neighbours", "coactivation-neighbours", "probe-weights"):
         assert result[name] == [cells[0].strip() for cells, _ in tables.get(name, [])]
