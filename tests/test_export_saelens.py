@@ -29,12 +29,7 @@ from medsae.sae.train import TrainJob, train_many
 EXPECTED_FILES = {"cfg.json", "sae_weights.safetensors", "sparsity.safetensors", "README.md"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _x(n: int, d: int = 16, seed: int = 0) -> np.ndarray:

@@ -13,13 +13,7 @@ from medsae.sae.config import STUDY_PRESET, SAESpec
 from medsae.sae.models import SAE, SAEConfig
 from medsae.sae.train import lr_at
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg(d_in: int = 12, **spec) -> SAEConfig:

@@ -5,25 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from planted import atom_sums  # sibling test module
 
 from medsae.sae.config import SAESpec
 from medsae.sae.data import ArrayStore, TrainData
 from medsae.sae.train import TrainJob, _Run, batched_pre_acts, total_steps, train_many
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _data(n: int = 320, d: int = 16, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    atoms = rng.normal(size=(40, d))
-    idx = np.argsort(rng.random((n, 40)), axis=1)[:, :3]
-    return (np.einsum("nk,nkd->nd", rng.uniform(0.5, 1.5, (n, 3)), atoms[idx]) + 0.5).astype(np.float32)
+    return atom_sums(n, d, offset=0.5, seed=seed)
 
 
 BASE = dict(batch_size=64, epochs=2, lr=3e-3, warmup_steps=3, dead_after=128, log_every=4)

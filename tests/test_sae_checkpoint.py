@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
+from planted import atom_sums  # sibling test module
 from safetensors.numpy import load_file
 
 from medsae.errors import MedsaeError, MissingInputError
@@ -22,20 +23,11 @@ from medsae.sae.config import SAESpec
 from medsae.sae.data import ArrayStore, TrainData
 from medsae.sae.train import TrainJob, train_many
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _x(n: int = 400, d: int = 16, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    atoms = rng.normal(size=(40, d))
-    idx = np.argsort(rng.random((n, 40)), axis=1)[:, :3]
-    return (np.einsum("nk,nkd->nd", rng.uniform(0.5, 1.5, (n, 3)), atoms[idx]) + 1.0).astype(np.float32)
+    return atom_sums(n, d, offset=1.0, seed=seed)
 
 
 SPECS = {

@@ -19,12 +19,7 @@ from medsae.stage import StageContext
 N, BATCH, EPOCHS = 300, 64, 3  # 5 steps an epoch, the last batch short (44 rows)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_history_rows_are_epoch_ends_and_means_of_the_logged_steps(tmp_path):

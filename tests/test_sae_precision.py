@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from planted import atom_sums  # sibling test module
 
 from medsae.sae.config import STUDY_PRESET, SAESpec
 from medsae.sae.data import ArrayStore, TrainData
@@ -91,12 +92,7 @@ def test_bf16_mixed_step_matches_the_study_under_autocast(decoder_impl: str):
     assert not _is_bf16(fp32.W_enc.grad)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cpu_flags() -> set[str]:
@@ -131,13 +127,9 @@ def test_study_preset_is_bf16_mixed_only_where_the_hardware_has_bf16(tmp_path):
     assert info["precision_reason"] == resolved.reason
 
 
-def _planted(seed: int, n: int = 2048, d: int = 32, atoms: int = 64) -> np.ndarray:
-    """Each sample: 3 of ``atoms`` random unit atoms, coefficients in [0.5, 1.5], plus an offset."""
-    rng = np.random.default_rng(seed)
-    dictionary = rng.normal(size=(atoms, d))
-    dictionary /= np.linalg.norm(dictionary, axis=1, keepdims=True)
-    idx = np.argsort(rng.random((n, atoms)), axis=1)[:, :3]
-    return (np.einsum("nk,nkd->nd", rng.uniform(0.5, 1.5, (n, 3)), dictionary[idx]) + 0.3).astype(np.float32)
+def _planted(seed: int, n: int = 2048, d: int = 32) -> np.ndarray:
+    """Each sample: 3 of 64 random unit atoms, coefficients in [0.5, 1.5], plus an offset of 0.3."""
+    return atom_sums(n, d, atoms=64, offset=0.3, seed=seed, unit=True)
 
 
 def test_bf16_training_keeps_r2_within_1e3_of_fp32():

@@ -22,12 +22,7 @@ from medsae.sae.train import TrainJob, train_many
 D_IN, N_ATOMS, ACTIVE, N = 64, 256, 4, 8192
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _planted(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

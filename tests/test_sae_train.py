@@ -22,12 +22,7 @@ from medsae.sae.train import TrainJob, train_many
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _data(n: int = 600, d: int = 16, seed: int = 0) -> np.ndarray:

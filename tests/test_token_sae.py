@@ -36,12 +36,7 @@ from medsae.spec import parse_specs
 D_IN, N_ATOMS, PER_TOKEN, K_TOKENS, N_SLICES = 32, 48, 2, 4, 1024
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _planted_folder(folder, seed: int = 0) -> np.ndarray:
