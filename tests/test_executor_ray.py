@@ -9,6 +9,7 @@ full demo takes ~60 s on a quiet machine with the local executor alone.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ import yaml
 
 ray = pytest.importorskip("ray")
 
+from llm_server import baseline_handler, llm_server_fixture  # noqa: E402, F401 (the llm_server fixture)
 from typer.testing import CliRunner  # noqa: E402
 
 from medsae.cli.main import app  # noqa: E402
@@ -242,6 +244,81 @@ def test_a_worker_killed_mid_shard_is_retried_and_the_run_completes(local_run, t
         killer.join()
     assert killed, "no embed shard task was seen running"
     _compare(local_spec.parent / "registry.duckdb", spec.parent / "registry.duckdb", kinds=("slices", "embed"))
+
+
+@pytest.mark.usefixtures("cluster")
+def test_workers_ask_a_real_http_llm_once_per_question_and_the_driver_only_reads(local_run, tmp_path, llm_server):
+    """Real litellm in the Ray workers against an OpenAI-compatible server on 127.0.0.1 (the offline rules
+    served over HTTP). The cluster was started before the API key was set, as a cluster always is: the
+    workers get it from the executor. No question is asked twice (shuffled baselines and ranking
+    candidates span latents, yet the workers ask what a whole run asks); the stage on the driver asks
+    nothing."""
+    _, data = local_run
+    llm_server.set_handler(baseline_handler())
+    models = {"interpret.explainer_model": "openai/test-explainer", "interpret.scorer_model": "openai/test-scorer"}
+    sets = [f"{field}={json.dumps(value)}" for field, value in models.items()]
+    sets += [f"interpret.{role}_api_base={json.dumps(llm_server.url)}" for role in ("explainer", "scorer")]
+    sets += ["interpret.ranking=true", "interpret.detect=true"]  # questions whose choices span latents
+    spec = _spec(tmp_path, data)
+    _run(spec, "--executor", "ray", *[arg for s in sets for arg in ("--set", s)])
+
+    bodies = [json.dumps(r, sort_keys=True) for r in llm_server.requests]
+    assert bodies and len(set(bodies)) == len(bodies)  # one request per distinct question
+    assert set(llm_server.auth_headers) == {"Bearer sk-medsae-test-dummy-key"}
+    summary = _json_file(spec.parent / "registry.duckdb", "interpret", "summary.json")
+    assert summary["llm_calls"] == 0 and summary["cache_hits"] > 0  # the driver read every answer
+    n_explained = _query(
+        spec.parent / "registry.duckdb",
+        "SELECT count(*) FROM explanations WHERE kind = 'explanation' AND explainer_model = 'openai/test-explainer'",
+    )[0][0]
+    assert n_explained == SHRINK["interpret.max_latents"]
+
+
+@pytest.mark.usefixtures("cluster")
+def test_gpu_tasks_take_their_share_of_cpus_and_do_not_reuse_workers(monkeypatch):
+    """Task options on a (pretended) 8-GPU, 32-CPU cluster: one GPU and 4 CPUs per GPU task, its torch threads
+    sized to those CPUs, and its worker process declared single-use; CPU tasks keep a local run's threads."""
+    from medsae.embed.config import EmbedSpec
+    from medsae.executor.ray import RayExecutor
+    from medsae.stage import StageContext
+
+    monkeypatch.setenv("MEDSAE_THREADS", "6")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test")  # a credential litellm reads: every task carries it
+    executor = RayExecutor()  # the test's cluster is running already: the executor joins it
+    executor.gpus, executor.cpus, executor.node_cpus = 8, 32, 32
+    ctx = StageContext(
+        kind="embed", key="k", out_dir=Path("o"), work_dir=Path("w"), inputs={}, input_keys={}, seed=0,
+        spec=EmbedSpec(device="cuda"),
+    )  # fmt: skip
+    gpu = executor._options("embed", ctx)
+    assert (gpu["num_gpus"], gpu["num_cpus"], executor._threads(gpu)) == (1, 4, 4)
+    cpu = executor._options("summarize", dataclasses.replace(ctx, kind="summarize", spec=None))
+    assert "num_gpus" not in cpu and (cpu["num_cpus"], executor._threads(cpu)) == (6, 6)
+    assert (
+        gpu["runtime_env"]["env_vars"]["ANTHROPIC_API_KEY"]
+        == "sk-test"
+        == cpu["runtime_env"]["env_vars"]["ANTHROPIC_API_KEY"]
+    )
+    declared = []
+
+    def remote(*args, **kwargs):  # ray.remote(fn) or ray.remote(**options)(fn)
+        declared.append(kwargs)
+        return _NoSubmit() if args else (lambda fn: _NoSubmit())
+
+    monkeypatch.setattr(executor.ray, "remote", remote)
+    executor._submit(len, gpu, "x")
+    executor._submit(len, cpu, "x")
+    assert declared == [{"max_calls": 1}, {}]
+
+
+class _NoSubmit:
+    """Stands in for a Ray remote function: records nothing, submits nothing."""
+
+    def options(self, **_: object) -> _NoSubmit:
+        return self
+
+    def remote(self, *_: object) -> None:
+        return None
 
 
 def test_without_ray_the_executor_says_how_to_install_it(monkeypatch):

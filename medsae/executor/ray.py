@@ -14,8 +14,10 @@ runs where:
   its own when there are GPUs; several groups train at once;
 * ``interpret``: the eligible latents are split across tasks that ask the LLM their questions and leave
   the answers in the one LLM cache of the artifacts root (one JSON file per request, written by
-  temp file + atomic rename: concurrent writers of the same answer are safe); the stage then runs on
-  the driver, where every question is answered from that cache;
+  temp file + atomic rename: concurrent writers of the same answer are safe): explanations first, then
+  scoring, whose choices across latents (shuffled baselines, ranking candidates) are made over all of
+  them, so the tasks ask exactly what one whole run asks. The spec's concurrency and spending cap are
+  shared out between the tasks. The stage then runs on the driver, where every answer is in the cache;
 * every other stage is one task per ``run`` / ``run_many`` call.
 
 Every worker must see the artifacts folder at the same path (a shared file system on a cluster: NFS,
@@ -25,6 +27,12 @@ starts its output over, so the stage stays content-addressed. Each task sizes to
 the thread count a local run uses (:func:`medsae.threads.thread_count` on the driver, or
 ``MEDSAE_THREADS``), because float reductions depend on the thread count: with equal counts the
 artifacts are byte-identical to the local executor's. CPU tasks ask Ray for that many CPUs.
+
+Every task carries the driver's settings and LLM credentials (:func:`forwarded_env`) in its Ray runtime
+environment, so the workers of a cluster started earlier, or on other nodes, see the same API keys,
+offline flags and cache folder. Ray keeps a task's runtime environment in its cluster state: whoever can
+read the cluster's dashboard or state API can read those keys; use a cluster only you can reach, or give
+the worker nodes their own keys (a variable set on a node is used when the driver has none).
 """
 
 from __future__ import annotations
@@ -46,8 +54,13 @@ from medsae.threads import THREADS_ENV, apply_thread_limits, thread_count
 
 #: Times Ray reruns a task whose worker died (process killed, node lost); errors raised by a stage are not retried.
 MAX_RETRIES = 3
-#: Environment variables handed to every worker (the cluster's nodes do not share the driver's shell).
+#: Environment variables handed to every task (a cluster's workers do not share the driver's shell, and
+#: a cluster started before a variable was set never saw it): medsae's and the model hubs' settings ...
 FORWARDED_PREFIXES = ("MEDSAE_", "HF_", "TRANSFORMERS_", "LITELLM_", "TORCH_HOME", "TOKENIZERS_")
+#: ... and the LLM providers' credentials and endpoints that litellm reads (OPENAI_API_KEY,
+#: ANTHROPIC_API_KEY, AZURE_API_BASE, AWS_SECRET_ACCESS_KEY, ...).
+CREDENTIAL_PREFIXES = ("OPENAI_", "ANTHROPIC_", "AZURE_", "AWS_", "VERTEXAI_", "GOOGLE_APPLICATION_CREDENTIALS")
+CREDENTIAL_SUFFIXES = ("_API_KEY", "_API_BASE", "_API_VERSION", "_BASE_URL")
 #: Stages whose section's ``device`` may put a task on a GPU (encode has no section: it follows the cluster).
 _GPU_STAGES = ("embed", "train", "encode", "ground", "evaluate")
 
@@ -62,8 +75,12 @@ def import_ray() -> Any:
 
 
 def forwarded_env() -> dict[str, str]:
-    """The driver's settings that workers need (offline flags, caches, thread counts)."""
-    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)}
+    """The driver's settings that tasks need (offline flags, caches, thread counts, LLM credentials)."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k.startswith(FORWARDED_PREFIXES + CREDENTIAL_PREFIXES) or k.endswith(CREDENTIAL_SUFFIXES)
+    }
 
 
 # -- what runs inside a worker ---------------------------------------------------------------------
@@ -87,7 +104,8 @@ def batch_task(kind: str, ctxs: list[StageContext], threads: int) -> tuple[list[
     return run_batch(d, ctxs)
 
 
-#: The backbone a worker process loaded last, by its embed section (a worker reused for the next shard keeps it).
+#: The backbone a worker process loaded last, by its embed section (a CPU worker reused for the next shard
+#: keeps it; a GPU task's worker exits after its task, see :meth:`RayExecutor._submit`).
 _BACKBONE: dict[str, Any] = {}
 
 
@@ -117,13 +135,13 @@ def describe_backbone_task(ctx: StageContext, threads: int) -> dict[str, Any]:
     return {"name": backbone.name, "device": str(backbone.device), "info": info, "load_seconds": 0.0}
 
 
-def ask_llm_task(ctx: StageContext, latents: list[int], threads: int) -> int:
-    """Ask the LLM every question of ``latents`` of an interpret stage; the answers go to the shared
-    cache, nothing else is kept (a Ray task). Returns the number of latents."""
+def ask_llm_task(ctx: StageContext, latents: list[int], phase: str, threads: int) -> int:
+    """Ask the LLM the ``phase`` questions of ``latents`` of an interpret stage; the answers go to the
+    shared cache, nothing else is kept (a Ray task). Returns the number of latents."""
     _prepare_worker("medsae.interp.stage", threads)
     from medsae.interp.stage import stage_agent
 
-    stage_agent(ctx).run(latents_wanted=latents)
+    stage_agent(ctx).prefetch(latents, phase)
     return len(latents)
 
 
@@ -154,6 +172,7 @@ class RayExecutor:
     def __init__(self, address: str | None = None) -> None:
         self.ray = import_ray()
         self.threads = thread_count()  # what a local run uses: same thread count, same bytes
+        self.env = forwarded_env()  # sent with every task: also reaches a cluster that was already running
         self._owns = False
         if not self.ray.is_initialized():
             self._connect(address)
@@ -164,7 +183,7 @@ class RayExecutor:
         self.node_cpus = max([*node_cpus, 1])
 
     def _connect(self, address: str | None) -> None:
-        kwargs: dict[str, Any] = {"runtime_env": {"env_vars": forwarded_env()}, "log_to_driver": True}
+        kwargs: dict[str, Any] = {"log_to_driver": True}
         if not (address or os.environ.get("RAY_ADDRESS")):
             kwargs["include_dashboard"] = False  # a private local cluster: no web server
         try:
@@ -189,14 +208,27 @@ class RayExecutor:
         return device == "auto" or device.startswith("cuda")
 
     def _options(self, kind: str, ctx: StageContext, cpus: int | None = None) -> dict[str, Any]:
-        """Ray task options: a GPU (and one CPU) where the stage would use one, else its CPUs."""
-        options: dict[str, Any] = {"max_retries": MAX_RETRIES, "retry_exceptions": False}
+        """Ray task options: a GPU and its share of the CPUs where the stage would use one, else its CPUs."""
+        options: dict[str, Any] = {
+            "max_retries": MAX_RETRIES,
+            "retry_exceptions": False,
+            "runtime_env": {"env_vars": self.env},
+        }
         if self._wants_gpu(kind, ctx):
-            return options | {"num_gpus": 1, "num_cpus": 1}
+            per_gpu = max(1, min(self.threads, self.cpus // self.gpus))  # the rendering loader's threads
+            return options | {"num_gpus": 1, "num_cpus": per_gpu}
         return options | {"num_cpus": min(cpus or self.threads, self.node_cpus)}
 
+    def _threads(self, options: dict[str, Any]) -> int:
+        """Torch threads of a task: a local run's count on CPUs (same bytes), the CPUs it holds beside a GPU."""
+        return int(options["num_cpus"]) if options.get("num_gpus") else self.threads
+
     def _submit(self, fn: Any, options: dict[str, Any], *args: Any) -> Any:
-        return self.ray.remote(fn).options(**options).remote(*args)
+        """Submit ``fn(*args)``. A GPU task's worker process exits after the task (``max_calls=1``, which
+        Ray takes only when the function is declared, not from ``.options``): the GPU's memory is freed and
+        a reused worker never keeps the device of an earlier task."""
+        remote = self.ray.remote(max_calls=1)(fn) if options.get("num_gpus") else self.ray.remote(fn)
+        return remote.options(**options).remote(*args)
 
     def _get(self, ref: Any) -> Any:
         """A task's value; a medsae error raised in the task is raised here as itself (one line)."""
@@ -232,10 +264,9 @@ class RayExecutor:
             for i, ctxs in enumerate(batches):
                 yield i, *self._interpret(d, ctxs[0])
         else:
+            options = [self._options(d.kind, ctxs[0]) for ctxs in batches]
             refs = {
-                self._submit(
-                    batch_task, self._options(d.kind, ctxs[0]), d.kind, [_quiet(c) for c in ctxs], self.threads
-                ): i
+                self._submit(batch_task, options[i], d.kind, [_quiet(c) for c in ctxs], self._threads(options[i])): i
                 for i, ctxs in enumerate(batches)
             }
             for ref in self._as_done(list(refs)):
@@ -250,25 +281,36 @@ class RayExecutor:
         todo, _ = pending_shards(ctx)
         options = self._options("embed", ctx)
         folders = {s: Path(ctx.work_dir) / "ray" / f"shard-{s:06d}" for s in todo}
-        refs = {self._submit(embed_shard_task, options, _quiet(ctx), s, folders[s], self.threads): s for s in todo}
+        threads = self._threads(options)
+        refs = {self._submit(embed_shard_task, options, _quiet(ctx), s, folders[s], threads): s for s in todo}
         described: dict[str, Any] | None = None
         for ref in self._as_done(list(refs)):
             entries, described = self._get(ref)
             adopt_shards(ctx, folders[refs[ref]], entries)
         if described is None:  # every shard was there already
-            described = self._get(self._submit(describe_backbone_task, options, _quiet(ctx), self.threads))
+            described = self._get(self._submit(describe_backbone_task, options, _quiet(ctx), threads))
         result = finish_embed(ctx, described, n_new=len(todo))
         return [result], time.perf_counter() - t0
 
     def _interpret(self, d: StageDef, ctx: StageContext) -> tuple[list[StageResult], float]:
-        """The latents' LLM questions split across tasks (answers land in the shared cache), then the
-        stage on the driver, which reads every answer from that cache."""
+        """The latents' LLM questions split across tasks, explanations first, then scoring (whose
+        questions need every explanation), the answers landing in the shared cache; then the stage on
+        the driver, which reads every answer from that cache. The spec's concurrency and spending cap
+        are shared out between the tasks."""
+        from medsae.interp.config import InterpretSpec
+
         t0 = time.perf_counter()
         latents = interpret_latents(ctx)
         n_tasks = max(1, min(len(latents), self.cpus))
-        parts = [latents[i::n_tasks] for i in range(n_tasks)]  # round robin: frequent and rare latents mixed
-        refs = [self._submit(ask_llm_task, self._options(d.kind, ctx, cpus=1), _quiet(ctx), p, 1) for p in parts if p]
-        for ref in self._as_done(refs):
-            self._get(ref)
+        parts = [p for p in (latents[i::n_tasks] for i in range(n_tasks)) if p]  # round robin: frequent and rare mixed
+        spec = ctx.section(InterpretSpec)
+        cap = None if spec.max_cost_usd is None else spec.max_cost_usd / len(parts)
+        share = {"concurrency": max(1, spec.concurrency // len(parts)), "max_cost_usd": cap}
+        task_ctx = _quiet(dataclasses.replace(ctx, spec=spec.model_copy(update=share)))
+        options = self._options(d.kind, ctx, cpus=1)
+        for phase in ("explain", "score"):
+            refs = [self._submit(ask_llm_task, options, task_ctx, part, phase, 1) for part in parts]
+            for ref in self._as_done(refs):
+                self._get(ref)
         results, _ = run_batch(d, [ctx])
         return results, time.perf_counter() - t0

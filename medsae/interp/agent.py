@@ -154,6 +154,29 @@ class Agent(AgentBase):
         )
         return AgentResult(tables=tables, summary=summary, metrics=run_metrics(tables, self.seed))
 
+    def prefetch(self, part: Sequence[int], phase: str) -> None:
+        """Ask the questions a full run asks for the latents ``part`` in ``phase`` (``"explain"``, then
+        ``"score"`` once every latent's explanation is in the cache), leaving the answers in the LLM
+        cache; no row is kept. Choices that span latents (which latents get a shuffled baseline, each
+        one's donor, ranking candidates) are made over the whole run's latents, so a full run later finds
+        every answer in the cache: how the Ray executor splits an interpret stage across workers."""
+        if phase not in ("explain", "score"):
+            raise ValueError(f"prefetch phase {phase!r}: 'explain' or 'score'")
+        self._tables, self._finished, self._n_repairs = empty_tables(), set(), 0
+        self._sink = RowSink()
+        self._check_models()
+        latents, sets = read_summary(self.inputs.summarize_dir)
+        chosen = select_latents(latents, sets, None, self.spec.max_latents)
+        wanted = {int(x) for x in part}
+        data = load_agent_data(self.inputs.slices_dir, latents, sets, chosen)
+        if phase == "explain":
+            self._explain([lat for lat in chosen if lat in wanted], data)
+            return
+        explanations = self._explain(chosen, data)  # every answer is in the cache after the explain phase
+        ok = [lat for lat in chosen if lat in wanted and explanations.get(lat, {}).get("status") == hygiene.OK]
+        scorers = self._scorers(data, explanations, bool(ok))
+        self._score([self._work(lat, explanations[lat], data, scorers) for lat in ok], data, scorers)
+
     def _run(self, chosen: list[int], data: AgentData) -> None:
         done, earlier = self._sink.finished()
         done &= set(chosen)

@@ -129,6 +129,16 @@ class StudyAgent(AgentBase):
         files = {CONCEPTS_FILE: {str(k): v for k, v in sorted(self.concepts.items())}}
         return AgentResult(tables=tables, summary=summary, metrics=metrics, files=files)
 
+    def prefetch(self, part: Sequence[int], phase: str) -> None:
+        """Ask the questions of the latents ``part`` so that their answers are in the LLM cache (the Ray
+        executor's split of a stage; see :meth:`medsae.interp.agent.Agent.prefetch`). Each question here
+        depends on one latent only (distractors are fixed by the summarize stage), so the ``"explain"``
+        phase asks them all and the ``"score"`` phase has nothing left to ask."""
+        if phase not in ("explain", "score"):
+            raise ValueError(f"prefetch phase {phase!r}: 'explain' or 'score'")
+        if phase == "explain":
+            self.run(latents_wanted=part)
+
     def _run(self, chosen: list[int], distractors: dict[int, list[int]], sets: Sets) -> None:
         spec = self.spec
         done, earlier = self._sink.finished()
