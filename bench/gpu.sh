@@ -66,10 +66,13 @@ print(f"# device {device}{'  (quick: tiny shapes, a dry run, not a measurement)'
 print(f"# torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}, python {platform.python_version()}, "
       f"{os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), load average {os.getloadavg()[0]:.1f}")
 if cuda:
+    # bf16 as training resolves it (preset: study picks bf16-mixed only where bf16 is native, not emulated)
+    from medsae.sae.precision import bf16_support
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
+        bf16 = bf16_support(torch.device("cuda", i))[0]
         print(f"# GPU {i}: {p.name}, {p.total_memory / 2**30:.0f} GiB, compute capability {p.major}.{p.minor}, "
-              f"bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}")
+              f"bf16 {'yes' if bf16 else 'no (emulated only: preset study trains in fp32)'}")
 else:
     print("# GPU: none")
 EOF

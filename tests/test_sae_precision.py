@@ -18,7 +18,7 @@ from planted import atom_sums  # sibling test module
 from medsae.sae.config import STUDY_PRESET, SAESpec
 from medsae.sae.data import ArrayStore, TrainData
 from medsae.sae.models import SAE, SAEConfig
-from medsae.sae.precision import cpu_bf16_flags, resolve_precision
+from medsae.sae.precision import bf16_support, cpu_bf16_flags, resolve_precision
 from medsae.sae.train import TrainJob, train_many
 
 D_IN, LEVELS, KS, BATCH = 32, [8, 32, 96], [1, 2, 3], 16
@@ -125,6 +125,40 @@ def test_study_preset_is_bf16_mixed_only_where_the_hardware_has_bf16(tmp_path):
     info = train_many([TrainJob(spec)], data, cpu)[0].info
     assert (info["precision"], info["precision_requested"]) == (resolved.name, "auto-bf16-mixed")
     assert info["precision_reason"] == resolved.reason
+
+
+@pytest.mark.parametrize("hip", [None, "6.2.41133"])
+def test_cuda_bf16_is_native_from_compute_capability_8_of_the_device_asked_about(monkeypatch, hip):
+    """No GPU needed: the device queries are stand-ins. A T4 (7.5) has only emulated bf16, an A100 (8.0)
+    has it natively; the answer is the asked device's, not the current one's; ROCm GPUs have bf16; and
+    torch.cuda.is_bf16_supported (whose ``including_emulation`` torch < 2.4 lacks) is not consulted."""
+    gpus = {0: ("Tesla T4", (7, 5)), 1: ("NVIDIA A100-SXM4-80GB", (8, 0)), 2: ("NVIDIA H100", (9, 0))}
+    current = 0  # torch.device("cuda") without an index: the current device
+
+    def index(device) -> int:
+        device = torch.device(device)
+        assert device.type == "cuda"
+        return current if device.index is None else device.index
+
+    def no_is_bf16_supported(*args, **kwargs):
+        raise TypeError("is_bf16_supported() got an unexpected keyword argument 'including_emulation'")
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpus[index(device)][0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: gpus[index(device)][1])
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", no_is_bf16_supported)
+    monkeypatch.setattr(torch.version, "hip", hip)
+    for i, (name, capability) in gpus.items():
+        native = hip is not None or capability >= (8, 0)
+        ok, why = bf16_support(torch.device("cuda", i))
+        assert (ok, why) == (native, f"{name} has bf16" if native else f"{name} has no native bf16")
+        study = resolve_precision("auto-bf16-mixed", torch.device("cuda", i))
+        assert study.name == ("bf16-mixed" if native else "float32")
+        assert resolve_precision("auto", torch.device("cuda", i)).name == ("bfloat16" if native else "float32")
+    current = 1
+    assert bf16_support(torch.device("cuda")) == (True, "NVIDIA A100-SXM4-80GB has bf16")
+    current = 0
+    t4 = (True, "Tesla T4 has bf16") if hip else (False, "Tesla T4 has no native bf16")
+    assert bf16_support(torch.device("cuda")) == t4
 
 
 def _planted(seed: int, n: int = 2048, d: int = 32) -> np.ndarray:

@@ -5,8 +5,9 @@ items at shard boundaries and scan boundaries, so a DataLoader worker renders on
 volume read (:func:`medsae.data.render.iter_scan_images`). Images travel in pinned memory, are
 copied to the device without blocking, and are batched there; batches never straddle a shard, so
 a shard's bytes depend only on its own rows. Each finished shard is written atomically into
-``ctx.work_dir`` and recorded in ``shards.jsonl``; a killed run resumes at the next unfinished
-shard and produces byte-identical files. At the end the shards are linked into ``ctx.out_dir``
+``ctx.work_dir`` and recorded in ``shards.jsonl``; a killed run resumes at the shards it lacks (the
+recorded ones need not be contiguous: the Ray executor records shards as they finish) and produces
+byte-identical files. At the end the shards are linked into ``ctx.out_dir``
 beside ``slice_ids.npy`` and ``manifest.json`` (see :mod:`medsae.embed.store`).
 """
 
@@ -90,7 +91,7 @@ def _finish(
 ) -> StageResult:
     """Link the finished shards into ``ctx.out_dir``, write the manifest, and report."""
     n_shards = -(-len(slice_ids) // spec.shard_size)
-    shards = [done[s] for s in range(len(done))]
+    shards = [done[s] for s in range(n_shards) if s in done]  # in shard order, whatever order they finished in
     if len(shards) != n_shards:
         raise MedsaeError(f"embed: {len(shards)} of {n_shards} shards finished in {ctx.work_dir}")
     seconds = float(sum(s["seconds"] for s in shards))  # over every run that wrote a shard
@@ -264,7 +265,8 @@ def finish_embed(ctx: StageContext, described: dict[str, Any], n_new: int) -> St
 
 
 def _resume(work: Path, *, n: int, shard_size: int, slice_ids: np.ndarray) -> dict[int, dict[str, Any]]:
-    """Finished shards recorded in ``work`` (verified by sha256), or a clean slate if the plan changed."""
+    """Finished shards recorded in ``work`` (verified by sha256), by index and in any order (gaps allowed),
+    or a clean slate if the plan changed."""
     work.mkdir(parents=True, exist_ok=True)
     plan = {"n": n, "shard_size": shard_size, "slice_ids_sha256": _array_sha(slice_ids), "code": CODE_VERSION}
     state_path, record = work / _STATE, work / _RECORD
@@ -275,6 +277,7 @@ def _resume(work: Path, *, n: int, shard_size: int, slice_ids: np.ndarray) -> di
         tmp = state_path.with_suffix(".part")
         tmp.write_text(json.dumps(plan))
         os.replace(tmp, state_path)
+    n_shards = -(-n // shard_size)
     done: dict[int, dict[str, Any]] = {}
     if record.is_file():
         for line in record.read_text().splitlines():
@@ -285,13 +288,12 @@ def _resume(work: Path, *, n: int, shard_size: int, slice_ids: np.ndarray) -> di
             files = [(entry["file"], entry["sha256"])]
             if "tokens_file" in entry:
                 files += [(entry["tokens_file"], entry["tokens_sha256"]), (entry["pos_file"], entry["pos_sha256"])]
-            if all((work / f).is_file() and sha256_file(work / f) == sha for f, sha in files):
+            if 0 <= int(entry["index"]) < n_shards and all(
+                (work / f).is_file() and sha256_file(work / f) == sha for f, sha in files
+            ):
                 done[int(entry["index"])] = entry
-    # only a contiguous prefix counts: shards are written in order
-    prefix: dict[int, dict[str, Any]] = {}
-    while len(prefix) in done:
-        prefix[len(prefix)] = done[len(prefix)]
-    return prefix
+    # every whole shard counts, gaps allowed: the Ray executor records shards in the order they finish
+    return dict(sorted(done.items()))
 
 
 def _array_sha(a: np.ndarray) -> str:

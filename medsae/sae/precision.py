@@ -60,9 +60,13 @@ def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, ...]:
 def bf16_support(device: torch.device) -> tuple[bool, str]:
     """Whether ``device`` has bf16 matmul units, and the evidence in a few words."""
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported(including_emulation=False):
-            return True, f"{torch.cuda.get_device_name(device)} has bf16"
-        return False, f"{torch.cuda.get_device_name(device)} has no native bf16"
+        # native bf16: NVIDIA compute capability 8.0 (Ampere) and later, and every ROCm GPU torch runs on.
+        # Not torch.cuda.is_bf16_supported: it checks the current device, not ``device``, counts emulation
+        # unless told not to, and torch < 2.4 has no ``including_emulation`` argument.
+        name = torch.cuda.get_device_name(device)
+        if torch.version.hip or tuple(torch.cuda.get_device_capability(device)) >= (8, 0):
+            return True, f"{name} has bf16"
+        return False, f"{name} has no native bf16"
     if device.type == "cpu":
         flags = cpu_bf16_flags()
         if flags:
