@@ -55,12 +55,7 @@ def embed_stage(
     """:func:`run_embed` with the slice table and renderer given (tests pass their own)."""
     spec = ctx.section(EmbedSpec)
     slices_dir = Path(ctx.inputs["slices"])
-    table = table.sort_values("slice_id", kind="stable")
-    slice_ids = table["slice_id"].to_numpy(np.int64)
-    if slice_ids.size == 0:
-        raise MedsaeError(f"embed: no slices to embed in {slices_dir}")
-    scans = pd.factorize(table["modality"].astype(str) + "/" + table["image_id"].astype(str))[0]
-    items = work_items(scans, spec.shard_size)
+    slice_ids, items = _rows(table, spec.shard_size, slices_dir)
     work = Path(ctx.work_dir)
     done = _resume(work, n=len(slice_ids), shard_size=spec.shard_size, slice_ids=slice_ids)
     t_load = time.perf_counter()
@@ -76,20 +71,36 @@ def embed_stage(
         for n_images in runner.run(loader):
             advance(n_images)
 
-    return _finish(ctx, spec, backbone, slice_ids, done, n_new=runner.n_written, load_seconds=load_seconds)
+    return _finish(ctx, spec, describe(backbone, load_seconds), slice_ids, done, n_new=runner.n_written)
+
+
+def _rows(table: pd.DataFrame, shard_size: int, slices_dir: Path) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """The slice ids in embedding order (ascending) and their work items (cut at shards and scans)."""
+    table = table.sort_values("slice_id", kind="stable")
+    slice_ids = table["slice_id"].to_numpy(np.int64)
+    if slice_ids.size == 0:
+        raise MedsaeError(f"embed: no slices to embed in {slices_dir}")
+    scans = pd.factorize(table["modality"].astype(str) + "/" + table["image_id"].astype(str))[0]
+    return slice_ids, work_items(scans, shard_size)
+
+
+def describe(backbone: Backbone, load_seconds: float) -> dict[str, Any]:
+    """What the manifest and the report say of the backbone that embedded the shards."""
+    info = backbone.describe() if hasattr(backbone, "describe") else {"model": backbone.name}
+    return {"name": backbone.name, "device": str(backbone.device), "info": info, "load_seconds": load_seconds}
 
 
 def _finish(
     ctx: StageContext,
     spec: EmbedSpec,
-    backbone: Backbone,
+    described: dict[str, Any],
     slice_ids: np.ndarray,
     done: dict[int, dict[str, Any]],
     *,
     n_new: int,
-    load_seconds: float,
 ) -> StageResult:
-    """Link the finished shards into ``ctx.out_dir``, write the manifest, and report."""
+    """Link the finished shards into ``ctx.out_dir``, write the manifest, and report (``described``: the
+    backbone's :func:`describe`)."""
     n_shards = -(-len(slice_ids) // spec.shard_size)
     shards = [done[s] for s in range(n_shards) if s in done]  # in shard order, whatever order they finished in
     if len(shards) != n_shards:
@@ -97,8 +108,7 @@ def _finish(
     seconds = float(sum(s["seconds"] for s in shards))  # over every run that wrote a shard
     rate = len(slice_ids) / seconds if seconds > 0 else float("nan")
     d = int(shards[0]["d"])
-    info = backbone.describe() if hasattr(backbone, "describe") else {"model": backbone.name}
-    device = str(backbone.device)
+    info, device, load_seconds = described["info"], described["device"], float(described["load_seconds"])
     for entry in shards:
         for key in ("file", "tokens_file", "pos_file"):
             if key in entry:
@@ -180,13 +190,8 @@ def work_items(scans: np.ndarray, shard_size: int) -> list[tuple[int, int]]:
 
 def _stage_rows(ctx: StageContext) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """The slice ids in embedding order and their work items, as :func:`embed_stage` computes them."""
-    spec = ctx.section(EmbedSpec)
-    table = load_slices(Path(ctx.inputs["slices"])).sort_values("slice_id", kind="stable")
-    slice_ids = table["slice_id"].to_numpy(np.int64)
-    if slice_ids.size == 0:
-        raise MedsaeError(f"embed: no slices to embed in {ctx.inputs['slices']}")
-    scans = pd.factorize(table["modality"].astype(str) + "/" + table["image_id"].astype(str))[0]
-    return slice_ids, work_items(scans, spec.shard_size)
+    slices_dir = Path(ctx.inputs["slices"])
+    return _rows(load_slices(slices_dir), ctx.section(EmbedSpec).shard_size, slices_dir)
 
 
 def pending_shards(ctx: StageContext) -> tuple[list[int], dict[int, dict[str, Any]]]:
@@ -221,8 +226,7 @@ def embed_shards(
     rows = item_rows(spec.input_size, spec.batch_size)
     for _ in runner.run(make_loader(slices_dir, slice_ids, todo, iter_scan_images, workers, backbone.device, rows)):
         pass
-    info = backbone.describe() if hasattr(backbone, "describe") else {"model": backbone.name}
-    return done, {"name": backbone.name, "device": str(backbone.device), "info": info, "load_seconds": load_seconds}
+    return done, describe(backbone, load_seconds)
 
 
 def adopt_shards(ctx: StageContext, folder: Path, entries: dict[int, dict[str, Any]]) -> None:
@@ -232,21 +236,16 @@ def adopt_shards(ctx: StageContext, folder: Path, entries: dict[int, dict[str, A
         for key in ("file", "tokens_file", "pos_file"):
             if key in entry:
                 os.replace(folder / entry[key], work / entry[key])
-        with open(work / _RECORD, "a") as fh:
-            fh.write(json.dumps(entry) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        _append_record(work, entry)
     shutil.rmtree(folder, ignore_errors=True)
 
 
-class _DescribedBackbone:
-    """What :func:`_finish` reads of a backbone, as a task that embedded shards described it."""
-
-    def __init__(self, name: str, device: str, info: dict[str, Any]) -> None:
-        self.name, self.device, self._info = name, device, info
-
-    def describe(self) -> dict[str, Any]:
-        return dict(self._info)
+def _append_record(work: Path, entry: dict[str, Any]) -> None:
+    """Record a finished shard in ``work``'s ``shards.jsonl`` (flushed to disk before the call returns)."""
+    with open(work / _RECORD, "a") as fh:
+        fh.write(json.dumps(entry) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def finish_embed(ctx: StageContext, described: dict[str, Any], n_new: int) -> StageResult:
@@ -254,10 +253,7 @@ def finish_embed(ctx: StageContext, described: dict[str, Any], n_new: int) -> St
     spec = ctx.section(EmbedSpec)
     slice_ids, _ = _stage_rows(ctx)
     done = _resume(Path(ctx.work_dir), n=len(slice_ids), shard_size=spec.shard_size, slice_ids=slice_ids)
-    backbone = _DescribedBackbone(described["name"], described["device"], described["info"])
-    return _finish(
-        ctx, spec, backbone, slice_ids, done, n_new=n_new, load_seconds=float(described.get("load_seconds", 0.0))
-    )  # type: ignore[arg-type]
+    return _finish(ctx, spec, described, slice_ids, done, n_new=n_new)
 
 
 # --------------------------------------------------------------------------------------------
@@ -411,10 +407,7 @@ class _ShardRunner:
             entry.update(write_token_shard(self.work, shard, bits, positions))
             size = sum(os.path.getsize(self.work / entry[k]) for k in ("tokens_file", "pos_file"))
             entry.update(token_k=int(bits.shape[1]), token_grid=list(self._grid), token_bytes=int(size))
-        with open(self.work / _RECORD, "a") as fh:
-            fh.write(json.dumps(entry) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        _append_record(self.work, entry)
         self.done[shard] = entry
         self.n_written += 1
         assert entry["file"] == shard_name(shard)

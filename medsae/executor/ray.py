@@ -129,10 +129,9 @@ def describe_backbone_task(ctx: StageContext, threads: int) -> dict[str, Any]:
     _prepare_worker("medsae.embed.stage", threads)
     from medsae.embed.backbones import load_backbone
     from medsae.embed.config import EmbedSpec
+    from medsae.embed.stage import describe
 
-    backbone = load_backbone(ctx.section(EmbedSpec))
-    info = backbone.describe() if hasattr(backbone, "describe") else {"model": backbone.name}
-    return {"name": backbone.name, "device": str(backbone.device), "info": info, "load_seconds": 0.0}
+    return describe(load_backbone(ctx.section(EmbedSpec)), 0.0)
 
 
 def ask_llm_task(ctx: StageContext, latents: list[int], phase: str, threads: int) -> int:
