@@ -20,6 +20,7 @@ from typing import Any
 
 import duckdb
 import numpy as np
+import pandas as pd
 import pytest
 from llm_server import ScriptedLLMServer, logprob_handler, task_of
 from safetensors.numpy import load_file
@@ -66,8 +67,11 @@ def _run(raw: dict, registry: Registry) -> None:
     run_plans([plan_experiment(parse_specs(raw)[0])], registry, only=RUN, quiet=True)
 
 
-def _fabricate(tmp: Path, registry: Registry, name: str, spec: dict, d_in: int) -> None:
-    """A registered experiment ``name`` whose only stage is a trained (untrained-weight) SAE reading ``d_in``."""
+def _fabricate(tmp: Path, registry: Registry, name: str, spec: dict, d_in: int, embed: dict | None = None) -> None:
+    """A registered experiment ``name`` whose only stage is a trained (untrained-weight) SAE reading ``d_in``.
+
+    ``embed``: also an embed stage row with these parameters (what the registry records as resolved).
+    """
     from medsae.sae.checkpoint import save_sae
     from medsae.sae.config import SAESpec
     from medsae.sae.models import SAE, SAEConfig
@@ -91,6 +95,19 @@ def _fabricate(tmp: Path, registry: Registry, name: str, spec: dict, d_in: int) 
             }
         ],
     )
+    if embed is not None:
+        registry.insert(
+            "experiment_stages", [{"experiment_id": f"{name}-id", "kind": "embed", "stage_key": f"{name}-e"}]
+        )
+        params = json.dumps(embed)
+        row = {
+            "stage_key": f"{name}-e",
+            "kind": "embed",
+            "code_version": "test",
+            "params_json": params,
+            "status": "done",
+        }
+        registry.insert("stages", [row])
 
 
 @pytest.fixture(scope="module")
@@ -319,6 +336,47 @@ def test_greedy_matching_recovers_a_permutation():
     assert np.allclose(m.pairs_cos, cos[m.pairs_a, m.pairs_b], atol=1e-5)
     rows, cols = linear_sum_assignment(-cos)
     assert m.pairs_cos.sum() <= cos[rows, cols].sum() + 1e-4
+
+
+def test_same_backbone_name_but_another_embedding_space_is_refused(runs, tmp_path):
+    """The check reads the embed stage's recorded parameters, not only the model name written in the spec."""
+    registry, tmp = runs["registry"], runs["tmp"]
+    key = _stage(registry, "xa", "embed")[0]
+    recorded = json.loads(_sql(registry, "SELECT params_json FROM stages WHERE stage_key = ?", [key])[0][0])
+    assert recorded["pooling"] == "mean" and recorded["pretrained"] is True
+    # the spec is xa's own, word for word; only the recorded embed stage pooled otherwise
+    _fabricate(tmp, registry, "xpool", _spec(tmp, "xpool"), d_in=1280, embed={**recorded, "pooling": "cls"})
+    random_init = _spec(tmp, "xrand")
+    random_init["embed"]["pretrained"] = False  # same model name, random weights
+    _fabricate(tmp, registry, "xrand", random_init, d_in=1280)
+    out = tmp_path / "site"
+    for other, why in (("xpool", "pooling: 'mean' vs 'cls'"), ("xrand", "pretrained: True vs False")):
+        with pytest.raises(MedsaeError, match=rf"^compare xa with {other}: .*different backbones") as err:
+            build_site(registry, "xa", out, compare_with=[other])
+        assert "\n" not in str(err.value) and why in str(err.value), str(err.value)
+    assert not out.exists()
+
+
+def test_a_default_model_left_implicit_matches_one_written_out(runs):
+    """``source: efficientnet_lite0`` without ``model`` resolves to the model xa names explicitly."""
+    from medsae.report import gather
+    from medsae.report.site import crossexp
+
+    registry, tmp = runs["registry"], runs["tmp"]
+    implicit = _spec(tmp, "ximplicit")
+    assert implicit["embed"].pop("model") == "efficientnet_lite0" == implicit["embed"]["source"]
+    _fabricate(tmp, registry, "ximplicit", implicit, d_in=1280)
+    changed = _spec(tmp, "xsize")
+    changed["embed"].pop("model")
+    changed["embed"]["input_size"] = 128  # and one that differs in an embedding-space field is refused
+    _fabricate(tmp, registry, "xsize", changed, d_in=1280)
+    with registry.read() as con:
+        a = crossexp.Side.from_frames(gather.load_experiment(con, "xa"), pd.DataFrame(), pd.DataFrame(), pd.DataFrame())
+        same, other = crossexp.load_other(con, "ximplicit"), crossexp.load_other(con, "xsize")
+    w = np.zeros((4, 1280), np.float32)
+    crossexp.check_same_space(a, same, w, w)  # no error
+    with pytest.raises(MedsaeError, match=r"different backbones \(input_size: 96 vs 128\)"):
+        crossexp.check_same_space(a, other, w, w)
 
 
 def test_mismatched_dimensions_are_one_line_through_the_cli(runs, tmp_path):

@@ -339,6 +339,23 @@ def test_cards_sorted_by_frequency_and_escaped(fab, tmp_path):
     assert "https://" not in text and "http://" not in text
 
 
+def test_cli_latents_zero_writes_a_report_without_cards(fab, tmp_path):
+    """``--latents 0`` is a count like any other (not 'unset'); without --latents / --sort-by: 50 by frequency."""
+    from typer.testing import CliRunner
+
+    from medsae.cli.main import app
+
+    freq = np.array([r["frequency"] for r in fab["latents"]])
+    by_freq = [int(j) for j in np.argsort(-freq, kind="stable") if freq[j] > 0]
+    assert len(by_freq) > 3  # a default would give cards
+    for flags, expected in ((["--latents", "0"], []), (["-n", "3"], by_freq[:3]), ([], by_freq[:50])):
+        out = tmp_path / f"r{len(expected)}.html"
+        args = ["report", "demo@k=8", "-o", str(out), *flags, "--registry", str(fab["registry"].path)]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert _parse(out)[1].cards == expected, flags
+
+
 def test_cards_sorted_by_best_llm_score(fab, tmp_path):
     out = build_report(fab["registry"], "demo@k=8", tmp_path / "r.html", n_latents=10, sort_by="score")
     _, parsed = _parse(out)

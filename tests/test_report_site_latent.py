@@ -306,6 +306,38 @@ def test_an_evaluate_run_without_weights_says_how_to_get_them(built):
         assert "predates stored probe weights" in text and "medsae exp run SPEC --force evaluate" in text
 
 
+def test_a_truncated_metrics_json_does_not_abort_the_build(built):
+    """The probes' AUCs come from the registry's metrics rows: a damaged metrics.json leaves the pages as they were."""
+    path = built["dirs"]["evaluate"] / "metrics.json"
+    original = path.read_text()
+    auc = {
+        m["target"]: m["value"] for m in json.loads(original) if m["name"] == "probe_auc_sparse" and m["split"] == "val"
+    }
+    table = pd.read_parquet(built["dirs"]["evaluate"] / "probe_weights.parquet")
+    path.write_text(original[: len(original) // 2])
+    try:
+        site = build_site(Registry(built["registry"]), "demo", built["tmp"] / "site-truncated").path
+    finally:
+        path.write_text(original)
+    shown = 0
+    for i in built["pages"]:
+        parsed, raw = _page(site, i)
+        mine = table[table["latent"] == i]
+        mine = mine.iloc[np.argsort(-mine["weight"].abs().to_numpy(), kind="stable")]
+        rows = parsed.tables.get("probe-weights", [])
+        assert len(rows) == len(mine)
+        for (cells, _), rec in zip(rows, mine.to_dict("records"), strict=True):
+            key = rec["target"] if rec["negative"] else f"{rec['target']}={rec['positive']}"
+            if auc.get(key) is None:
+                assert cells[4] == "—"
+            else:
+                assert float(cells[4]) == pytest.approx(auc[key], **SHOWN)
+                shown += 1
+        if rows:
+            assert "probe AUC (val)" in raw  # the split the AUCs are from
+    assert shown > 0  # AUCs are on the pages although the file could not be read
+
+
 def test_top_k_breaks_ties_by_lower_latent():
     rng = np.random.default_rng(3)
     scores = rng.integers(0, 4, size=(20, 30)).astype(float)  # many ties

@@ -64,7 +64,9 @@ def report_command(
     from medsae.stage import check_writable_file
 
     check_writable_file(output, "the report")  # before any work: one line naming the path
-    path = build_report(open_registry(registry), exp, output, n_latents=latents or 50, sort_by=sort_by or "frequency")
+    n_latents = 50 if latents is None else latents  # --latents 0: a report without cards
+    order = "frequency" if sort_by is None else sort_by
+    path = build_report(open_registry(registry), exp, output, n_latents=n_latents, sort_by=order)
     size = path.stat().st_size / 1e6
     console().print(f"wrote {path} ({size:.1f} MB); open it in any browser, it needs no network")
 

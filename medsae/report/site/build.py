@@ -303,6 +303,7 @@ def build_site(
             exp.artifact_dir("evaluate"),
             {lat: t[1] for lat, t in texts.items()},
             set(ids),
+            metrics=index_data.metrics,
         )
         gap_words = scorer_gap_words(scores)
         env = _environment()

@@ -5,7 +5,8 @@
   :data:`HUNGARIAN_MAX_CELLS` a greedy matching, see there), plus each A latent's best match in B.
 * :func:`load_other` / :func:`compare_experiment` - what ``medsae report A -o site/ --compare B`` writes
   into ``compare/<B>.html``: both SAEs loaded through :func:`medsae.sae.checkpoint.load_sae`, refused in
-  one line when they do not embed the same backbone and dimension.
+  one line when they do not read the same embedding space (:data:`SPACE_FIELDS` of the embed stage's
+  recorded parameters) and dimension.
 * :func:`explainer_comparison` - ``explainers.html`` when two or more explainer models explained the
   same latents: each model's headline explanation and score per latent, mean scores, paired difference
   and score correlation.
@@ -29,6 +30,7 @@ from medsae.errors import MedsaeError
 from medsae.report import gather
 from medsae.report.names import EXPLANATION_KIND
 from medsae.report.site import rows as rowlib
+from medsae.report.site.latent_extras import decoder_rows
 
 #: Rows of A multiplied with B's decoder at once (float32): 1024 x 8192 floats = 32 MB per chunk.
 CHUNK = 1024
@@ -40,6 +42,10 @@ HUNGARIAN_MAX_CELLS = 4096 * 4096
 GREEDY_CANDIDATES = 8
 #: Cosine levels the summary counts pairs above.
 LEVELS = (0.9, 0.7, 0.5)
+#: Fields of the embed stage (:class:`medsae.embed.config.EmbedSpec`) that define the embedding space:
+#: two SAEs are compared only when these agree. ``INIT_FIELDS`` join them for a random-init backbone.
+SPACE_FIELDS = ("source", "model", "model_kwargs", "pretrained", "weights", "pooling", "input_size")
+INIT_FIELDS = ("init", "init_seed")
 
 
 @dataclass
@@ -147,7 +153,7 @@ class Side:
     """One experiment of a comparison: its headline explanation and frequency per latent, its SAE folder."""
 
     name: str
-    spec: dict[str, Any]
+    embed: dict[str, Any]  # the embed stage's parameters (:func:`embed_params`)
     train_dir: str | None
     texts: dict[int, tuple[str, str, str]] = field(default_factory=dict)  # latent -> (id, text, model)
     scores: dict[int, float] = field(default_factory=dict)  # latent -> headline score
@@ -164,7 +170,7 @@ class Side:
             freq = {int(k): rowlib.clean(v) for k, v in zip(latents["latent"], latents["frequency"], strict=True)}
         return cls(
             name=exp.name,
-            spec=gather._loads(exp.row.get("spec_json")),
+            embed=embed_params(exp),
             train_dir=exp.artifact_dir("train"),
             texts=rowlib.headline_texts(explanations, best),
             scores={int(k): float(v) for k, v in zip(best.get("latent", []), best.get("value", []), strict=True)},
@@ -180,18 +186,46 @@ def load_other(con: Any, name: str) -> Side:
     )
 
 
+def embed_params(exp: gather.ExperimentRecord) -> dict[str, Any]:
+    """The experiment's embed parameters as resolved when its embed stage was keyed (the stage's ``params_json``
+    in the registry: defaults filled in); without a recorded embed stage, the spec's ``embed`` section
+    resolved the same way (:class:`~medsae.embed.config.EmbedSpec`), or as written if it does not validate."""
+    recorded = gather._loads((exp.stages.get("embed") or {}).get("params_json"))
+    if recorded:
+        return recorded
+    written = gather._loads(exp.row.get("spec_json")).get("embed")
+    written = written if isinstance(written, dict) else {}
+    from medsae.embed.config import EmbedSpec
+    from medsae.specbase import key_params
+
+    try:
+        return key_params(EmbedSpec.model_validate(written))
+    except ValueError:  # pydantic's ValidationError
+        return dict(written)
+
+
+def embedding_space(embed: dict[str, Any]) -> dict[str, Any]:
+    """The fields of ``embed`` that define its embedding space (a field not recorded: EmbedSpec's default)."""
+    from medsae.embed.config import EmbedSpec
+
+    def value(name: str) -> Any:
+        return embed[name] if name in embed else EmbedSpec.model_fields[name].get_default(call_default_factory=True)
+
+    fields = SPACE_FIELDS if value("pretrained") else SPACE_FIELDS + INIT_FIELDS
+    return {name: value(name) for name in fields}
+
+
 def _backbone(side: Side) -> str:
-    embed = side.spec.get("embed") or {}
-    return str(embed.get("model") or embed.get("source") or "unknown backbone")
+    embed = side.embed
+    name = str(embed.get("model") or embed.get("source") or "unknown backbone")
+    return name if embed.get("pretrained", True) else f"{name} (random init)"
 
 
 def decoder_directions(side: Side) -> np.ndarray:
     """The decoder rows [d_sae, d_in] of the side's trained SAE, loaded with medsae's own checkpoint code."""
     if not side.train_dir or not Path(side.train_dir).is_dir():
         raise MedsaeError(f"{side.name}: no trained SAE to compare (train stage not run or its folder is gone)")
-    from medsae.sae.checkpoint import load_sae
-
-    return load_sae(side.train_dir).decoder_weight.detach().float().cpu().numpy()
+    return decoder_rows(side.train_dir)
 
 
 def check_same_space(a: Side, b: Side, wa: np.ndarray, wb: np.ndarray) -> None:
@@ -201,11 +235,19 @@ def check_same_space(a: Side, b: Side, wa: np.ndarray, wb: np.ndarray) -> None:
             f"compare {a.name} with {b.name}: their SAEs embed different dimensions ({wa.shape[1]} vs "
             f"{wb.shape[1]}), so decoder directions cannot be matched"
         )
-    if _backbone(a) != _backbone(b):
+    space_a, space_b = embedding_space(a.embed), embedding_space(b.embed)
+    if space_a != space_b:
+        differ = [k for k in space_a if k in space_b and space_a[k] != space_b[k]]  # pretrained, if it differs
+        what = "; ".join(f"{k}: {_shown(space_a[k])} vs {_shown(space_b[k])}" for k in differ)
         raise MedsaeError(
-            f"compare {a.name} with {b.name}: their SAEs read different backbones ({_backbone(a)} vs "
-            f"{_backbone(b)}), so decoder directions cannot be matched"
+            f"compare {a.name} with {b.name}: their SAEs read different backbones ({what}), "
+            "so decoder directions cannot be matched"
         )
+
+
+def _shown(value: Any) -> str:
+    """A parameter value in one line."""
+    return " ".join(repr(value).split())
 
 
 @dataclass

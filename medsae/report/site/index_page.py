@@ -23,6 +23,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 
+from medsae.report import gather
 from medsae.report.names import (
     DEAD_ALIVE_DEFINITIONS,
     FVU,
@@ -110,14 +111,6 @@ class IndexData:
     study: dict[str, Any] = field(default_factory=dict)
 
 
-def _json(text: str | None) -> dict[str, Any]:
-    try:
-        value = json.loads(text) if text else {}
-    except (TypeError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def related_points(con: duckdb.DuckDBPyConnection, experiment_id: str) -> pd.DataFrame:
     """FVU, the study's R² and L0 of the experiment and of every experiment in its sweep or sharing its embeddings.
 
@@ -159,7 +152,7 @@ def related_points(con: duckdb.DuckDBPyConnection, experiment_id: str) -> pd.Dat
                 "split": split,
                 **values,
                 "current": bool(group["current"].iloc[0]),
-                "arch": str((_json(group["spec_json"].iloc[0]).get("sae") or {}).get("arch", "")),
+                "arch": str((gather._loads(group["spec_json"].iloc[0]).get("sae") or {}).get("arch", "")),
             }
         )
     return pd.DataFrame(out, columns=columns)
@@ -208,8 +201,8 @@ def study_configuration(stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
     evaluate = stages.get("evaluate") or {}
     if evaluate.get("status") != "done" or protocol_of(evaluate.get("params_json")) != "study":
         return {"ran": False}
-    backbone = study_backbone(_json((stages.get("embed") or {}).get("params_json")))
-    config = config_label(_json((stages.get("train") or {}).get("params_json")))
+    backbone = study_backbone(gather._loads((stages.get("embed") or {}).get("params_json")))
+    config = config_label(gather._loads((stages.get("train") or {}).get("params_json")))
     figures = STUDY_HEADLINE.get((backbone, config)) if backbone else None
     if figures:
         note = f"the study's figures for {backbone} {config}, its selected configuration ({STUDY_SOURCE})"
@@ -225,8 +218,6 @@ def study_configuration(stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def gather_index(con: duckdb.DuckDBPyConnection, exp: Any) -> IndexData:
     """Everything the index page reads from the registry and the train folder (``exp``: a gather.ExperimentRecord)."""
-    from medsae.report import gather
-
     metrics = gather.experiment_metrics(con, exp)
     history, note = read_history(exp.artifact_dir("train"))
     return IndexData(

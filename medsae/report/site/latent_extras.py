@@ -5,7 +5,8 @@
 * :func:`coactivation_neighbours` - the latents that fire on the same slices (Jaccard index of
   their firing sets over every encoded slice), by chunked sparse products of the firing matrix.
 * :func:`probe_weights_by_latent` - the targets whose sparse-code probe gives the latent a non-zero
-  weight (``probe_weights.parquet`` of the evaluate stage, :mod:`medsae.eval.probe_weights`).
+  weight (``probe_weights.parquet`` of the evaluate stage, :mod:`medsae.eval.probe_weights`), with
+  the probe's AUC from the registry's metrics rows (:func:`probe_aucs`).
 
 :meth:`LatentExtras.gather` collects all three for one experiment, each with a one-line note instead
 when its input is missing, and :meth:`LatentExtras.page` gives one latent page's share.
@@ -14,7 +15,6 @@ Ties are broken by the lower latent id, so the lists are reproducible.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,13 +25,13 @@ import pandas as pd
 import scipy.sparse as sp
 
 from medsae.errors import MedsaeError
+from medsae.eval.metrics import FIRE_EPS  # == medsae.sae.models.FIRE_EPS, without importing torch
+from medsae.report.names import preferred_split
 
 log = logging.getLogger("medsae")
 
 #: Neighbours listed per latent.
 N_NEIGHBOURS = 8
-#: A latent fires on a slice when its code is above this (medsae.sae.models.FIRE_EPS).
-FIRE_EPS = 1e-8
 #: Rows of the similarity matrix computed at once (a 1024 x 8192 float64 block is 64 MiB).
 CHUNK = 1024
 
@@ -121,13 +121,25 @@ def _stack(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> Neighbours:
     return Neighbours(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
 
 
-def _probe_aucs(evaluate_dir: Path) -> tuple[dict[str, float], str | None]:
-    """target -> sparse-probe AUC on val (else the first split scored), from the stage's metrics.json."""
-    path = evaluate_dir / "metrics.json"
-    rows = [r for r in json.loads(path.read_text()) if r.get("name") == "probe_auc_sparse" and r.get("target")]
-    splits = [r["split"] for r in rows]
-    split = "val" if "val" in splits else (splits[0] if splits else None)
-    return {r["target"]: r["value"] for r in rows if r["split"] == split}, split
+def decoder_rows(train_dir: str | Path) -> np.ndarray:
+    """The decoder directions [d_sae, d_in] (float32) of the SAE in ``train_dir``, read by medsae's checkpoint code."""
+    from medsae.sae.checkpoint import load_sae
+
+    return load_sae(train_dir).decoder_weight.detach().float().cpu().numpy()
+
+
+def probe_aucs(metrics: pd.DataFrame | None) -> tuple[dict[str, float], str | None]:
+    """target -> sparse-probe AUC of the evaluate stage on one split (:func:`preferred_split`), and that split.
+
+    ``metrics``: the experiment's registry rows (:func:`medsae.report.gather.experiment_metrics`).
+    """
+    if metrics is None or metrics.empty:
+        return {}, None
+    rows = metrics[(metrics["stage"] == "evaluate") & (metrics["name"] == "probe_auc_sparse")]
+    rows = rows[rows["target"].notna() & (rows["target"] != "")]
+    split = preferred_split(rows["split"])
+    rows = rows[rows["split"] == split]
+    return {str(t): float(v) for t, v in zip(rows["target"], rows["value"], strict=True)}, split
 
 
 def probe_weights_by_latent(table: pd.DataFrame, aucs: dict[str, float]) -> dict[int, list[dict[str, Any]]]:
@@ -184,16 +196,17 @@ class LatentExtras:
         evaluate_dir: str | None,
         texts: dict[int, str],
         pages: set[int],
+        metrics: pd.DataFrame | None = None,
         k: int = N_NEIGHBOURS,
     ) -> LatentExtras:
-        """Compute every panel; a missing or unreadable input becomes a note for that panel only."""
+        """Compute every panel; a missing or unreadable input becomes a note for that panel only.
+
+        ``metrics``: the experiment's registry metrics rows, where the probes' AUCs are read.
+        """
         out = cls(texts=texts, pages=pages)
         if train_dir and Path(train_dir).is_dir():
             try:
-                from medsae.sae.checkpoint import load_sae
-
-                decoder = load_sae(train_dir).decoder_weight.detach().float().cpu().numpy()
-                out.decoder = decoder_neighbours(decoder, k)
+                out.decoder = decoder_neighbours(decoder_rows(train_dir), k)
             except MedsaeError as exc:
                 out.notes["decoder"] = f"decoder neighbours unavailable: {exc}"
         else:
@@ -202,21 +215,17 @@ class LatentExtras:
             out.coactivation = coactivation_neighbours(codes, k)
         else:
             out.notes["coactivation"] = "co-activation neighbours unavailable: no sparse codes (encode stage) found"
-        out._gather_probes(evaluate_dir)
+        out._gather_probes(evaluate_dir, metrics)
         return out
 
-    def _gather_probes(self, evaluate_dir: str | None) -> None:
+    def _gather_probes(self, evaluate_dir: str | None, metrics: pd.DataFrame | None) -> None:
         from medsae.eval.probe_weights import FILE, read_weights
 
         if not evaluate_dir or not Path(evaluate_dir).is_dir():
             self.notes["probes"] = "no evaluate stage output: run `medsae exp run SPEC` to fit the probes"
             return
-        folder = Path(evaluate_dir)
-        if not (folder / "metrics.json").is_file():
-            self.notes["probes"] = "the evaluate output holds no metrics.json (unfinished?); rerun evaluate"
-            return
-        aucs, self.probe_split = _probe_aucs(folder)
-        table = read_weights(folder)
+        aucs, self.probe_split = probe_aucs(metrics)
+        table = read_weights(Path(evaluate_dir))
         if table is None:
             if aucs:
                 self.notes["probes"] = (

@@ -84,24 +84,16 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def _scan_runs(scan_of_slice, ids):
-    """Sorted ``ids`` split into runs of the same scan (each volume is then read once)."""
-    import numpy as np
-
-    cuts = np.flatnonzero(np.diff(scan_of_slice[ids])) + 1
-    return np.split(ids, cuts)
-
-
 def _render_batch(args: tuple[str, str, int, list[int]]) -> tuple[int, list[tuple[int, str]]]:
     """Render ``ids`` (sorted) of a slices artifact into ``folder``; returns (written, [(slice_id, why)])."""
     import numpy as np
 
-    from medsae.data.render import render_index, render_scan_images
+    from medsae.data.render import _scan_groups, render_index, render_scan_images
 
     slices_dir, folder, size, ids = args
     index = render_index(slices_dir)
     written, failed = 0, []
-    for run in _scan_runs(index.scan_of_slice, np.asarray(ids, dtype=np.int64)):
+    for run in _scan_groups(index, np.asarray(ids, dtype=np.int64)):  # each volume read once
         try:
             images = render_scan_images(index, int(index.scan_of_slice[run[0]]), run, size)
             for sid, image in zip(run.tolist(), images, strict=True):
