@@ -161,7 +161,7 @@ class _Run:
         self.total = total
         self.batch_size = self.spec.batch_size
         self.n = data.n
-        self.per_epoch = -(-data.n // self.batch_size)
+        self.per_epoch = steps_per_epoch(data.n, self.batch_size)
         self.history_every = max(1, total // HISTORY_POINTS)
         self.seed = combined_seed(job.seed, self.spec.seed)
         self.cfg = SAEConfig.from_spec(self.spec, data.d)
@@ -174,7 +174,6 @@ class _Run:
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.spec.lr, **fused)
         self.counter = torch.zeros(self.cfg.d_sae, dtype=torch.int64, device=device)
         self.step = 0
-        self.samples = 0  # training samples this configuration has seen
         self.log: list[dict[str, Any]] = []
         self.history: list[dict[str, Any]] = []
         self._sums = self._zero_sums()
@@ -236,7 +235,6 @@ class _Run:
         self._sums = {k: v.to(self.device) for k, v in state["sums"].items()}
         # checkpoints written before the history existed resume with the history from here on
         self.history = list(state.get("history", []))
-        self.samples = int(state["samples"]) if "samples" in state else self._samples_at(self.step)
         if "hist" in state:
             self._hist = {k: v.to(self.device) for k, v in state["hist"].items()}
         torch.set_rng_state(state["rng"])
@@ -257,7 +255,6 @@ class _Run:
             "sums": self._sums,
             "history": self.history,
             "hist": self._hist,
-            "samples": self.samples,
             "rng": torch.get_rng_state(),
         }
         tmp = path.with_name(path.name + ".part")
@@ -318,7 +315,6 @@ class _Run:
             h["fvu"] += fvu.double()
             h["steps"] += 1
         self.step += 1
-        self.samples += x_in.shape[0]
         if self.step % self.log_every == 0 or self.step == self.total:
             self._log_entry(lr)
         if self.step % self.history_every == 0 or self.step % self.per_epoch == 0 or self.step == self.total:
@@ -332,7 +328,7 @@ class _Run:
             {
                 "epoch": -(-self.step // self.per_epoch),  # the epoch (from 1) this row's last step belongs to
                 "step": self.step,
-                "samples": self.samples,
+                "samples": self._samples_at(self.step),  # batches are deterministic: no counter to keep
                 "loss": h["loss"] / steps,
                 "fvu": h["fvu"] / steps,
             }
@@ -367,7 +363,7 @@ def _check_shared(jobs: list[TrainJob]) -> None:
 def _batches(data: TrainData, run0: _Run, start: int, total: int) -> Iterator[tuple[int, torch.Tensor]]:
     """(step, raw batch) from ``start`` to ``total`` following the epochs' orders."""
     batch = run0.batch_size
-    per_epoch = -(-data.n // batch)
+    per_epoch = steps_per_epoch(data.n, batch)
     step = start
     while step < total:
         epoch, offset = divmod(step, per_epoch)
@@ -381,8 +377,12 @@ def _batches(data: TrainData, run0: _Run, start: int, total: int) -> Iterator[tu
 
 def total_steps(n: int, spec: SAESpec) -> int:
     """Optimisation steps of ``spec.epochs`` passes over ``n`` rows (the last batch of an epoch may be short)."""
-    per_epoch = -(-n // spec.batch_size)
-    return max(1, math.ceil(spec.epochs * per_epoch))
+    return max(1, math.ceil(spec.epochs * steps_per_epoch(n, spec.batch_size)))
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Optimisation steps of one pass over ``n`` rows (the last batch may be short)."""
+    return -(-n // batch_size)
 
 
 def train_many(
