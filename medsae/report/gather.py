@@ -73,23 +73,34 @@ def experiment_metrics(con: duckdb.DuckDBPyConnection, exp: ExperimentRecord) ->
     )
 
 
-def sweep_points(con: duckdb.DuckDBPyConnection, exp: ExperimentRecord) -> pd.DataFrame:
-    """FVU, R² and L0 (scalar rows, one split) of every experiment in the same sweep as ``exp``.
+def sweep_points(
+    con: duckdb.DuckDBPyConnection, exp: ExperimentRecord, shared_embeddings: bool = False
+) -> pd.DataFrame:
+    """FVU, R² and L0 (scalar rows, one split) of every experiment in the same sweep as ``exp`` (and, with
+    ``shared_embeddings``, of every experiment that trained on ``exp``'s embed stage).
 
-    Columns: experiment, split, fvu, r2, l0, current (bool), arch. An experiment outside any
-    sweep gives its own row only.
+    One row per experiment name (its latest registration; ``exp`` itself for its own name), on one split
+    (:func:`preferred_split`; a metric that split lacks comes from any split). Columns: experiment,
+    split, fvu, r2, l0, current (bool), arch. An experiment outside any sweep gives its own row only.
     """
-    sweep = exp.row.get("sweep_name")
-    where, params = ("e.sweep_name = ?", [sweep]) if sweep else ("e.experiment_id = ?", [exp.experiment_id])
     frame = _frame(
         con,
-        f"""SELECT e.name AS experiment, e.spec_json, m.split, m.name AS metric, avg(m.value) AS value
-            FROM experiments e
-            JOIN experiment_stages es USING (experiment_id)
-            JOIN metrics m ON m.stage_key = es.stage_key
-            WHERE {where} AND m.name IN (?, ?, ?) AND m.target IS NULL AND m.n_features IS NULL
-            GROUP BY ALL""",
-        params + [FVU, R2, L0],
+        """WITH me AS (SELECT sweep_name FROM experiments WHERE experiment_id = ?),
+           my_embed AS (SELECT stage_key FROM experiment_stages WHERE experiment_id = ? AND kind = 'embed'),
+           related AS (
+             SELECT e.* FROM experiments e
+             WHERE e.experiment_id = ?
+                OR (e.sweep_name IS NOT NULL AND e.sweep_name = (SELECT sweep_name FROM me))
+                OR (? AND e.experiment_id IN (SELECT es.experiment_id FROM experiment_stages es
+                                              WHERE es.kind = 'embed' AND es.stage_key IN (SELECT * FROM my_embed)))
+             QUALIFY row_number() OVER (
+               PARTITION BY e.name ORDER BY (e.experiment_id = ?) DESC, e.created_at DESC, e.experiment_id) = 1)
+           SELECT r.name AS experiment, r.experiment_id = ? AS current, r.spec_json, m.split, m.name AS metric,
+                  avg(m.value) AS value
+           FROM related r JOIN experiment_stages es USING (experiment_id) JOIN metrics m ON m.stage_key = es.stage_key
+           WHERE m.name IN (?, ?, ?) AND m.target IS NULL AND m.n_features IS NULL AND m.value IS NOT NULL
+           GROUP BY ALL""",
+        [exp.experiment_id] * 3 + [shared_embeddings] + [exp.experiment_id] * 2 + [FVU, R2, L0],
     )
     columns = ["experiment", "split", FVU, R2, L0, "current", "arch"]
     if frame.empty:
@@ -98,19 +109,18 @@ def sweep_points(con: duckdb.DuckDBPyConnection, exp: ExperimentRecord) -> pd.Da
     for name, group in frame.groupby("experiment", sort=True):
         split = preferred_split(group["split"])
         chosen = group[group["split"] == split] if split is not None else group[group["split"].isna()]
-        # L0 may be logged on a different split (or none) than FVU/R²: fall back to any split
-        values = {m: chosen.loc[chosen["metric"] == m, "value"] for m in (FVU, R2, L0)}
-        for m in (FVU, R2, L0):
-            if values[m].empty:
-                values[m] = group.loc[group["metric"] == m, "value"]
-        spec = _loads(group["spec_json"].iloc[0])
+        values = {}
+        for metric in (FVU, R2, L0):
+            found = chosen.loc[chosen["metric"] == metric, "value"]
+            found = found if not found.empty else group.loc[group["metric"] == metric, "value"]
+            values[metric] = float(found.iloc[0]) if not found.empty else None
         out.append(
             {
                 "experiment": name,
                 "split": split,
-                **{m: (float(v.iloc[0]) if not v.empty else None) for m, v in values.items()},
-                "current": name == exp.name,
-                "arch": str((spec.get("sae") or {}).get("arch", "")),
+                **values,
+                "current": bool(group["current"].iloc[0]),
+                "arch": str((_loads(group["spec_json"].iloc[0]).get("sae") or {}).get("arch", "")),
             }
         )
     return pd.DataFrame(out, columns=columns)

@@ -31,7 +31,6 @@ from medsae.report.names import (
     METRIC_DEFINITIONS,
     PREFERRED_SPLITS,
     R2,
-    preferred_split,
 )
 from medsae.report.site.rows import headline_metrics
 from medsae.stages import STAGES
@@ -111,53 +110,6 @@ class IndexData:
     study: dict[str, Any] = field(default_factory=dict)
 
 
-def related_points(con: duckdb.DuckDBPyConnection, experiment_id: str) -> pd.DataFrame:
-    """FVU, the study's R² and L0 of the experiment and of every experiment in its sweep or sharing its embeddings.
-
-    One row per experiment name (its latest registration; the experiment itself for its own name), on
-    one split (:func:`preferred_split`; L0 from any split when that split lacks it). Columns as
-    :func:`medsae.plots.reconstruction_vs_l0` reads them: experiment, split, fvu, r2, l0, current, arch.
-    """
-    frame = con.execute(
-        """WITH me AS (SELECT sweep_name FROM experiments WHERE experiment_id = ?),
-           my_embed AS (SELECT stage_key FROM experiment_stages WHERE experiment_id = ? AND kind = 'embed'),
-           related AS (
-             SELECT e.* FROM experiments e
-             WHERE e.experiment_id = ?
-                OR (e.sweep_name IS NOT NULL AND e.sweep_name = (SELECT sweep_name FROM me))
-                OR e.experiment_id IN (SELECT es.experiment_id FROM experiment_stages es
-                                       WHERE es.kind = 'embed' AND es.stage_key IN (SELECT stage_key FROM my_embed))
-             QUALIFY row_number() OVER (
-               PARTITION BY e.name ORDER BY (e.experiment_id = ?) DESC, e.created_at DESC, e.experiment_id) = 1)
-           SELECT r.name AS experiment, r.experiment_id = ? AS current, r.spec_json, m.split, m.name AS metric,
-                  avg(m.value) AS value
-           FROM related r JOIN experiment_stages es USING (experiment_id) JOIN metrics m ON m.stage_key = es.stage_key
-           WHERE m.name IN (?, ?, ?) AND m.target IS NULL AND m.n_features IS NULL AND m.value IS NOT NULL
-           GROUP BY ALL""",
-        [experiment_id] * 5 + [FVU, R2, L0],
-    ).df()
-    columns = ["experiment", "split", FVU, R2, L0, "current", "arch"]
-    out = []
-    for name, group in frame.groupby("experiment", sort=True):
-        split = preferred_split(group["split"])
-        chosen = group[group["split"] == split] if split is not None else group[group["split"].isna()]
-        values = {}
-        for metric in (FVU, R2, L0):
-            found = chosen.loc[chosen["metric"] == metric, "value"]
-            found = found if not found.empty or metric != L0 else group.loc[group["metric"] == metric, "value"]
-            values[metric] = float(found.iloc[0]) if not found.empty else None
-        out.append(
-            {
-                "experiment": name,
-                "split": split,
-                **values,
-                "current": bool(group["current"].iloc[0]),
-                "arch": str((gather._loads(group["spec_json"].iloc[0]).get("sae") or {}).get("arch", "")),
-            }
-        )
-    return pd.DataFrame(out, columns=columns)
-
-
 def read_history(train_dir: str | None) -> tuple[list[dict[str, Any]] | None, str | None]:
     """The train stage's ``history.json`` rows, or None and why not (missing: :data:`NO_HISTORY`)."""
     if not train_dir:
@@ -222,7 +174,7 @@ def gather_index(con: duckdb.DuckDBPyConnection, exp: Any) -> IndexData:
     history, note = read_history(exp.artifact_dir("train"))
     return IndexData(
         metrics=metrics,
-        sweep=related_points(con, exp.experiment_id),
+        sweep=gather.sweep_points(con, exp, shared_embeddings=True),
         stages=[exp.stages[k] for k in STAGES if k in exp.stages],
         history=history,
         history_note=note,
