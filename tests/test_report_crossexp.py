@@ -371,7 +371,7 @@ def test_a_default_model_left_implicit_matches_one_written_out(runs):
     changed["embed"]["input_size"] = 128  # and one that differs in an embedding-space field is refused
     _fabricate(tmp, registry, "xsize", changed, d_in=1280)
     with registry.read() as con:
-        a = crossexp.Side.from_frames(gather.load_experiment(con, "xa"), pd.DataFrame(), pd.DataFrame(), pd.DataFrame())
+        a = crossexp.Side.from_frames(gather.load_experiment(con, "xa"), pd.DataFrame(), pd.DataFrame(), {})
         same, other = crossexp.load_other(con, "ximplicit"), crossexp.load_other(con, "xsize")
     w = np.zeros((4, 1280), np.float32)
     crossexp.check_same_space(a, same, w, w)  # no error

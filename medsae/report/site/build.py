@@ -265,12 +265,13 @@ def build_site(
         index_data = index_page.gather_index(con, exp)
         others = [crossexp.load_other(con, name) for name in compare_with or []]
     _, compare = compare_experiments(registry, [experiment])
-    own = crossexp.Side.from_frames(exp, latents, explanations, scores)
+    best, texts = rowlib.headlines(explanations, scores)
+    own = crossexp.Side.from_frames(exp, latents, best, texts)
     comparisons = [crossexp.compare_experiment(own, other) for other in others]  # before any file is written
     explainers = crossexp.explainer_comparison(explanations, scores)
     labels = column_labels()
     structures = {lat: str(r["structure"]) for lat, r in ground.rows.items()}
-    index = rowlib.index_rows(latents, explanations, scores, structures)
+    index = rowlib.index_rows(latents, best, texts, structures)
     notes = [] if ids else ["no latent statistics yet: run the summarize stage to get latent pages"]
 
     tmp = out_dir.parent / f".{out_dir.name}.building-{secrets.token_hex(4)}"
@@ -295,8 +296,6 @@ def build_site(
                 v.overlay, v.outline, v.bar = (store.put_data_url(u) for u in (v.overlay, v.outline, v.bar))
         codes = _load_codes(exp.artifact_dir("encode"))
         versions = explanation_views(explanations, scores, ids)
-        best = rowlib.headline_scores(scores)
-        texts = rowlib.headline_texts(explanations, best)
         extras = LatentExtras.gather(
             exp.artifact_dir("train"),
             codes,

@@ -162,9 +162,9 @@ class Side:
 
     @classmethod
     def from_frames(
-        cls, exp: gather.ExperimentRecord, latents: pd.DataFrame, explanations: pd.DataFrame, scores: pd.DataFrame
+        cls, exp: gather.ExperimentRecord, latents: pd.DataFrame, best: pd.DataFrame, texts: dict[int, tuple]
     ) -> Side:
-        best = rowlib.headline_scores(scores)
+        """The side of ``exp`` from its latents table and :func:`~medsae.report.site.rows.headlines`."""
         freq = {}
         if not latents.empty:
             freq = {int(k): rowlib.clean(v) for k, v in zip(latents["latent"], latents["frequency"], strict=True)}
@@ -172,7 +172,7 @@ class Side:
             name=exp.name,
             embed=embed_params(exp),
             train_dir=exp.artifact_dir("train"),
-            texts=rowlib.headline_texts(explanations, best),
+            texts=texts,
             scores={int(k): float(v) for k, v in zip(best.get("latent", []), best.get("value", []), strict=True)},
             frequency=freq,
         )
@@ -181,9 +181,8 @@ class Side:
 def load_other(con: Any, name: str) -> Side:
     """The experiment ``name`` read for a comparison (one-line error when it is unknown)."""
     exp = gather.load_experiment(con, name)
-    return Side.from_frames(
-        exp, gather.latents_frame(con, exp), gather.explanations_frame(con, exp), gather.scores_frame(con, exp)
-    )
+    best, texts = rowlib.headlines(gather.explanations_frame(con, exp), gather.scores_frame(con, exp))
+    return Side.from_frames(exp, gather.latents_frame(con, exp), best, texts)
 
 
 def embed_params(exp: gather.ExperimentRecord) -> dict[str, Any]:
@@ -350,8 +349,7 @@ def explainer_comparison(explanations: pd.DataFrame, scores: pd.DataFrame) -> di
     for model in models:
         own = llm[llm["explainer_model"] == model]
         own_scores = scores[scores["explainer_model"] == model] if not scores.empty else scores
-        best = rowlib.headline_scores(own_scores)
-        texts = rowlib.headline_texts(own, best)
+        best, texts = rowlib.headlines(own, own_scores)
         chosen = {
             int(lat): float(v)
             for lat, eid, v in zip(

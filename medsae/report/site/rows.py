@@ -88,14 +88,19 @@ def headline_texts(explanations: pd.DataFrame, best: pd.DataFrame) -> dict[int, 
     return out
 
 
+def headlines(explanations: pd.DataFrame, scores: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """:func:`headline_scores` and :func:`headline_texts` (computed once per build, read by every view)."""
+    best = headline_scores(scores)
+    return best, headline_texts(explanations, best)
+
+
 def index_rows(
-    latents: pd.DataFrame, explanations: pd.DataFrame, scores: pd.DataFrame, structures: dict[int, str]
+    latents: pd.DataFrame, best: pd.DataFrame, texts: dict[int, tuple[str, str, str]], structures: dict[int, str]
 ) -> list[dict[str, Any]]:
-    """One row per latent of the ``latents`` table (ascending id), keyed by :data:`INDEX_COLUMNS`."""
+    """One row per latent of the ``latents`` table (ascending id), keyed by :data:`INDEX_COLUMNS`; ``best``
+    and ``texts``: the experiment's :func:`headlines`."""
     if latents.empty:
         return []
-    best = headline_scores(scores)
-    texts = headline_texts(explanations, best)
     rows = []
     for rec in latents.to_dict("records"):
         latent = int(rec["latent"])
