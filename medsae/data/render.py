@@ -11,7 +11,12 @@ display orientation (:mod:`medsae.data.orientation`; 2-D images as stored) and r
 * :func:`iter_scan_images` — all requested slices, grouped by scan, one volume read per scan;
   the embed stage's input pipeline (optionally with worker processes);
 * :func:`thumbnail` — a PNG, cached on disk in ``<slices_dir>/../.cache/<key>/thumbs/<size>/``
-  (next to the planner's ``.tmp``/``.work`` folders, outside the artifact itself).
+  (next to the planner's ``.tmp``/``.work`` folders, outside the artifact itself). The one thumbnail
+  cache: the one-file report, the LLM explainer's and the study's vision prompts and the HTML
+  explorer (:mod:`medsae.report.site.thumbcache`, which fills it in batches) all read these files.
+  A cache file is used only if it is a whole PNG (:func:`png_is_whole`), and is written through a
+  uniquely named temporary file and ``os.replace`` (:func:`write_atomic`), so concurrent writers
+  leave whole files only.
 
 Volumes are found under the dataset root recorded in ``render.json``: first relative to the
 artifacts folder (a project folder moved with its data), then as an absolute path; set
@@ -23,6 +28,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import secrets
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -242,28 +249,81 @@ def iter_scan_images(
         yield from ex.map(_render_group, [(path, g, size) for g in groups])
 
 
+#: Folder of the thumbnail cache of a slices artifact (under ``<artifacts>/slices/.cache/<key>/``).
+THUMBS_FOLDER = "thumbs"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def thumbnail_folder(slices_dir: str | Path, size: int = 128) -> Path:
+    """The cache folder of a slices artifact's thumbnails at ``size`` px."""
+    base = Path(slices_dir).resolve()
+    return base.parent / ".cache" / base.name / THUMBS_FOLDER / str(int(size))
+
+
 def thumbnail_path(slices_dir: str | Path, slice_id: int, size: int = 128) -> Path:
     """Where the cached PNG of a slice lives."""
-    base = Path(slices_dir).resolve()
-    return base.parent / ".cache" / base.name / "thumbs" / str(int(size)) / f"{int(slice_id)}.png"
+    return thumbnail_folder(slices_dir, size) / f"{int(slice_id)}.png"
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 image: what :func:`thumbnail` returns and the cache stores.
+
+    These bytes go into LLM vision requests, whose content hashes key the LLM cache: changing the
+    encoding would make every cached vision answer miss.
+    """
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def png_is_whole(data: bytes) -> bool:
+    """Whether ``data`` is a complete PNG: the signature, chunks whose CRCs match, and ``IEND`` at the end."""
+    if not data.startswith(_PNG_SIGNATURE):
+        return False
+    view = memoryview(data)
+    pos, end = len(_PNG_SIGNATURE), len(data)
+    while pos + 12 <= end:
+        length = int.from_bytes(view[pos : pos + 4], "big")
+        stop = pos + 12 + length
+        if stop > end:
+            return False
+        if zlib.crc32(view[pos + 4 : stop - 4]) != int.from_bytes(view[stop - 4 : stop], "big"):
+            return False
+        if view[pos + 4 : pos + 8] == b"IEND":
+            return stop == end
+        pos = stop
+    return False
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a uniquely named temporary file in the same folder and ``os.replace``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def thumbnail(slices_dir: str | Path, slice_id: int, size: int = 128) -> bytes:
-    """PNG bytes of a slice at ``size`` pixels, rendered once and cached on disk."""
-    path = thumbnail_path(slices_dir, slice_id, size)
-    if path.is_file():
-        return path.read_bytes()
-    from PIL import Image
+    """PNG bytes of a slice at ``size`` pixels, rendered once and cached on disk.
 
-    image = render_slice(slices_dir, slice_id, size=size)
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG", optimize=False)
-    data = buf.getvalue()
+    A cache file that is not a whole PNG (truncated, corrupt) is rendered again and replaced.
+    """
+    path = thumbnail_path(slices_dir, slice_id, size)
+    try:
+        cached = path.read_bytes()
+    except OSError:
+        cached = None
+    if cached is not None and png_is_whole(cached):
+        return cached
+    data = encode_png(render_slice(slices_dir, slice_id, size=size))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        write_atomic(path, data)
     except OSError:
         pass  # a read-only artifacts folder still renders, just without the cache
     return data

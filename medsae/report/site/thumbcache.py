@@ -1,95 +1,56 @@
-"""Slice thumbnails of the explorer, rendered once into a cache that outlives builds.
+"""Slice thumbnails of the explorer, from the thumbnail cache of :mod:`medsae.data.render`.
 
-A thumbnail is a function of the slices artifact (its stage key), the slice id, the pixel size and
-this module's :data:`RENDERER_VERSION`, so the cache file is named by exactly those:
-``<artifacts>/slices/.cache/<slices key>/site-thumbs/v<version>-<size>px/<slice id>.png``. It sits
-beside the render caches of :mod:`medsae.data.render` (outside the artifact itself), so ``medsae gc``
-deletes it together with the slices stage it belongs to (an "orphaned cache"), and leaves it alone
-while that stage is registered. (gc cannot tell an outdated ``v<version>`` folder of a registered
-stage from a current one without importing this module, which the registry layer must not; after a
-version bump, ``rm -r <artifacts>/slices/.cache/*/site-thumbs/v<old>-*`` frees the old pictures.)
+There is one thumbnail cache: :func:`medsae.data.render.thumbnail` (the one-file report, the LLM
+explainer's and the study's vision prompts) and the explorer read and write the same files,
+``<artifacts>/slices/.cache/<slices key>/thumbs/<size>/<slice id>.png``, with the same bytes
+(:func:`medsae.data.render.encode_png`: they key the LLM cache, so the encoding is render's). The
+cache sits outside the artifact itself, so ``medsae gc`` deletes it together with the slices stage
+it belongs to (an "orphaned cache"), and leaves it alone while that stage is registered.
 
 * Missing slices are rendered one scan at a time (each volume is read once) in a pool of worker
-  processes sized by :func:`medsae.threads.worker_count`; each PNG is written to a temporary file
-  and moved into place with ``os.replace``, so two builds filling the same cache at once each see
-  whole files only (the last writer wins, with the same bytes).
-* A cache file is used only if it is a whole PNG (signature, every chunk's CRC, ``IEND`` last); a
-  truncated or corrupt file is rendered again.
+  processes sized by :func:`medsae.threads.worker_count`; each PNG is written to a uniquely named
+  temporary file and moved into place with ``os.replace`` (:func:`medsae.data.render.write_atomic`),
+  so two builds filling the same cache at once each see whole files only (the last writer wins,
+  with the same bytes).
+* A cache file is used only if it is a whole PNG (:func:`png_is_whole`: signature, every chunk's
+  CRC, ``IEND`` last); a truncated or corrupt file is rendered again.
 * :attr:`ThumbCache.stats` counts what one build did (rendered, reused, rejected, failed).
 """
 
 from __future__ import annotations
 
 import os
-import secrets
-import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-#: Bump when the pixels or the PNG encoding of a thumbnail change: older cache entries are then ignored.
-RENDERER_VERSION = 1
-#: Cache folder of a slices stage (under ``<artifacts>/slices/.cache/<key>/``).
-CACHE_FOLDER = "site-thumbs"
+import numpy as np
+
+from medsae.data.render import (
+    THUMBS_FOLDER,
+    _mp_context,
+    _scan_groups,
+    encode_png,
+    png_is_whole,
+    render_index,
+    render_scan_images,
+    thumbnail_folder,
+    write_atomic,
+)
+
+#: Cache folder of a slices stage (under ``<artifacts>/slices/.cache/<key>/``): render's thumbnail cache.
+CACHE_FOLDER = THUMBS_FOLDER
 #: Slices rendered per task of the worker pool (a few scans' worth: amortises process hand-offs).
 BATCH = 256
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def png_is_whole(data: bytes) -> bool:
-    """Whether ``data`` is a complete PNG: the signature, chunks whose CRCs match, and ``IEND`` at the end."""
-    if not data.startswith(_PNG_SIGNATURE):
-        return False
-    view = memoryview(data)
-    pos, end = len(_PNG_SIGNATURE), len(data)
-    while pos + 12 <= end:
-        length = int.from_bytes(view[pos : pos + 4], "big")
-        stop = pos + 12 + length
-        if stop > end:
-            return False
-        if zlib.crc32(view[pos + 4 : stop - 4]) != int.from_bytes(view[stop - 4 : stop], "big"):
-            return False
-        if view[pos + 4 : pos + 8] == b"IEND":
-            return stop == end
-        pos = stop
-    return False
 
 
 def cache_folder(slices_dir: str | Path, size: int) -> Path:
-    """The default cache folder of a slices artifact's thumbnails at ``size`` px."""
-    base = Path(slices_dir).resolve()
-    return base.parent / ".cache" / base.name / CACHE_FOLDER / f"v{RENDERER_VERSION}-{int(size)}px"
-
-
-def encode_png(image) -> bytes:
-    """PNG bytes of a uint8 image (what the cache stores; part of :data:`RENDERER_VERSION`)."""
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    # zlib level 3: a 128 px slice encodes in about half the time of the default level 6, 9 % larger
-    Image.fromarray(image).save(buf, format="PNG", optimize=False, compress_level=3)
-    return buf.getvalue()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """The cache folder of a slices artifact's thumbnails at ``size`` px (:func:`medsae.data.render.thumbnail`'s)."""
+    return thumbnail_folder(slices_dir, size)
 
 
 def _render_batch(args: tuple[str, str, int, list[int]]) -> tuple[int, list[tuple[int, str]]]:
     """Render ``ids`` (sorted) of a slices artifact into ``folder``; returns (written, [(slice_id, why)])."""
-    import numpy as np
-
-    from medsae.data.render import _scan_groups, render_index, render_scan_images
-
     slices_dir, folder, size, ids = args
     index = render_index(slices_dir)
     written, failed = 0, []
@@ -143,7 +104,6 @@ class ThumbCache:
 
         Creates the folder; raises ``OSError`` when it cannot be written.
         """
-        from medsae.data.render import _mp_context, render_index
         from medsae.progress import task
         from medsae.threads import thread_count, worker_count
 
