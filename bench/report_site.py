@@ -242,7 +242,7 @@ def first_paint(site: Path) -> tuple[float | None, float | None]:
         return None, None
     pages = [site / "index.html", *sorted((site / "latents").glob("*.html"), key=lambda p: int(p.stem))[:1]]
     pages = pages * REPEATS  # each page opened REPEATS times: the median is shown
-    with tempfile.TemporaryDirectory() as profile:
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:  # Chromium's helpers may still write
         flags = [
             "--headless",
             "--no-sandbox",
